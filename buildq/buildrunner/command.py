@@ -1,0 +1,393 @@
+"""The ``command`` runner: a real build on this host, one shell command per build.
+
+For local runs where a build should actually do something (run a test suite, a script) and
+for testing buildq against real processes. Each build gets a directory under ``work_dir``
+holding its request (the changes, as the JSON file the command reads), its log, and the
+records of its life. A small supervisor (``_command_wrapper``) runs the command in a session
+of its own, so builds keep running while the daemon restarts, and writes the exit code to a
+file. Every fact lives in those files: any runner instance, in any process on this host, can
+answer for any build, and whichever runner calls ``trigger`` or ``status`` next starts the
+builds waiting for a free slot.
+
+Runner instances on one host coordinate through an ``flock`` on ``work_dir/.lock``; the
+directory must be on a local filesystem and is not shared between hosts. Linux only: process
+identity is checked in ``/proc`` (pid plus start time, so a reused pid is never mistaken for a
+build).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from buildq.buildrunner import _command_wrapper as files
+from buildq.buildrunner.contract import (
+    CORRELATION_KEY,
+    BuildID,
+    BuildMetadata,
+    BuildNotFound,
+    BuildStatus,
+    Change,
+)
+from buildq.config.base import ConfigError, Table
+
+_ID_PATTERN = re.compile(r"cmd-[0-9]{13,16}-[0-9a-f]{12}")
+# A build marked started whose supervisor has not recorded its pid yet is still starting up;
+# past this age, the daemon that was starting it died before it could.
+_START_TIMEOUT_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class CommandConfig:
+    """``[runners.<name>]`` with ``type = "command"``."""
+
+    command: str
+    work_dir: Path
+    max_parallel: int = 2
+    cancel_grace_s: float = 10.0
+
+    @classmethod
+    def from_table(cls, table: Table) -> CommandConfig:
+        work_dir = Path(table.str("work_dir")).expanduser()
+        if work_dir.exists() and not work_dir.is_dir():
+            raise ConfigError(table.key("work_dir"), str(work_dir), "a directory")
+        config = cls(
+            command=table.str("command"),
+            # Resolved once at start-up: builds must not move if the daemon changes directory.
+            work_dir=work_dir.absolute(),
+            max_parallel=table.int("max_parallel", 2, min=1),
+            cancel_grace_s=table.float("cancel_grace_s", 10.0, min=0.0),
+        )
+        table.reject_unknown()
+        return config
+
+
+class CommandRunner:
+    """A BuildRunner that runs ``config.command`` locally, at most ``max_parallel`` at once."""
+
+    def __init__(self, config: CommandConfig) -> None:
+        self.config = config
+        self._root = config.work_dir
+        self._builds = self._root / "builds"
+        self._waiting = self._root / "waiting"  # one empty file per build waiting for a slot
+        self._active = self._root / "active"  # one per started build not yet seen finished
+        self._tokens = self._root / "tokens"  # correlation token hash -> symlink to build id
+        for directory in (self._builds, self._waiting, self._active, self._tokens):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._thread_lock = threading.Lock()
+        # Supervisors we started, kept only to reap them; a restart hands them to init.
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    def trigger(
+        self,
+        queue: str,
+        base: Sequence[Change],
+        head: Sequence[Change],
+        metadata: Mapping[str, str] | None = None,
+    ) -> BuildID:
+        metadata = dict(metadata or {})
+        token = metadata.get(CORRELATION_KEY)
+        with self._locked():
+            if token is not None and (existing := self._build_for_token(token)) is not None:
+                self._start_waiting()
+                return existing
+            build_id = BuildID(f"cmd-{files.now_ms()}-{secrets.token_hex(6)}")
+            build_dir = self._builds / build_id.id
+            build_dir.mkdir()
+            request = {
+                "build_id": build_id.id,
+                "queue": queue,
+                "base": [change.to_json() for change in base],
+                "head": [change.to_json() for change in head],
+                "metadata": metadata,
+            }
+            files.write_atomic(
+                build_dir / files.REQUEST_FILE, json.dumps(request, ensure_ascii=False, indent=2)
+            )
+            if token is not None and not self._claim_token(token, build_id):
+                shutil.rmtree(build_dir)
+                existing = self._build_for_token(token)
+                assert existing is not None
+                return existing
+            (self._waiting / build_id.id).touch()
+            self._start_waiting()
+        return build_id
+
+    def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
+        build_dir = self._build_dir(build_id)
+        with self._locked():
+            self._start_waiting()
+            return _read_status(build_dir)
+
+    def cancel(self, build_id: BuildID) -> None:
+        build_dir = self._build_dir(build_id)
+        with self._locked():
+            if _read_status(build_dir)[0].is_terminal:
+                return
+            with contextlib.suppress(FileExistsError):
+                _create_exclusive(build_dir / files.CANCEL_FILE, str(files.now_ms()))
+            if not (build_dir / files.STARTED_FILE).exists():
+                (self._waiting / build_id.id).unlink(missing_ok=True)
+                return
+            # The supervisor escalates to SIGKILL after the grace period, so we return now and
+            # a daemon restart in the meantime changes nothing.
+            pid_record = files.read_pid_file(build_dir / files.WRAPPER_PID_FILE)
+            if pid_record is not None:
+                _signal_verified(*pid_record, signal.SIGTERM)
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def _start_waiting(self) -> None:
+        """Free the slots of finished builds and start waiting builds in them, oldest first."""
+        self._children = [child for child in self._children if child.poll() is None]
+        running = 0
+        for entry in self._active.iterdir():
+            if _is_running(self._builds / entry.name):
+                running += 1
+            else:
+                _kill_lost_group(self._builds / entry.name)
+                entry.unlink(missing_ok=True)
+        free = self.config.max_parallel - running
+        for entry in sorted(self._waiting.iterdir()):
+            build_dir = self._builds / entry.name
+            # A cancelled entry, or one a crashed runner started but did not dequeue, just goes.
+            done = [files.CANCEL_FILE, files.STARTED_FILE]
+            if not any((build_dir / name).exists() for name in done):
+                if free <= 0:
+                    break
+                self._start(build_dir)
+                free -= 1
+            entry.unlink(missing_ok=True)
+
+    def _start(self, build_dir: Path) -> None:
+        # Ordered so that a crash at any point leaves a build the next runner can account for:
+        # "active" first (it holds the slot), then "started", then the process.
+        (self._active / build_dir.name).touch()
+        files.write_atomic(build_dir / files.STARTED_FILE, str(files.now_ms()))
+        request = json.loads((build_dir / files.REQUEST_FILE).read_text())
+        env = os.environ | {
+            "BUILDQ_BUILD_ID": build_dir.name,
+            "BUILDQ_QUEUE": request["queue"],
+            "BUILDQ_CHANGES_FILE": str(build_dir / files.REQUEST_FILE),
+        }
+        argv = [sys.executable, "-I", files.__file__, str(build_dir)]
+        argv += [str(self.config.cancel_grace_s), self.config.command]
+        try:
+            with open(build_dir / files.LOG_FILE, "ab") as log:
+                child = subprocess.Popen(
+                    argv,
+                    cwd=build_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except OSError as err:
+            record = {
+                "error": f"could not start the supervisor: {err}",
+                "finished_at_ms": files.now_ms(),
+            }
+            files.write_atomic(build_dir / files.EXIT_FILE, json.dumps(record))
+            return
+        self._children.append(child)
+        # The supervisor writes this too; whichever comes first closes the window in which a
+        # crash would leave a running build nobody can identify.
+        files.write_pid_file(build_dir / files.WRAPPER_PID_FILE, child.pid)
+
+    # -- files ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            fd = os.open(self._root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)
+
+    def _build_dir(self, build_id: BuildID) -> Path:
+        # The id becomes a path: only our own id shape may reach the filesystem.
+        if not _ID_PATTERN.fullmatch(build_id.id):
+            raise BuildNotFound(f"not a command build id: {build_id.id!r}")
+        build_dir = self._builds / build_id.id
+        if not (build_dir / files.REQUEST_FILE).is_file():
+            raise BuildNotFound(f"no command build {build_id.id!r} under {self._root}")
+        return build_dir
+
+    def _token_path(self, token: str) -> Path:
+        return self._tokens / hashlib.sha256(token.encode()).hexdigest()
+
+    def _claim_token(self, token: str, build_id: BuildID) -> bool:
+        try:
+            os.symlink(build_id.id, self._token_path(token))
+        except FileExistsError:
+            return False
+        return True
+
+    def _build_for_token(self, token: str) -> BuildID | None:
+        try:
+            build_id = BuildID(os.readlink(self._token_path(token)))
+        except FileNotFoundError:
+            return None
+        build_dir = self._builds / build_id.id
+        # A crash between claiming the token and queueing the build would leave it stranded;
+        # the retried trigger finishes the job.
+        pending = [files.STARTED_FILE, files.CANCEL_FILE, files.EXIT_FILE]
+        if not any((build_dir / name).exists() for name in pending):
+            (self._waiting / build_id.id).touch()
+        return build_id
+
+
+def _create_exclusive(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _signal_verified(pid: int, ticks: int, sig: signal.Signals) -> bool:
+    """Signal ``pid`` only if it is still the process recorded, never a reuse of its pid."""
+    try:
+        # An open pidfd pins the process: the check and the signal cannot straddle a reuse.
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if files.process_start_ticks(pid) != ticks:
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
+
+
+def _kill_group_verified(pgid: int, ticks: int) -> None:
+    try:
+        pidfd = os.pidfd_open(pgid)
+    except ProcessLookupError:
+        return
+    try:
+        # The leader's pidfd keeps its pid, and so its group id, from being reused meanwhile.
+        if files.process_start_ticks(pgid) == ticks:
+            os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def _kill_lost_group(build_dir: Path) -> None:
+    """A build whose supervisor died is recorded lost; what it left running must stop too."""
+    if (build_dir / files.EXIT_FILE).exists():
+        return
+    record = files.read_pid_file(build_dir / files.COMMAND_PID_FILE)
+    if record is not None:
+        _kill_group_verified(*record)
+
+
+def _supervisor_alive(build_dir: Path, started_ms: int) -> bool:
+    record = files.read_pid_file(build_dir / files.WRAPPER_PID_FILE)
+    if record is None:
+        return files.now_ms() - started_ms < _START_TIMEOUT_MS
+    pid, ticks = record
+    return files.process_start_ticks(pid) == ticks
+
+
+def _is_running(build_dir: Path) -> bool:
+    started_ms = _read_int(build_dir / files.STARTED_FILE)
+    if started_ms is None:
+        # "active" is written before "started": a daemon died in between, or is there now.
+        return False
+    return not (build_dir / files.EXIT_FILE).exists() and _supervisor_alive(build_dir, started_ms)
+
+
+def _read_status(build_dir: Path) -> tuple[BuildStatus, BuildMetadata]:
+    meta: BuildMetadata = {"url": (build_dir / files.LOG_FILE).as_uri()}
+    cancelled_ms = _read_int(build_dir / files.CANCEL_FILE)
+    started_ms = _read_int(build_dir / files.STARTED_FILE)
+    if started_ms is None:
+        if cancelled_ms is not None:
+            meta.update(native_state="cancelled", failure_reason="cancelled")
+            meta["finished_at"] = _iso(cancelled_ms)
+            return BuildStatus.CANCELLED, meta
+        meta["native_state"] = "waiting"
+        return BuildStatus.ACCEPTED, meta
+    meta["started_at"] = _iso(started_ms)
+    exit_record = _read_json(build_dir / files.EXIT_FILE)
+    if exit_record is None and _supervisor_alive(build_dir, started_ms):
+        meta["native_state"] = "cancelling" if cancelled_ms is not None else "running"
+        meta["duration_s"] = _seconds(files.now_ms() - started_ms)
+        return BuildStatus.RUNNING, meta
+    # The supervisor writes its record and then exits: read again, it may have just done so.
+    exit_record = exit_record or _read_json(build_dir / files.EXIT_FILE)
+    if exit_record is None:
+        if cancelled_ms is not None:
+            meta.update(native_state="cancelled", failure_reason="cancelled")
+            return BuildStatus.CANCELLED, meta
+        meta.update(native_state="lost", failure_reason="lost")
+        return BuildStatus.FAILED, meta
+    return _finished(meta, exit_record, started_ms)
+
+
+def _finished(
+    meta: BuildMetadata, record: dict[str, Any], started_ms: int
+) -> tuple[BuildStatus, BuildMetadata]:
+    finished_ms = int(record["finished_at_ms"])
+    meta["finished_at"] = _iso(finished_ms)
+    meta["duration_s"] = _seconds(finished_ms - started_ms)
+    code = record.get("exit_code")
+    if isinstance(code, int):
+        # Popen reports death by signal N as -N; shells and CI logs say 128 + N.
+        meta["exit_code"] = str(code if code >= 0 else 128 - code)
+    if record.get("cancelled"):
+        meta.update(native_state="cancelled", failure_reason="cancelled")
+        return BuildStatus.CANCELLED, meta
+    if code == 0:
+        meta["native_state"] = "exited"
+        return BuildStatus.SUCCEEDED, meta
+    if "error" in record:
+        meta.update(native_state="error", failure_reason="infra", error=str(record["error"]))
+        return BuildStatus.FAILED, meta
+    meta.update(native_state="exited", failure_reason="verdict")
+    return BuildStatus.FAILED, meta
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:.3f}"
