@@ -1,0 +1,531 @@
+"""What the HTTP build runners share: settings, client factory, rate budget, retries, ETags.
+
+The vendor modules (``buildkite``, ``github``) speak their vendor's paths and vocabulary;
+everything about *how* a request is sent lives here, so both backends wait, retry and fail
+the same way:
+
+- one ``RateBudget`` per runner instance (one credential = one vendor limit) that every
+  thread goes through, so hundreds of polling builds slow down together instead of each
+  discovering the wall on its own;
+- reads are retried on transport errors and 5xx with tenacity, then surface as
+  ``TransientRunnerError`` so the orchestrator nacks;
+- creates are never blind-retried: an ambiguous outcome is resolved by looking the build up
+  by its correlation token (``create_idempotently``);
+- error text is built here and scrubbed of the token.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import structlog
+import tenacity
+
+from buildq.buildrunner.contract import (
+    BuildNotFound,
+    Change,
+    RunnerError,
+    TransientRunnerError,
+)
+from buildq.config.base import Secret, Table
+
+T = TypeVar("T")
+
+#: How often one request may be answered "rate limited" before the call gives up.
+_MAX_RATE_LIMITED_REPLIES = 4
+_MAX_ERROR_TEXT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """Transport settings every HTTP runner table shares (flat keys in the runner's table)."""
+
+    api_url: str
+    token: Secret
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    retry_attempts: int = 3
+    retry_backoff_s: float = 0.5
+    retry_max_backoff_s: float = 5.0
+    max_rate_wait_s: float = 30.0
+    pace_below_fraction: float = 0.5
+    etag_cache_size: int = 2048
+    lookup_attempts: int = 5
+    lookup_interval_s: float = 2.0
+
+    @classmethod
+    def from_table(cls, table: Table, *, default_api_url: str) -> HttpSettings:
+        token = table.secret("token")
+        assert token is not None  # required=True raises instead
+        return cls(
+            api_url=table.str("api_url", default_api_url).rstrip("/"),
+            token=token,
+            connect_timeout_s=table.float("connect_timeout_s", 5.0, min=0.01),
+            read_timeout_s=table.float("read_timeout_s", 15.0, min=0.01),
+            retry_attempts=table.int("retry_attempts", 3, min=1, max=20),
+            retry_backoff_s=table.float("retry_backoff_s", 0.5, min=0.0),
+            retry_max_backoff_s=table.float("retry_max_backoff_s", 5.0, min=0.0),
+            max_rate_wait_s=table.float("max_rate_wait_s", 30.0, min=0.0),
+            pace_below_fraction=table.float("pace_below_fraction", 0.5, min=0.0, max=1.0),
+            etag_cache_size=table.int("etag_cache_size", 2048, min=0),
+            lookup_attempts=table.int("lookup_attempts", 5, min=1, max=100),
+            lookup_interval_s=table.float("lookup_interval_s", 2.0, min=0.0),
+        )
+
+
+def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None) -> httpx.Client:
+    """An httpx client for one runner: base URL, bearer auth, explicit timeouts."""
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout_s,
+        read=settings.read_timeout_s,
+        write=settings.read_timeout_s,
+        pool=settings.connect_timeout_s,
+    )
+    all_headers = {"Authorization": f"Bearer {settings.token.reveal()}", **(headers or {})}
+    return httpx.Client(base_url=settings.api_url, headers=all_headers, timeout=timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class RateSignal:
+    """What one response said about the vendor's limit, in the runner's terms."""
+
+    remaining: int | None = None
+    limit: int | None = None
+    reset_in_s: float | None = None
+    #: Set when the response refused the request for rate reasons: how long to hold off.
+    limited_for_s: float | None = None
+
+
+class RateLimitWait(Exception):
+    """The next request slot is further away than the caller may wait."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"next request allowed in {wait_s:.1f}s")
+        self.wait_s = wait_s
+
+
+class RateBudget:
+    """One credential's request budget, shared by every thread of a runner.
+
+    Requests take slots in order. While plenty of budget is left, slots are free; once the
+    remaining requests drop below ``pace_below_fraction`` of the limit, slots are spaced so
+    that the remainder lasts until the reset. A 429 (or a secondary limit) holds everyone
+    until the vendor said to come back.
+    """
+
+    def __init__(
+        self,
+        *,
+        pace_below_fraction: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._fraction = pace_below_fraction
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._not_before = 0.0
+        self._next_slot = 0.0
+        self._remaining: int | None = None
+        self._limit: int | None = None
+        self._reset_at: float | None = None
+
+    def acquire(self, max_wait_s: float) -> None:
+        """Wait for this request's slot; raise RateLimitWait rather than wait longer."""
+        deadline = self._clock() + max_wait_s
+        with self._lock:
+            now = self._clock()
+            start = max(now, self._not_before, self._next_slot, self._exhausted_until(now))
+            if start > deadline:
+                raise RateLimitWait(start - now)
+            self._next_slot = start + self._spacing(start)
+            if self._remaining is not None:
+                self._remaining -= 1
+        self._sleep_until(start)
+        # A 429 seen by another thread while this one slept holds this one too.
+        while True:
+            with self._lock:
+                now, hold_until = self._clock(), self._not_before
+            if hold_until <= now:
+                return
+            if hold_until > deadline:
+                raise RateLimitWait(hold_until - now)
+            self._sleep_until(hold_until)
+
+    def observe(self, signal: RateSignal) -> None:
+        with self._lock:
+            now = self._clock()
+            if signal.remaining is not None:
+                self._remaining = signal.remaining
+            if signal.limit is not None:
+                self._limit = signal.limit
+            if signal.reset_in_s is not None:
+                self._reset_at = now + signal.reset_in_s
+            if signal.limited_for_s is not None:
+                self._not_before = max(self._not_before, now + signal.limited_for_s)
+
+    def _exhausted_until(self, now: float) -> float:
+        if self._remaining is not None and self._remaining <= 0 and self._reset_at is not None:
+            return self._reset_at if self._reset_at > now else 0.0
+        return 0.0
+
+    def _spacing(self, at: float) -> float:
+        if self._remaining is None or self._limit is None or self._reset_at is None:
+            return 0.0
+        if at >= self._reset_at or self._remaining > self._limit * self._fraction:
+            return 0.0
+        return (self._reset_at - at) / max(self._remaining, 1)
+
+    def _sleep_until(self, when: float) -> None:
+        delay = when - self._clock()
+        if delay > 0:
+            self._sleep(delay)
+
+
+class ETagCache:
+    """Bounded LRU of (etag, body) per request key, for conditional GETs."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[str, Any]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: str, etag: str, body: Any) -> None:
+        if self._size <= 0:
+            return
+        with self._lock:
+            self._entries[key] = (etag, body)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: Any
+    from_cache: bool = False
+
+
+class VendorError(RunnerError):
+    """The vendor refused a request (a 4xx that is not "not found" nor "rate limited")."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotSent(Exception):
+    """The request never reached the vendor (connect failed): resending cannot duplicate."""
+
+
+class Ambiguous(Exception):
+    """The vendor may or may not have acted on the request (timeout, reset, 5xx)."""
+
+
+class _Retryable(Exception):
+    """A read failed in a way worth another attempt."""
+
+
+_NOT_SENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+class HttpCore:
+    """Sends one runner's requests through its budget, retry policy and ETag cache."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        settings: HttpSettings,
+        *,
+        vendor: str,
+        rate_signal: Callable[[httpx.Response], RateSignal],
+        budget: RateBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        log: Any = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.vendor = vendor
+        self.budget = budget or RateBudget(
+            pace_below_fraction=settings.pace_below_fraction, sleep=sleep
+        )
+        self.etags = ETagCache(settings.etag_cache_size)
+        self.sleep = sleep
+        self.log = log if log is not None else structlog.get_logger("buildq.buildrunner")
+        self._rate_signal = rate_signal
+
+    def read(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        conditional: bool = False,
+        accept: frozenset[int] = frozenset(),
+        missing_is_not_found: bool = True,
+    ) -> Reply:
+        """A request that is safe to repeat; transient failures are retried, then raised.
+
+        A 404 raises BuildNotFound when ``missing_is_not_found`` (the path names a build),
+        a plain RunnerError otherwise (a missing pipeline or workflow is a config error).
+        """
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self.settings.retry_attempts),
+            wait=tenacity.wait_exponential_jitter(
+                initial=self.settings.retry_backoff_s,
+                max=self.settings.retry_max_backoff_s,
+                jitter=self.settings.retry_backoff_s,
+            ),
+            retry=tenacity.retry_if_exception_type(_Retryable),
+            sleep=self.sleep,
+            before_sleep=lambda state: self._log_retry(method, path, state),
+            reraise=True,
+        )
+        try:
+            return retrying(
+                self._read_once,
+                method,
+                path,
+                params,
+                body,
+                conditional,
+                accept,
+                missing_is_not_found,
+            )
+        except _Retryable as err:
+            raise TransientRunnerError(
+                f"{self.vendor} {method} {path} failed after "
+                f"{self.settings.retry_attempts} attempts: {err}"
+            ) from None
+
+    def write_once(self, method: str, path: str, *, body: Any = None) -> Reply:
+        """A request that must not be repeated blindly: raises NotSent or Ambiguous."""
+        try:
+            response = self._send(method, path, body=body)
+        except _NOT_SENT_ERRORS as err:
+            raise NotSent(f"{type(err).__name__}") from err
+        except httpx.TransportError as err:
+            raise Ambiguous(f"{type(err).__name__}") from err
+        if response.status_code >= 500:
+            raise Ambiguous(f"HTTP {response.status_code}")
+        if response.status_code >= 400:
+            raise self.error(method, path, response)
+        return Reply(response.status_code, _json_or_none(response))
+
+    def error(
+        self, method: str, path: str, response: httpx.Response, *, not_found: bool = False
+    ) -> RunnerError:
+        """The RunnerError for a 4xx answer; its text never holds the token."""
+        detail = _message_of(response)
+        text = f"{self.vendor} answered {response.status_code} to {method} {path}"
+        if detail:
+            text += f": {detail}"
+        text = self.scrub(text)
+        if response.status_code == 404 and not_found:
+            return BuildNotFound(text)
+        return VendorError(text, response.status_code)
+
+    def scrub(self, text: str) -> str:
+        token = self.settings.token.reveal()
+        return text.replace(token, "<redacted>") if token else text
+
+    def _read_once(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: Any,
+        conditional: bool,
+        accept: frozenset[int],
+        missing_is_not_found: bool,
+    ) -> Reply:
+        key = _cache_key(path, params)
+        cached = self.etags.get(key) if conditional else None
+        headers = {"If-None-Match": cached[0]} if cached else None
+        try:
+            response = self._send(method, path, params=params, body=body, headers=headers)
+        except httpx.TransportError as err:
+            raise _Retryable(type(err).__name__) from err
+        status = response.status_code
+        if status == 304 and cached is not None:
+            return Reply(200, cached[1], from_cache=True)
+        if status >= 500:
+            raise _Retryable(f"HTTP {status}")
+        if status >= 400 and status not in accept:
+            raise self.error(method, path, response, not_found=missing_is_not_found)
+        answer = _json_or_none(response)
+        etag = response.headers.get("ETag")
+        if conditional and etag and status == 200:
+            self.etags.put(key, etag, answer)
+        return Reply(status, answer)
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """One logical request: waits for budget, resends only on "rate limited" replies."""
+        for _ in range(_MAX_RATE_LIMITED_REPLIES):
+            try:
+                self.budget.acquire(self.settings.max_rate_wait_s)
+            except RateLimitWait as wait:
+                raise TransientRunnerError(
+                    f"{self.vendor} rate limit: {wait} (more than max_rate_wait_s="
+                    f"{self.settings.max_rate_wait_s:g})"
+                ) from None
+            response = self.client.request(method, path, params=params, json=body, headers=headers)
+            signal = self._rate_signal(response)
+            self.budget.observe(signal)
+            if signal.limited_for_s is None:
+                return response
+            self.log.warning(
+                "runner_rate_limited",
+                vendor=self.vendor,
+                status=response.status_code,
+                wait_s=round(signal.limited_for_s, 3),
+            )
+        raise TransientRunnerError(
+            f"{self.vendor} kept answering 'rate limited' to {method} {path}"
+        )
+
+    def _log_retry(self, method: str, path: str, state: tenacity.RetryCallState) -> None:
+        outcome = state.outcome
+        reason = str(outcome.exception()) if outcome is not None else ""
+        self.log.info(
+            "runner_request_retry",
+            vendor=self.vendor,
+            method=method,
+            path=path,
+            attempt=state.attempt_number,
+            reason=reason,
+        )
+
+
+def create_idempotently(
+    core: HttpCore,
+    *,
+    token: str | None,
+    create: Callable[[], T],
+    lookup: Callable[[], T | None],
+    lookup_first: bool = True,
+) -> T:
+    """Create a build at most once per token, resolving ambiguous outcomes by lookup.
+
+    With a token, an earlier attempt (this call's or a previous trigger's) is found by the
+    token before anything new is created. Without one, an ambiguous create is reported as
+    transient and never repeated: only the caller can know whether to try again.
+    """
+    settings = core.settings
+    if token and lookup_first:
+        found = lookup()
+        if found is not None:
+            core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="before")
+            return found
+    for attempt in range(1, settings.retry_attempts + 1):
+        try:
+            return create()
+        except NotSent as err:
+            reason = str(err)
+        except Ambiguous as err:
+            core.log.warning(
+                "runner_create_ambiguous", vendor=core.vendor, reason=str(err), token=bool(token)
+            )
+            if not token:
+                raise TransientRunnerError(
+                    f"{core.vendor} create outcome unknown ({err}) and no correlation token "
+                    "to look it up: not retried"
+                ) from None
+            found = poll_lookup(core, lookup)
+            if found is not None:
+                core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="after")
+                return found
+            reason = f"{err}; not found by token"
+        if attempt < settings.retry_attempts:
+            core.sleep(settings.retry_backoff_s * attempt)
+    raise TransientRunnerError(
+        f"{core.vendor} create failed after {settings.retry_attempts} attempts: {reason}"
+    )
+
+
+def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:
+    """Look a build up a bounded number of times: listings lag behind creates."""
+    for attempt in range(core.settings.lookup_attempts):
+        if attempt:
+            core.sleep(core.settings.lookup_interval_s)
+        found = lookup()
+        if found is not None:
+            return found
+    return None
+
+
+def header_number(headers: httpx.Headers, name: str) -> float | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _cache_key(path: str, params: Mapping[str, str] | None) -> str:
+    if not params:
+        return path
+    return path + "?" + "&".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _message_of(response: httpx.Response) -> str:
+    body = _json_or_none(response)
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        text: str = body["message"]
+    else:
+        text = response.text if response.headers.get("content-type", "").startswith("text/") else ""
+    text = " ".join(text.split())
+    return text[:_MAX_ERROR_TEXT]
+
+
+def changes_json(changes: Sequence[Change]) -> str:
+    """The documented wire form of a change list: a compact JSON list of {id, revision, extra}."""
+    return json.dumps(
+        [{"id": c.id, "revision": c.revision, "extra": dict(c.extra)} for c in changes],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def new_request_id() -> str:
+    """A stand-in correlation token when the caller gave none (never used to retry)."""
+    return f"buildq-{uuid.uuid4().hex}"

@@ -1,0 +1,320 @@
+"""Buildkite Pipelines as a BuildRunner: one Buildkite build per trigger, on one pipeline.
+
+A build is identified as ``bk:<organization>/<pipeline>/<number>``: the build number is what
+Buildkite's single-build endpoints take, and carrying the organization and pipeline in the id
+keeps status and cancel working for builds started before a config change. Buildkite rebuilds
+get a new number, so a stored verdict never moves under a retry.
+
+The change lists reach the build as environment variables (``BUILDQ_QUEUE``, ``BUILDQ_BASE``,
+``BUILDQ_HEAD``, ``BUILDQ_REQUEST_ID``); the request id is also build meta-data, which is what
+makes a lost create findable again (Buildkite's list endpoint filters on meta-data).
+See docs/ci-runners.md for the pipeline side.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from buildq.buildrunner import _http
+from buildq.buildrunner.contract import (
+    CORRELATION_KEY,
+    BuildID,
+    BuildMetadata,
+    BuildNotFound,
+    BuildStatus,
+    Change,
+    RunnerError,
+    TransientRunnerError,
+)
+from buildq.config.base import Secret, Table
+
+KIND = "buildkite"
+DEFAULT_API_URL = "https://api.buildkite.com"
+BLOCKED_AS = ("failed", "running")
+
+_ID = re.compile(r"^bk:([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/([0-9]+)$")
+_API_BUILD_PATH = re.compile(r"/organizations/([^/]+)/pipelines/([^/]+)/builds/([0-9]+)/?$")
+
+_STATES: Mapping[str, BuildStatus] = {
+    "creating": BuildStatus.ACCEPTED,
+    "scheduled": BuildStatus.ACCEPTED,
+    "running": BuildStatus.RUNNING,
+    "failing": BuildStatus.RUNNING,
+    "waiting": BuildStatus.RUNNING,
+    "waiting_failed": BuildStatus.RUNNING,
+    "canceling": BuildStatus.RUNNING,
+    "passed": BuildStatus.SUCCEEDED,
+    "failed": BuildStatus.FAILED,
+    "not_run": BuildStatus.FAILED,
+    "canceled": BuildStatus.CANCELLED,
+    "skipped": BuildStatus.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BuildkiteConfig:
+    """``[runners.<name>]`` with ``type = "buildkite"``."""
+
+    organization: str
+    pipeline: str
+    http: _http.HttpSettings
+    branch: str = "main"
+    commit: str = "HEAD"
+    blocked_as: str = "failed"
+    lookup_before_trigger: bool = True
+    conditional_requests: bool = True
+    webhook_secret: Secret | None = None
+
+    @classmethod
+    def from_table(cls, table: Table) -> BuildkiteConfig:
+        table.choice("type", (KIND,), KIND)
+        return cls(
+            organization=table.str("organization"),
+            pipeline=table.str("pipeline"),
+            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            branch=table.str("branch", "main"),
+            commit=table.str("commit", "HEAD"),
+            blocked_as=table.choice("blocked_as", BLOCKED_AS, "failed"),
+            lookup_before_trigger=table.bool("lookup_before_trigger", True),
+            conditional_requests=table.bool("conditional_requests", True),
+            webhook_secret=table.secret("webhook_secret", required=False),
+        )
+
+
+def make_client(config: BuildkiteConfig) -> httpx.Client:
+    """The client a BuildkiteRunner is given: API base URL, bearer token, timeouts."""
+    return _http.make_client(config.http, {"Accept": "application/json"})
+
+
+def build_id(organization: str, pipeline: str, number: int) -> BuildID:
+    return BuildID(f"bk:{organization}/{pipeline}/{number}")
+
+
+def parse_build_id(value: BuildID) -> tuple[str, str, int]:
+    match = _ID.match(value.id)
+    if match is None:
+        raise BuildNotFound(f"{value.id!r} is not a Buildkite build id (bk:<org>/<pipeline>/<n>)")
+    return match[1], match[2], int(match[3])
+
+
+def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
+    """The BuildID a ``build.*`` webhook is about (the id ``trigger`` returned for it)."""
+    build = payload.get("build")
+    if not isinstance(build, Mapping) or not isinstance(build.get("url"), str):
+        return None
+    match = _API_BUILD_PATH.search(urlsplit(build["url"]).path)
+    if match is None:
+        return None
+    return build_id(match[1], match[2], int(match[3]))
+
+
+def rate_signal(response: httpx.Response) -> _http.RateSignal:
+    """Buildkite's ``RateLimit-*`` headers; ``RateLimit-Reset`` is seconds from now."""
+    headers = response.headers
+    remaining = _http.header_number(headers, "RateLimit-Remaining")
+    limit = _http.header_number(headers, "RateLimit-Limit")
+    reset = _http.header_number(headers, "RateLimit-Reset")
+    limited: float | None = None
+    if response.status_code == 429:
+        retry_after = _http.header_number(headers, "Retry-After")
+        limited = max(reset if reset is not None else (retry_after or 60.0), 0.0)
+    return _http.RateSignal(
+        remaining=None if remaining is None else int(remaining),
+        limit=None if limit is None else int(limit),
+        reset_in_s=reset,
+        limited_for_s=limited,
+    )
+
+
+def map_status(build: Mapping[str, Any], blocked_as: str) -> tuple[BuildStatus, BuildMetadata]:
+    """Buildkite's build ``state`` in buildq's terms; the raw state stays in ``native_state``."""
+    state = str(build.get("state", ""))
+    meta = _metadata(build)
+    meta["native_state"] = state
+    # Webhook-era payloads report a build stopped at a block step as passed + blocked.
+    if state == "blocked" or (state == "passed" and build.get("blocked") is True):
+        meta["native_state"] = "blocked"
+        if blocked_as == "running":
+            return BuildStatus.RUNNING, meta
+        meta["failure_reason"] = "verdict"
+        return BuildStatus.FAILED, meta
+    status = _STATES.get(state, BuildStatus.UNKNOWN)
+    if state == "failing":
+        meta["early_failure"] = "true"
+    elif status is BuildStatus.FAILED:
+        meta["failure_reason"] = "verdict"
+    elif state == "skipped":
+        meta["cancelled_by"] = "external"
+    return status, meta
+
+
+def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
+    meta: BuildMetadata = {}
+    for key, source in (
+        ("url", "web_url"),
+        ("sha", "commit"),
+        ("branch", "branch"),
+        ("started_at", "started_at"),
+        ("finished_at", "finished_at"),
+        ("cancel_reason", "cancel_reason"),
+    ):
+        value = build.get(source)
+        if isinstance(value, str) and value:
+            meta[key] = value
+    if isinstance(build.get("number"), int):
+        meta["number"] = str(build["number"])
+    request_id = (build.get("meta_data") or {}).get(CORRELATION_KEY)
+    if isinstance(request_id, str):
+        meta[CORRELATION_KEY] = request_id
+    duration = _duration_s(build.get("started_at"), build.get("finished_at"))
+    if duration is not None:
+        meta["duration_s"] = duration
+    return meta
+
+
+def _duration_s(start: object, end: object) -> str | None:
+    if not (isinstance(start, str) and isinstance(end, str)):
+        return None
+    try:
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+    return f"{seconds:.0f}"
+
+
+class BuildkiteRunner:
+    """Triggers, polls and cancels builds of one Buildkite pipeline. Thread-safe."""
+
+    def __init__(
+        self,
+        config: BuildkiteConfig,
+        client: httpx.Client,
+        *,
+        name: str = KIND,
+        budget: _http.RateBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=name)
+        self._core = _http.HttpCore(
+            client,
+            config.http,
+            vendor="Buildkite",
+            rate_signal=rate_signal,
+            budget=budget,
+            sleep=sleep,
+            log=self._log,
+        )
+
+    @property
+    def budget(self) -> _http.RateBudget:
+        return self._core.budget
+
+    def trigger(
+        self,
+        queue: str,
+        base: Sequence[Change],
+        head: Sequence[Change],
+        metadata: Mapping[str, str] | None = None,
+    ) -> BuildID:
+        metadata = dict(metadata or {})
+        token = metadata.get(CORRELATION_KEY) or None
+        request_id = token or _http.new_request_id()
+        body = self._create_body(queue, base, head, metadata, request_id)
+        path = self._builds_path(self.config.organization, self.config.pipeline)
+
+        def create() -> BuildID:
+            return self._id_of(self._core.write_once("POST", path, body=body).body)
+
+        result = _http.create_idempotently(
+            self._core,
+            token=token,
+            create=create,
+            lookup=lambda: self._find_by_token(request_id),
+            lookup_first=self.config.lookup_before_trigger,
+        )
+        self._log.info(
+            "runner_build_triggered", build_id=result.id, queue=queue, request_id=request_id
+        )
+        return result
+
+    def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
+        org, pipeline, number = parse_build_id(build_id)
+        reply = self._core.read(
+            "GET",
+            f"{self._builds_path(org, pipeline)}/{number}",
+            conditional=self.config.conditional_requests,
+        )
+        if not isinstance(reply.body, Mapping):
+            raise TransientRunnerError(f"Buildkite answered build {build_id} without a body")
+        return map_status(reply.body, self.config.blocked_as)
+
+    def cancel(self, build_id: BuildID) -> None:
+        org, pipeline, number = parse_build_id(build_id)
+        path = f"{self._builds_path(org, pipeline)}/{number}/cancel"
+        # 422: the build is finished (or blocked) and can't be cancelled: nothing to do.
+        reply = self._core.read("PUT", path, accept=frozenset({422}))
+        self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status == 422)
+
+    @staticmethod
+    def _builds_path(organization: str, pipeline: str) -> str:
+        return f"/v2/organizations/{organization}/pipelines/{pipeline}/builds"
+
+    def _create_body(
+        self,
+        queue: str,
+        base: Sequence[Change],
+        head: Sequence[Change],
+        metadata: Mapping[str, str],
+        request_id: str,
+    ) -> dict[str, Any]:
+        # Buildkite refuses empty meta-data values; caller metadata is echoed when it can be.
+        meta_data = {k: v for k, v in metadata.items() if isinstance(v, str) and v.strip()}
+        meta_data[CORRELATION_KEY] = request_id
+        return {
+            "commit": self.config.commit,
+            "branch": self.config.branch,
+            "message": f"buildq {queue}: {len(head)} change(s) [{request_id}]",
+            "env": {
+                "BUILDQ_QUEUE": queue,
+                "BUILDQ_BASE": _http.changes_json(base),
+                "BUILDQ_HEAD": _http.changes_json(head),
+                "BUILDQ_REQUEST_ID": request_id,
+            },
+            "meta_data": meta_data,
+        }
+
+    def _id_of(self, build: object) -> BuildID:
+        if not isinstance(build, Mapping) or not isinstance(build.get("number"), int):
+            raise RunnerError("Buildkite answered the create without a build number")
+        return build_id(self.config.organization, self.config.pipeline, build["number"])
+
+    def _find_by_token(self, request_id: str) -> BuildID | None:
+        reply = self._core.read(
+            "GET",
+            self._builds_path(self.config.organization, self.config.pipeline),
+            params={f"meta_data[{CORRELATION_KEY}]": request_id, "per_page": "20"},
+            missing_is_not_found=False,
+        )
+        builds = reply.body if isinstance(reply.body, list) else []
+        numbers = [
+            build["number"]
+            for build in builds
+            if isinstance(build, Mapping)
+            and isinstance(build.get("number"), int)
+            and (build.get("meta_data") or {}).get(CORRELATION_KEY) == request_id
+        ]
+        if not numbers:
+            return None
+        # Should a duplicate ever exist, every lookup settles on the same (first) build.
+        return build_id(self.config.organization, self.config.pipeline, min(numbers))

@@ -1,0 +1,377 @@
+"""GitHub Actions as a BuildRunner: one ``workflow_dispatch`` run per trigger.
+
+A build is identified as ``gh:<owner>/<repo>/<run_id>/<attempt>``. The attempt is pinned: a
+re-run of a finished run is a new attempt of the same run id, and polling "the run" would let
+it overwrite a verdict already stored for the first attempt. Status therefore reads
+``/runs/{id}/attempts/{n}``.
+
+The changes reach the workflow as inputs ``queue``, ``base`` and ``head`` (JSON strings) and
+the request id as ``buildq_request_id``, which the workflow's ``run-name`` must show: GitHub
+servers that answer a dispatch with 204 and no run id leave the run-name as the only way to
+find the run again. See docs/ci-runners.md for the workflow side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import structlog
+
+from buildq.buildrunner import _http
+from buildq.buildrunner.contract import (
+    CORRELATION_KEY,
+    BuildID,
+    BuildMetadata,
+    BuildNotFound,
+    BuildStatus,
+    Change,
+    RunnerError,
+    TransientRunnerError,
+)
+from buildq.config.base import Secret, Table
+
+KIND = "github"
+DEFAULT_API_URL = "https://api.github.com"
+DEFAULT_API_VERSION = "2022-11-28"
+#: GitHub's documented cap on the whole ``inputs`` object of one dispatch.
+MAX_INPUT_CHARS = 65_535
+
+_ID = re.compile(r"^gh:([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/([0-9]+)/([0-9]+)$")
+_TOKEN_EDGE = r"A-Za-z0-9_.-"
+_RUNS_PER_PAGE = 100
+_MAX_LOOKUP_PAGES = 3
+#: Runs are listed by creation time on GitHub's clock; allow for ours being ahead.
+_CLOCK_SLACK_S = 300.0
+
+_ACCEPTED = frozenset({"requested", "queued", "pending", "waiting"})
+_FAILED_REASON: Mapping[str, str] = {
+    "failure": "verdict",
+    "neutral": "verdict",
+    "skipped": "verdict",
+    "stale": "verdict",
+    "action_required": "verdict",
+    "timed_out": "timeout",
+    "startup_failure": "infra",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GitHubConfig:
+    """``[runners.<name>]`` with ``type = "github"``."""
+
+    owner: str
+    repo: str
+    workflow: str
+    http: _http.HttpSettings
+    ref: str = "main"
+    api_version: str = DEFAULT_API_VERSION
+    return_run_details: bool = True
+    lookup_before_trigger: bool = True
+    lookup_window_s: float = 6 * 3600.0
+    conditional_requests: bool = True
+    webhook_secret: Secret | None = None
+
+    @classmethod
+    def from_table(cls, table: Table) -> GitHubConfig:
+        table.choice("type", (KIND,), KIND)
+        return cls(
+            owner=table.str("owner"),
+            repo=table.str("repo"),
+            workflow=table.str("workflow"),
+            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            ref=table.str("ref", "main"),
+            api_version=table.str("api_version", DEFAULT_API_VERSION),
+            return_run_details=table.bool("return_run_details", True),
+            lookup_before_trigger=table.bool("lookup_before_trigger", True),
+            lookup_window_s=table.float("lookup_window_s", 6 * 3600.0, min=60.0),
+            conditional_requests=table.bool("conditional_requests", True),
+            webhook_secret=table.secret("webhook_secret", required=False),
+        )
+
+
+def make_client(config: GitHubConfig) -> httpx.Client:
+    """The client a GitHubRunner is given: API base URL, bearer token, timeouts."""
+    headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": config.api_version}
+    return _http.make_client(config.http, headers)
+
+
+def build_id(owner: str, repo: str, run_id: int, attempt: int) -> BuildID:
+    return BuildID(f"gh:{owner}/{repo}/{run_id}/{attempt}")
+
+
+def parse_build_id(value: BuildID) -> tuple[str, str, int, int]:
+    match = _ID.match(value.id)
+    if match is None:
+        raise BuildNotFound(f"{value.id!r} is not a GitHub build id (gh:<owner>/<repo>/<run>/<n>)")
+    return match[1], match[2], int(match[3]), int(match[4])
+
+
+def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
+    """The BuildID a ``workflow_run`` webhook is about (that run's attempt)."""
+    run, repository = payload.get("workflow_run"), payload.get("repository")
+    if not isinstance(run, Mapping) or not isinstance(repository, Mapping):
+        return None
+    owner, _, repo = str(repository.get("full_name", "")).partition("/")
+    run_id, attempt = run.get("id"), run.get("run_attempt", 1)
+    if not (owner and repo and isinstance(run_id, int) and isinstance(attempt, int)):
+        return None
+    return build_id(owner, repo, run_id, attempt)
+
+
+def rate_signal(response: httpx.Response) -> _http.RateSignal:
+    """GitHub's ``x-ratelimit-*`` (reset is epoch seconds) and secondary limits (403/429)."""
+    headers = response.headers
+    remaining = _http.header_number(headers, "x-ratelimit-remaining")
+    limit = _http.header_number(headers, "x-ratelimit-limit")
+    reset_epoch = _http.header_number(headers, "x-ratelimit-reset")
+    reset_in = None if reset_epoch is None else max(reset_epoch - time.time(), 0.0)
+    limited: float | None = None
+    if response.status_code in (403, 429):
+        retry_after = _http.header_number(headers, "retry-after")
+        if retry_after is not None:
+            limited = retry_after
+        elif remaining == 0 and reset_in is not None:
+            limited = reset_in
+        elif response.status_code == 429 or "rate limit" in response.text.lower():
+            # GitHub: with neither header, wait at least a minute.
+            limited = 60.0
+    return _http.RateSignal(
+        remaining=None if remaining is None else int(remaining),
+        limit=None if limit is None else int(limit),
+        reset_in_s=reset_in,
+        limited_for_s=limited,
+    )
+
+
+def map_status(run: Mapping[str, Any]) -> tuple[BuildStatus, BuildMetadata]:
+    """A run attempt's ``status``/``conclusion`` in buildq's terms (raw values kept)."""
+    state, conclusion = str(run.get("status", "")), run.get("conclusion")
+    meta = _metadata(run)
+    meta["native_state"] = state
+    if isinstance(conclusion, str):
+        meta["native_conclusion"] = conclusion
+    if state in _ACCEPTED:
+        return BuildStatus.ACCEPTED, meta
+    if state == "in_progress":
+        return BuildStatus.RUNNING, meta
+    if state != "completed":
+        return BuildStatus.UNKNOWN, meta
+    if conclusion == "success":
+        return BuildStatus.SUCCEEDED, meta
+    if conclusion == "cancelled":
+        return BuildStatus.CANCELLED, meta
+    if isinstance(conclusion, str) and conclusion in _FAILED_REASON:
+        meta["failure_reason"] = _FAILED_REASON[conclusion]
+        return BuildStatus.FAILED, meta
+    return BuildStatus.UNKNOWN, meta
+
+
+def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
+    meta: BuildMetadata = {}
+    for key, source in (
+        ("url", "html_url"),
+        ("sha", "head_sha"),
+        ("branch", "head_branch"),
+        ("started_at", "run_started_at"),
+        ("updated_at", "updated_at"),
+        ("title", "display_title"),
+    ):
+        value = run.get(source)
+        if isinstance(value, str) and value:
+            meta[key] = value
+    for key in ("id", "run_attempt"):
+        if isinstance(run.get(key), int):
+            meta["run_id" if key == "id" else key] = str(run[key])
+    if run.get("status") == "completed":
+        duration = _duration_s(run.get("run_started_at"), run.get("updated_at"))
+        if duration is not None:
+            meta["duration_s"] = duration
+    return meta
+
+
+def _duration_s(start: object, end: object) -> str | None:
+    if not (isinstance(start, str) and isinstance(end, str)):
+        return None
+    try:
+        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except ValueError:
+        return None
+    return f"{seconds:.0f}"
+
+
+def mentions_token(title: object, token: str) -> bool:
+    """Whether a run-name carries the token as a whole word (``req-1`` is not in ``req-12``)."""
+    if not isinstance(title, str):
+        return False
+    pattern = rf"(?<![{_TOKEN_EDGE}]){re.escape(token)}(?![{_TOKEN_EDGE}])"
+    return re.search(pattern, title) is not None
+
+
+class GitHubRunner:
+    """Dispatches, polls and cancels runs of one GitHub Actions workflow. Thread-safe."""
+
+    def __init__(
+        self,
+        config: GitHubConfig,
+        client: httpx.Client,
+        *,
+        name: str = KIND,
+        budget: _http.RateBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.name = name
+        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=name)
+        self._core = _http.HttpCore(
+            client,
+            config.http,
+            vendor="GitHub",
+            rate_signal=rate_signal,
+            budget=budget,
+            sleep=sleep,
+            log=self._log,
+        )
+        # Cleared for good once the server says it does not know the field (older GHES).
+        self._ask_run_details = config.return_run_details
+
+    @property
+    def budget(self) -> _http.RateBudget:
+        return self._core.budget
+
+    def trigger(
+        self,
+        queue: str,
+        base: Sequence[Change],
+        head: Sequence[Change],
+        metadata: Mapping[str, str] | None = None,
+    ) -> BuildID:
+        token = (metadata or {}).get(CORRELATION_KEY) or None
+        request_id = token or _http.new_request_id()
+        inputs = _inputs(queue, base, head, request_id)
+        cfg = self.config
+
+        def create() -> BuildID:
+            dispatched_at = time.time()
+            reply = self._dispatch(inputs)
+            body = reply.body if isinstance(reply.body, Mapping) else {}
+            run_id = body.get("workflow_run_id")
+            if isinstance(run_id, int):
+                return build_id(cfg.owner, cfg.repo, run_id, 1)
+            found = _http.poll_lookup(
+                self._core, lambda: self._find_by_token(request_id, dispatched_at - _CLOCK_SLACK_S)
+            )
+            if found is None:
+                raise TransientRunnerError(
+                    f"GitHub accepted the dispatch but no run named with {request_id!r} appeared"
+                )
+            return found
+
+        result = _http.create_idempotently(
+            self._core,
+            token=token,
+            create=create,
+            lookup=lambda: self._find_by_token(request_id, time.time() - cfg.lookup_window_s),
+            lookup_first=cfg.lookup_before_trigger,
+        )
+        self._log.info(
+            "runner_build_triggered", build_id=result.id, queue=queue, request_id=request_id
+        )
+        return result
+
+    def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
+        owner, repo, run_id, attempt = parse_build_id(build_id)
+        reply = self._core.read(
+            "GET",
+            f"/repos/{owner}/{repo}/actions/runs/{run_id}/attempts/{attempt}",
+            conditional=self.config.conditional_requests,
+        )
+        if not isinstance(reply.body, Mapping):
+            raise TransientRunnerError(f"GitHub answered run {build_id} without a body")
+        return map_status(reply.body)
+
+    def cancel(self, build_id: BuildID) -> None:
+        owner, repo, run_id, _ = parse_build_id(build_id)
+        # Cancel acts on the run's latest attempt: once our attempt is finished, a re-run
+        # someone started must not be cancelled on its behalf.
+        current, _ = self.status(build_id)
+        if current.is_terminal:
+            self._log.info("runner_cancel_requested", build_id=build_id.id, noop=True)
+            return
+        # 409: the run completed meanwhile: nothing to do.
+        reply = self._core.read(
+            "POST", f"/repos/{owner}/{repo}/actions/runs/{run_id}/cancel", accept=frozenset({409})
+        )
+        self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status == 409)
+
+    def _dispatch(self, inputs: Mapping[str, str]) -> _http.Reply:
+        cfg = self.config
+        path = f"/repos/{cfg.owner}/{cfg.repo}/actions/workflows/{cfg.workflow}/dispatches"
+        body: dict[str, Any] = {"ref": cfg.ref, "inputs": dict(inputs)}
+        if not self._ask_run_details:
+            return self._core.write_once("POST", path, body=body)
+        try:
+            return self._core.write_once("POST", path, body={**body, "return_run_details": True})
+        except _http.VendorError as err:
+            # A 4xx means nothing was dispatched, so asking again without the field is safe.
+            if err.status not in (400, 422) or "return_run_details" not in str(err):
+                raise
+        self._ask_run_details = False
+        self._log.warning("runner_run_details_unsupported")
+        return self._core.write_once("POST", path, body=body)
+
+    def _find_by_token(self, request_id: str, since_epoch: float) -> BuildID | None:
+        cfg = self.config
+        since = datetime.fromtimestamp(since_epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        matches: list[int] = []
+        for page in range(1, _MAX_LOOKUP_PAGES + 1):
+            reply = self._core.read(
+                "GET",
+                f"/repos/{cfg.owner}/{cfg.repo}/actions/workflows/{cfg.workflow}/runs",
+                params={
+                    "event": "workflow_dispatch",
+                    "created": f">={since}",
+                    "per_page": str(_RUNS_PER_PAGE),
+                    "page": str(page),
+                },
+                missing_is_not_found=False,
+            )
+            runs = reply.body.get("workflow_runs") if isinstance(reply.body, Mapping) else None
+            runs = runs if isinstance(runs, list) else []
+            matches += [
+                run["id"]
+                for run in runs
+                if isinstance(run, Mapping)
+                and isinstance(run.get("id"), int)
+                and mentions_token(run.get("display_title"), request_id)
+            ]
+            if matches or len(runs) < _RUNS_PER_PAGE:
+                break
+        if not matches:
+            return None
+        # The dispatch created attempt 1; should a duplicate exist, always pick the first run.
+        return build_id(cfg.owner, cfg.repo, min(matches), 1)
+
+
+def _inputs(
+    queue: str, base: Sequence[Change], head: Sequence[Change], request_id: str
+) -> dict[str, str]:
+    inputs = {
+        CORRELATION_KEY: request_id,
+        "queue": queue,
+        "base": _http.changes_json(base),
+        "head": _http.changes_json(head),
+    }
+    size = len(json.dumps(inputs, separators=(",", ":"), ensure_ascii=False))
+    if size > MAX_INPUT_CHARS:
+        raise RunnerError(
+            f"GitHub workflow inputs would be {size} characters (limit {MAX_INPUT_CHARS}): "
+            f"{len(base)} base and {len(head)} head changes are too many for one dispatch"
+        )
+    return inputs

@@ -1,0 +1,310 @@
+"""Webhook receiver: CI services say "this build changed" so the daemon polls it now.
+
+A push is only a hint. The receiver verifies the delivery, turns it into the BuildID the
+runner gave that build, and hands it to ``on_build_event``; the daemon publishes a poll and
+the ordinary poll path reads the status. Nothing here decides a build's state, so a lost or
+forged-but-rejected delivery costs at most latency (GitHub never retries a failed delivery:
+the safety poll stays mandatory).
+
+Every delivery must be signed: Buildkite ``X-Buildkite-Signature: timestamp=T,signature=S``
+(HMAC-SHA256 over ``T.body``, T within ``tolerance_s`` of now), GitHub
+``X-Hub-Signature-256: sha256=S`` (HMAC-SHA256 over the body). Anything else is refused before
+its JSON is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+
+from buildq.buildrunner import buildkite, github
+from buildq.buildrunner.contract import BuildID
+from buildq.config.base import ConfigError, Secret, Table
+
+OnBuildEvent = Callable[[str, BuildID], None]
+
+KINDS = (buildkite.KIND, github.KIND)
+PATH_PREFIX = "/webhooks/"
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_log = structlog.get_logger("buildq.webhook")
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    """The daemon's ``[webhooks]`` table. Off unless ``enabled = true``."""
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = 8787
+    max_body_bytes: int = 1_048_576
+    tolerance_s: float = 300.0
+    read_timeout_s: float = 10.0
+
+    @classmethod
+    def from_table(cls, table: Table) -> WebhookConfig:
+        return cls(
+            enabled=table.bool("enabled", False),
+            bind=table.str("bind", "127.0.0.1"),
+            port=table.int("port", 8787, min=0, max=65535),
+            max_body_bytes=table.int("max_body_bytes", 1_048_576, min=1024),
+            tolerance_s=table.float("tolerance_s", 300.0, min=1.0),
+            read_timeout_s=table.float("read_timeout_s", 10.0, min=0.1),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRoute:
+    """``POST /webhooks/<runner_name>``: which vendor signs it and with what secret."""
+
+    runner_name: str
+    kind: str
+    secret: Secret
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"webhook kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if not _NAME.match(self.runner_name):
+            raise ValueError(f"runner name {self.runner_name!r} cannot be a webhook path")
+
+
+def route_for(
+    runner_name: str, config: buildkite.BuildkiteConfig | github.GitHubConfig
+) -> WebhookRoute | None:
+    """The route for a runner whose table sets ``webhook_secret_env``/``_file``, else None."""
+    if config.webhook_secret is None:
+        return None
+    kind = buildkite.KIND if isinstance(config, buildkite.BuildkiteConfig) else github.KIND
+    return WebhookRoute(runner_name, kind, config.webhook_secret)
+
+
+def verify_buildkite(
+    header: str | None, body: bytes, secret: str, *, now: float, tolerance_s: float
+) -> str | None:
+    """None if the delivery is authentic and fresh, else why not (never echoing values)."""
+    if not header:
+        return "unsigned"
+    parts = dict(p.strip().partition("=")[::2] for p in header.split(","))
+    timestamp, signature = parts.get("timestamp", ""), parts.get("signature", "")
+    if not timestamp.isdigit() or not signature:
+        return "malformed_signature"
+    expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    if not hmac.compare_digest(expected.hexdigest().encode(), signature.encode(errors="replace")):
+        return "bad_signature"
+    # Checked after the signature, which covers the timestamp: a replay cannot move it.
+    if abs(now - int(timestamp)) > tolerance_s:
+        return "stale_timestamp"
+    return None
+
+
+def verify_github(header: str | None, body: bytes, secret: str) -> str | None:
+    """None if ``X-Hub-Signature-256`` matches the body, else why not."""
+    if not header:
+        return "unsigned"
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), header.strip().encode(errors="replace")):
+        return "bad_signature"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: int
+    reason: str
+
+
+class WebhookServer:
+    """An HTTP server on its own port that turns signed CI deliveries into build events."""
+
+    def __init__(
+        self,
+        config: WebhookConfig,
+        routes: Iterable[WebhookRoute],
+        on_build_event: OnBuildEvent,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._routes: dict[str, WebhookRoute] = {}
+        for route in routes:
+            if route.runner_name in self._routes:
+                raise ConfigError("webhooks", route.runner_name, "one route per runner name")
+            self._routes[route.runner_name] = route
+        self._on_build_event = on_build_event
+        self._clock = clock
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("webhook server is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.bind}:{self.port}"
+
+    def start(self) -> None:
+        if self._server is not None:
+            return
+        server = _Server((self.config.bind, self.config.port), _Handler)
+        server.receiver = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="buildq-webhooks", daemon=True
+        )
+        self._thread.start()
+        _log.info("webhook_server_started", bind=self.config.bind, port=self.port)
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = self._thread = None
+        _log.info("webhook_server_stopped")
+
+    def route(self, path: str) -> WebhookRoute | None:
+        name = (
+            path.split("?", 1)[0].removeprefix(PATH_PREFIX) if path.startswith(PATH_PREFIX) else ""
+        )
+        return self._routes.get(name)
+
+    def handle(self, route: WebhookRoute, headers: Mapping[str, str], body: bytes) -> Outcome:
+        """Verify, parse and dispatch one delivery whose size was already checked.
+
+        ``headers`` are keyed by lower-case name.
+        """
+        rejected = self._verify(route, headers, body)
+        if rejected is not None:
+            return Outcome(401, rejected)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return Outcome(400, "malformed_json")
+        if not isinstance(payload, dict):
+            return Outcome(400, "malformed_json")
+        event = headers.get("x-buildkite-event") or headers.get("x-github-event") or ""
+        build_id = self._build_id(route.kind, event, payload)
+        if build_id is None:
+            return Outcome(200, "ignored")
+        if isinstance(build_id, Outcome):
+            return build_id
+        try:
+            self._on_build_event(route.runner_name, build_id)
+        except Exception:
+            _log.exception(
+                "webhook_callback_failed", runner=route.runner_name, build_id=build_id.id
+            )
+            return Outcome(500, "callback_failed")
+        _log.info(
+            "webhook_build_event", runner=route.runner_name, build_id=build_id.id, event=event
+        )
+        return Outcome(202, "accepted")
+
+    def _verify(self, route: WebhookRoute, headers: Mapping[str, str], body: bytes) -> str | None:
+        secret = route.secret.reveal()
+        if route.kind == buildkite.KIND:
+            return verify_buildkite(
+                headers.get("x-buildkite-signature"),
+                body,
+                secret,
+                now=self._clock(),
+                tolerance_s=self.config.tolerance_s,
+            )
+        return verify_github(headers.get("x-hub-signature-256"), body, secret)
+
+    @staticmethod
+    def _build_id(kind: str, event: str, payload: dict[str, Any]) -> BuildID | Outcome | None:
+        if kind == buildkite.KIND and event.startswith("build."):
+            found = buildkite.build_id_from_event(payload)
+        elif kind == github.KIND and event == "workflow_run":
+            found = github.build_id_from_event(payload)
+        else:
+            return None  # ping, job events, other repositories' noise: nothing to poll
+        return found if found is not None else Outcome(400, "no_build_in_event")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    receiver: WebhookServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        # A client that stops sending mid-body must not hold a thread forever.
+        self.connection.settimeout(self.server.receiver.config.read_timeout_s)
+
+    def do_POST(self) -> None:
+        receiver = self.server.receiver
+        route = receiver.route(self.path)
+        if route is None:
+            self._answer(Outcome(404, "unknown_runner"), None)
+            return
+        length = self._content_length()
+        if length is None:
+            self._answer(Outcome(411, "length_required"), route)
+            return
+        if length > receiver.config.max_body_bytes:
+            self._answer(Outcome(413, "too_large"), route)
+            return
+        try:
+            body = self.rfile.read(length)
+        except OSError:
+            self.close_connection = True
+            return
+        if len(body) != length:
+            self._answer(Outcome(400, "short_body"), route)
+            return
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        self._answer(receiver.handle(route, headers, body), route)
+
+    def do_GET(self) -> None:
+        self._answer(Outcome(405, "method_not_allowed"), None)
+
+    do_PUT = do_DELETE = do_PATCH = do_GET
+
+    def _content_length(self) -> int | None:
+        if self.headers.get("Transfer-Encoding"):
+            return None
+        value = self.headers.get("Content-Length", "")
+        return int(value) if value.isdigit() else None
+
+    def _answer(self, outcome: Outcome, route: WebhookRoute | None) -> None:
+        if outcome.status >= 400:
+            _log.warning(
+                "webhook_rejected",
+                runner=route.runner_name if route else None,
+                status=outcome.status,
+                reason=outcome.reason,
+            )
+        payload = json.dumps({"status": outcome.reason}).encode()
+        self.send_response(outcome.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        if outcome.status in (411, 413):
+            # The body was not read: the connection cannot carry another request.
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silenced: outcomes are logged once, structured, by ``_answer``/``handle``."""
