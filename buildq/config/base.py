@@ -1,0 +1,192 @@
+"""Primitives every config table is read with: typed readers, ConfigError, Secret.
+
+A bad value stops start-up with one line naming the TOML path, the value and what was
+expected. Secrets are never inline in config: a table names an environment variable
+(``<name>_env``) or a file (``<name>_file``) and the value is wrapped in ``Secret`` so it cannot
+leak through ``repr``, logs or ``--json`` output.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_MAX_SHOWN_VALUE = 80
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. ``str()`` is the one line an operator sees."""
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"config {key} = {_show(value)}: expected {expected}")
+
+
+def _show(value: object) -> str:
+    if isinstance(value, Secret):
+        return "<secret>"
+    text = repr(value)
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A credential. Its value is only reachable through ``reveal()``."""
+
+    _value: str
+    source: str  # "env:NAME" or "file:/path": safe to show
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<redacted>, source={self.source!r})"
+
+    __str__ = __repr__
+
+
+class Table:
+    """A TOML table being read, remembering its dotted path for error messages."""
+
+    def __init__(self, path: str, data: Mapping[str, Any] | None) -> None:
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(path, data, "a table")
+        self.path = path
+        self.data: Mapping[str, Any] = data or {}
+        self._read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def _get(self, name: str, default: T) -> Any:
+        self._read.add(name)
+        return self.data.get(name, default)
+
+    def str(self, name: str, default: str | None = None, *, allow_empty: bool = False) -> str:
+        value = self._get(name, default)
+        if value is None:
+            raise ConfigError(self.key(name), None, "a string (this key is required)")
+        if not isinstance(value, str) or (not allow_empty and not value):
+            raise ConfigError(self.key(name), value, "a non-empty string")
+        return value
+
+    def optional_str(self, name: str) -> str | None:
+        value = self._get(name, None)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ConfigError(self.key(name), value, "a non-empty string")
+        return value
+
+    def int(
+        self, name: str, default: int | None = None, *, min: int | None = None, max: int | None = None
+    ) -> int:
+        value = self._get(name, default)
+        if value is None:
+            raise ConfigError(self.key(name), None, "an integer (this key is required)")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(self.key(name), value, "an integer")
+        _check_range(self.key(name), value, min, max)
+        return value
+
+    def float(
+        self,
+        name: str,
+        default: float | None = None,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+    ) -> float:
+        value = self._get(name, default)
+        if value is None:
+            raise ConfigError(self.key(name), None, "a number (this key is required)")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(self.key(name), value, "a number")
+        _check_range(self.key(name), float(value), min, max)
+        return float(value)
+
+    def bool(self, name: str, default: bool | None = None) -> bool:
+        value = self._get(name, default)
+        if not isinstance(value, bool):
+            raise ConfigError(self.key(name), value, "true or false")
+        return value
+
+    def choice(self, name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self._get(name, default)
+        if value not in choices:
+            raise ConfigError(self.key(name), value, "one of " + ", ".join(choices))
+        return str(value)
+
+    def table(self, name: str) -> Table:
+        self._read.add(name)
+        return Table(self.key(name), self.data.get(name))
+
+    def str_map(self, name: str) -> dict[str, str]:
+        value = self._get(name, {})
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ConfigError(self.key(name), value, "a table of strings")
+        return dict(value)
+
+    def secret(self, name: str, *, required: bool = True) -> Secret | None:
+        """Read ``<name>_env`` (an environment variable's name) or ``<name>_file`` (a path)."""
+        if name in self.data:
+            raise ConfigError(
+                self.key(name),
+                "<inline value>",
+                f"no inline secret: set {self.key(name + '_env')} or {self.key(name + '_file')}",
+            )
+        env_name = self.optional_str(name + "_env")
+        file_name = self.optional_str(name + "_file")
+        if env_name and file_name:
+            raise ConfigError(self.key(name + "_env"), env_name, f"only one of {name}_env, {name}_file")
+        if env_name:
+            value = os.environ.get(env_name)
+            if not value:
+                raise ConfigError(
+                    self.key(name + "_env"), env_name, "the name of a set, non-empty environment variable"
+                )
+            return Secret(value, f"env:{env_name}")
+        if file_name:
+            return Secret(read_secret_file(self.key(name + "_file"), Path(file_name)), f"file:{file_name}")
+        if required:
+            raise ConfigError(self.key(name + "_env"), None, f"{name}_env or {name}_file to be set")
+        return None
+
+    def reject_unknown(self) -> None:
+        """Fail on keys nobody read: a typo must not silently fall back to a default."""
+        unknown = sorted(set(self.data) - self._read)
+        if unknown:
+            raise ConfigError(self.key(unknown[0]), self.data[unknown[0]], "a known key (typo?)")
+
+
+def _check_range(key: str, value: float, low: float | None, high: float | None) -> None:
+    if low is not None and value < low:
+        raise ConfigError(key, value, f"a value >= {low}")
+    if high is not None and value > high:
+        raise ConfigError(key, value, f"a value <= {high}")
+
+
+def read_secret_file(key: str, path: Path) -> str:
+    """Read a secret file, refusing one that group or others may read (as ssh does for keys)."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as err:
+        raise ConfigError(key, str(path), f"a readable file ({err.strerror})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            key, str(path), f"a file only its owner can read: run 'chmod 600 {path}'"
+        )
+    if not text:
+        raise ConfigError(key, str(path), "a file holding the secret (it is empty)")
+    return text

@@ -1,0 +1,190 @@
+"""Engines and the one place driver errors become buildq errors.
+
+MySQL/MariaDB connections run READ COMMITTED (short claim transactions, no gap locks) with the
+session clock in UTC; SQLite runs in WAL mode with a busy timeout, and every write transaction
+starts with BEGIN IMMEDIATE so two writers queue on the lock instead of deadlocking on upgrade.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from buildq.queue.contract import StorageError, TransientQueueError
+
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+MYSQL_LOCK_WAIT_TIMEOUT_S = 10
+MYSQL_CONNECT_TIMEOUT_S = 5
+MYSQL_READ_TIMEOUT_S = 60
+
+#: Execution option: a SQLite transaction that only reads starts with a deferred BEGIN.
+READ_ONLY = "buildq_read_only"
+
+# MySQL error codes worth retrying: deadlock, lock wait timeout, server gone / lost / refused,
+# read-only during failover, too many connections.
+_MYSQL_TRANSIENT = {1213, 1205, 2002, 2003, 2006, 2013, 2014, 2055, 1290, 1040, 1927, 4031}
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine for ``url`` with buildq's session settings; nothing is connected yet."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise ValueError("an in-memory SQLite database cannot be shared: give a file path")
+        return _sqlite_engine(url, pool_size)
+    if parsed.get_backend_name() in ("mysql", "mariadb"):
+        return _mysql_engine(parsed, pool_size)
+    raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use mysql+pymysql or sqlite")
+
+
+def _sqlite_engine(url: str, pool_size: int) -> Engine:
+    engine = sa.create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_size=pool_size,
+        max_overflow=pool_size,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves, below
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _mysql_engine(url: sa.URL, pool_size: int) -> Engine:
+    init = f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {MYSQL_LOCK_WAIT_TIMEOUT_S}"
+    return sa.create_engine(
+        url.update_query_dict({"charset": "utf8mb4"}),
+        isolation_level="READ COMMITTED",
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        connect_args={
+            "init_command": init,
+            "connect_timeout": MYSQL_CONNECT_TIMEOUT_S,
+            "read_timeout": MYSQL_READ_TIMEOUT_S,
+            "write_timeout": MYSQL_READ_TIMEOUT_S,
+        },
+    )
+
+
+def is_transient(err: BaseException) -> bool:
+    """Would trying the same transaction again plausibly succeed?"""
+    if isinstance(err, TransientQueueError):
+        return True
+    if not isinstance(err, DBAPIError):
+        return False
+    if err.connection_invalidated:
+        return True
+    orig = err.orig
+    if isinstance(orig, sqlite3.OperationalError):
+        return bool(re.search(r"locked|busy", str(orig)))
+    code = orig.args[0] if orig is not None and orig.args else None
+    return isinstance(code, int) and code in _MYSQL_TRANSIENT
+
+
+@contextmanager
+def translated_errors() -> Iterator[None]:
+    """Turn driver errors into TransientQueueError / StorageError, keeping the cause."""
+    try:
+        yield
+    except (TransientQueueError, StorageError):
+        raise
+    except IntegrityError as err:
+        raise StorageError(f"integrity error: {_short(err)}") from err
+    except (OperationalError, DBAPIError) as err:
+        if is_transient(err):
+            raise TransientQueueError(f"database unavailable: {_short(err)}") from err
+        raise StorageError(f"database error: {_short(err)}") from err
+    except SQLAlchemyError as err:
+        raise StorageError(f"database error: {_short(err)}") from err
+
+
+def _short(err: SQLAlchemyError) -> str:
+    """The driver's message without the SQL and parameters (which may hold payloads)."""
+    orig = getattr(err, "orig", None)
+    return str(orig if orig is not None else err).splitlines()[0][:300]
+
+
+def backend_name(engine: Engine) -> str:
+    """'sqlite' or 'mysql' (MariaDB included)."""
+    return "sqlite" if engine.dialect.name == "sqlite" else "mysql"
+
+
+def redacted_url(url: str) -> str:
+    """The URL with any password masked: for logs and error messages."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+T = TypeVar("T")
+
+
+class Database:
+    """An engine plus the transaction helpers every store uses.
+
+    ``write``/``read`` run a function in one transaction and run it again on transient
+    errors (deadlock, lock timeout, lost connection, SQLite busy), so callers never see those
+    unless the database stays unavailable. Functions passed here must therefore be safe to
+    repeat: everything buildq writes is keyed or conditional, so a repeat is a no-op.
+    """
+
+    def __init__(self, engine: Engine, *, retry_for_s: float = 30.0) -> None:
+        self.engine = engine
+        self.backend = backend_name(engine)
+        self._retry_for_s = retry_for_s
+
+    def write(self, fn: Callable[[Connection], T]) -> T:
+        return self._retrying(lambda: self._once(fn, read_only=False))
+
+    def read(self, fn: Callable[[Connection], T]) -> T:
+        return self._retrying(lambda: self._once(fn, read_only=True))
+
+    @contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """One write transaction, errors translated, no retry (the caller decides)."""
+        with translated_errors(), self.engine.begin() as conn:
+            yield conn
+
+    def _once(self, fn: Callable[[Connection], T], *, read_only: bool) -> T:
+        with translated_errors():
+            conn = self.engine.connect()
+            try:
+                if read_only:
+                    conn = conn.execution_options(**{READ_ONLY: True})
+                with conn.begin():
+                    return fn(conn)
+            finally:
+                conn.close()
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception_type(TransientQueueError),
+            stop=stop_after_delay(self._retry_for_s),
+            wait=wait_exponential_jitter(initial=0.02, max=2.0),
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,16 @@
+"""The queue on MySQL/MariaDB and SQLite (SQLAlchemy Core)."""
+
+from buildq.queue.sql.leases import GroupMismatch
+from buildq.queue.sql.queue import SqlQueue, SqlTransaction
+from buildq.queue.sql.store import MessageStore, StoredMessage
+from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription
+
+__all__ = [
+    "GroupMismatch",
+    "MessageStore",
+    "SqlDelivery",
+    "SqlQueue",
+    "SqlSubscription",
+    "SqlTransaction",
+    "StoredMessage",
+]

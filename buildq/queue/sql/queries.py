@@ -1,0 +1,381 @@
+"""Every statement the queue runs, named verb_noun, built once and reused.
+
+Statements compile per dialect (see ``dialect.py``); callers pass plain parameter dicts.
+``docs/queue.md`` explains the claim/fetch path and the indexes these rely on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Delete,
+    Insert,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+
+from buildq.queue.sql.dialect import db_now_ms, insert_ignore
+from buildq.queue.sql.schema import deliveries as d
+from buildq.queue.sql.schema import groups as g
+from buildq.queue.sql.schema import leases as lease
+from buildq.queue.sql.schema import messages as m
+from buildq.queue.sql.schema import subscribers as sub
+
+NOW = db_now_ms()
+
+
+def _insert_messages(visible_after: ColumnElement[int]) -> Insert:
+    return insert_ignore(m).values(
+        topic=bindparam("p_topic"),
+        partition_key=bindparam("p_partition_key"),
+        message_id=bindparam("p_message_id"),
+        partition_hash=bindparam("p_partition_hash"),
+        payload=bindparam("p_payload"),
+        metadata=bindparam("p_metadata"),
+        visible_after=visible_after,
+        created_at=NOW,
+        publish_token=bindparam("p_publish_token"),
+    )
+
+
+#: Insert messages visible from an absolute time (``visible_after`` ms; 0 = now).
+insert_messages_at = _insert_messages(bindparam("p_visible_after", type_=m.c.visible_after.type))
+#: Insert messages visible ``delay_ms`` after the database's now.
+insert_messages_after = _insert_messages(NOW + bindparam("p_delay_ms", type_=m.c.visible_after.type))
+
+#: Give every group of the topic a delivery of the messages this publish call inserted.
+#: Groups still being backfilled are included: the backfill's INSERT IGNORE skips the overlap.
+fan_out_messages = insert_ignore(d).from_select(
+    ["seq", "grp", "topic", "slot", "visible_at"],
+    select(m.c.seq, g.c.grp, m.c.topic, m.c.partition_hash % g.c.slots, m.c.visible_after)
+    .join(g, g.c.topic == m.c.topic)
+    .where(
+        m.c.topic == bindparam("p_topic"),
+        m.c.partition_key.in_(bindparam("p_partition_keys", expanding=True)),
+        m.c.message_id.in_(bindparam("p_message_ids", expanding=True)),
+        m.c.dlq_group == bindparam("p_dlq_group"),
+        m.c.publish_token == bindparam("p_publish_token"),
+    ),
+)
+
+#: Ids, among those given, that this publish call inserted (used only when some were dups).
+select_published_ids = select(m.c.partition_key, m.c.message_id).where(
+    m.c.topic == bindparam("p_topic"),
+    m.c.partition_key.in_(bindparam("p_partition_keys", expanding=True)),
+    m.c.message_id.in_(bindparam("p_message_ids", expanding=True)),
+    m.c.dlq_group == "",
+    m.c.publish_token == bindparam("p_publish_token"),
+)
+
+#: Messages of one partition after an offset that are visible at a given time.
+fetch_by_offset = (
+    select(m)
+    .where(
+        m.c.topic == bindparam("p_topic"),
+        m.c.partition_key == bindparam("p_partition_key"),
+        m.c.seq > bindparam("p_after_offset"),
+        m.c.visible_after <= bindparam("p_now_ms"),
+    )
+    .order_by(m.c.seq)
+    .limit(bindparam("p_limit"))
+)
+
+_due_in_my_slots = and_(
+    d.c.grp == bindparam("p_grp"),
+    d.c.topic == bindparam("p_topic"),
+    d.c.slot.in_(bindparam("p_slots", expanding=True)),
+)
+
+#: Lock up to ``limit`` due deliveries of the member's slots, oldest due first.
+claim_due = (
+    select(d.c.seq)
+    .where(_due_in_my_slots, d.c.visible_at <= NOW)
+    .order_by(d.c.visible_at, d.c.seq)
+    .limit(bindparam("p_limit"))
+    .with_for_update(skip_locked=True)
+)
+
+#: Mark claimed rows in flight. A row that was already in flight timed out: that is a retry.
+#: (MySQL evaluates SET left to right, so retry_count must read inflight before it changes.)
+mark_claimed: Update = (
+    update(d)
+    .where(d.c.grp == bindparam("p_grp"), d.c.seq.in_(bindparam("p_seqs", expanding=True)))
+    .ordered_values(
+        (d.c.retry_count, d.c.retry_count + d.c.inflight),
+        (d.c.inflight, 1),
+        (d.c.attempt, d.c.attempt + 1),
+        (d.c.owner, bindparam("p_owner")),
+        (d.c.delivered_at, NOW),
+        (d.c.visible_at, NOW + bindparam("p_visibility_timeout_ms")),
+    )
+)
+
+#: The claimed deliveries with their messages.
+select_claimed: Select[tuple[object, ...]] = (
+    select(
+        d.c.seq,
+        d.c.slot,
+        d.c.attempt,
+        d.c.retry_count,
+        d.c.last_error.label("delivery_error"),
+        m.c.partition_key,
+        m.c.message_id,
+        m.c.payload,
+        m.c.metadata,
+        m.c.visible_after,
+        m.c.dlq_group,
+        m.c.original_topic,
+        m.c.failed_at,
+        m.c.failure_count,
+        m.c.last_error,
+    )
+    .join(m, m.c.seq == d.c.seq)
+    .where(d.c.grp == bindparam("p_grp"), d.c.seq.in_(bindparam("p_seqs", expanding=True)))
+    .order_by(d.c.seq)
+)
+
+#: When the member's next delivery becomes due, relative to the database's now (ms).
+select_next_due = (
+    select((d.c.visible_at - NOW).label("due_in_ms"))
+    .where(_due_in_my_slots)
+    .order_by(d.c.visible_at, d.c.seq)
+    .limit(1)
+)
+
+# A delivery's writes only land while its claim is current (same attempt, still in flight)
+# and its member still holds the slot's lease at the epoch it was fetched under: fencing.
+_still_owned = and_(
+    d.c.seq == bindparam("p_seq"),
+    d.c.grp == bindparam("p_grp"),
+    d.c.attempt == bindparam("p_attempt"),
+    d.c.inflight == 1,
+    exists().where(
+        lease.c.grp == bindparam("p_grp"),
+        lease.c.topic == bindparam("p_topic"),
+        lease.c.slot == bindparam("p_slot"),
+        lease.c.owner == bindparam("p_owner"),
+        lease.c.epoch == bindparam("p_epoch"),
+    ),
+)
+
+#: Ack: the group is done with this message.
+delete_acked: Delete = delete(d).where(_still_owned)
+
+#: Nack: deliver again after a delay, counting one more failure.
+mark_nacked: Update = (
+    update(d)
+    .where(_still_owned)
+    .values(
+        inflight=0,
+        owner="",
+        visible_at=NOW + bindparam("p_delay_ms"),
+        retry_count=d.c.retry_count + 1,
+        last_error=bindparam("p_error"),
+    )
+)
+
+#: Push the visibility timeout of an in-flight delivery further out.
+extend_visibility: Update = (
+    update(d).where(_still_owned).values(visible_at=NOW + bindparam("p_extend_ms"))
+)
+
+#: Give an unprocessed delivery back without counting a retry.
+mark_handed_back: Update = (
+    update(d)
+    .where(
+        d.c.seq == bindparam("p_seq"),
+        d.c.grp == bindparam("p_grp"),
+        d.c.attempt == bindparam("p_attempt"),
+        d.c.inflight == 1,
+        d.c.owner == bindparam("p_owner"),
+    )
+    .values(inflight=0, owner="", visible_at=NOW)
+)
+
+#: Copy a message into its topic's DLQ, recording which group failed it and why.
+insert_dead_letter = insert_ignore(m).from_select(
+    [
+        "topic",
+        "partition_key",
+        "message_id",
+        "dlq_group",
+        "partition_hash",
+        "payload",
+        "metadata",
+        "visible_after",
+        "created_at",
+        "publish_token",
+        "original_topic",
+        "failed_at",
+        "failure_count",
+        "last_error",
+    ],
+    select(
+        bindparam("p_dlq_topic", type_=m.c.topic.type),
+        m.c.partition_key,
+        m.c.message_id,
+        bindparam("p_grp", type_=m.c.dlq_group.type),
+        m.c.partition_hash,
+        m.c.payload,
+        m.c.metadata,
+        literal(0),  # a dead letter's delay was already spent
+        NOW,
+        bindparam("p_publish_token", type_=m.c.publish_token.type),
+        m.c.topic,
+        NOW,
+        bindparam("p_failure_count", type_=m.c.failure_count.type),
+        bindparam("p_error", type_=m.c.last_error.type),
+    ).where(m.c.seq == bindparam("p_seq")),
+)
+
+#: Drop one group's delivery of a message (after its dead letter is written).
+delete_delivery: Delete = delete(d).where(d.c.seq == bindparam("p_seq"), d.c.grp == bindparam("p_grp"))
+
+#: Make a partition's waiting (not in-flight) deliveries due now: a webhook's "poll it now".
+expedite_partition: Update = (
+    update(d)
+    .where(
+        d.c.topic == bindparam("p_topic"),
+        d.c.inflight == 0,
+        d.c.visible_at > NOW,
+        d.c.seq.in_(
+            select(m.c.seq).where(
+                m.c.topic == bindparam("p_topic"), m.c.partition_key == bindparam("p_partition_key")
+            )
+        ),
+    )
+    .values(visible_at=NOW)
+)
+
+# --- groups, members and leases ---------------------------------------------------------
+
+select_group = select(g.c.slots, g.c.ready, g.c.created_at, (NOW - g.c.created_at).label("age_ms")).where(
+    g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp")
+)
+insert_group = insert_ignore(g).values(
+    topic=bindparam("p_topic"), grp=bindparam("p_grp"), slots=bindparam("p_slots"), ready=0, created_at=NOW
+)
+insert_lease_rows = insert_ignore(lease).values(
+    grp=bindparam("p_grp"), topic=bindparam("p_topic"), slot=bindparam("p_slot")
+)
+mark_group_ready: Update = (
+    update(g).where(g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp")).values(ready=1)
+)
+
+#: Wait for in-flight publishers of the topic to commit (a locking read blocks on their rows).
+lock_topic_messages = (
+    select(func.count()).select_from(m).where(m.c.topic == bindparam("p_topic")).with_for_update(read=True)
+)
+
+#: A new group starts from the oldest retained message of its topic.
+backfill_group = insert_ignore(d).from_select(
+    ["seq", "grp", "topic", "slot", "visible_at"],
+    select(
+        m.c.seq,
+        bindparam("p_grp", type_=d.c.grp.type),
+        m.c.topic,
+        m.c.partition_hash % bindparam("p_slots"),
+        m.c.visible_after,
+    ).where(m.c.topic == bindparam("p_topic")),
+)
+
+insert_subscriber = insert_ignore(sub).values(
+    id=bindparam("p_id"),
+    grp=bindparam("p_grp"),
+    topic=bindparam("p_topic"),
+    host=bindparam("p_host"),
+    pid=bindparam("p_pid"),
+    started_at=NOW,
+    heartbeat_at=NOW,
+)
+mark_heartbeat: Update = update(sub).where(sub.c.id == bindparam("p_id")).values(heartbeat_at=NOW)
+delete_subscriber: Delete = delete(sub).where(sub.c.id == bindparam("p_id"))
+
+#: Live members of a group, in the order that decides who gets the ceil(P/N) shares.
+select_live_members = (
+    select(sub.c.id)
+    .where(
+        sub.c.grp == bindparam("p_grp"),
+        sub.c.topic == bindparam("p_topic"),
+        sub.c.heartbeat_at >= NOW - bindparam("p_stale_ms"),
+    )
+    .order_by(sub.c.id)
+)
+
+#: The group's lease table as the database sees it now.
+select_leases = select(
+    lease.c.slot, lease.c.owner, lease.c.epoch, lease.c.expires_at, NOW.label("now")
+).where(lease.c.grp == bindparam("p_grp"), lease.c.topic == bindparam("p_topic"))
+
+_mine = and_(
+    lease.c.grp == bindparam("p_grp"), lease.c.topic == bindparam("p_topic"), lease.c.owner == bindparam("p_owner")
+)
+
+#: Extend every lease the member holds.
+renew_leases: Update = update(lease).where(_mine).values(expires_at=NOW + bindparam("p_lease_ms"))
+
+#: Take free or stale leases; the epoch bump fences out whoever held them before.
+acquire_leases: Update = (
+    update(lease)
+    .where(
+        lease.c.grp == bindparam("p_grp"),
+        lease.c.topic == bindparam("p_topic"),
+        lease.c.slot.in_(bindparam("p_slots", expanding=True)),
+        or_(lease.c.owner == "", lease.c.expires_at < NOW),
+    )
+    .values(owner=bindparam("p_owner"), epoch=lease.c.epoch + 1, expires_at=NOW + bindparam("p_lease_ms"))
+)
+
+#: Give leases up so others can take them at once.
+release_leases: Update = (
+    update(lease)
+    .where(_mine, lease.c.slot.in_(bindparam("p_slots", expanding=True)))
+    .values(owner="", expires_at=0)
+)
+
+#: Forget members whose heartbeat stopped long ago.
+purge_dead_subscribers: Delete = delete(sub).where(
+    sub.c.grp == bindparam("p_grp"),
+    sub.c.topic == bindparam("p_topic"),
+    sub.c.heartbeat_at < NOW - bindparam("p_purge_after_ms"),
+)
+
+#: Clear owner names from leases that expired long ago (the owner is gone for good).
+clear_dead_leases: Update = (
+    update(lease)
+    .where(
+        lease.c.grp == bindparam("p_grp"),
+        lease.c.topic == bindparam("p_topic"),
+        lease.c.owner != "",
+        lease.c.expires_at < NOW - bindparam("p_purge_after_ms"),
+    )
+    .values(owner="")
+)
+
+select_db_now = select(NOW)
+
+#: A message's identity by offset.
+select_message_key = select(m.c.partition_key, m.c.message_id).where(m.c.seq == bindparam("p_seq"))
+
+
+def params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Statement parameters from plain names: every bindparam here is named ``p_<name>``
+    because SQLAlchemy reserves a table's column names for INSERT/UPDATE values."""
+    return {f"p_{key}": value for key, value in values.items()}
+
+
+def many(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``params`` for each row of an executemany."""
+    return [params(row) for row in rows]

@@ -1,0 +1,283 @@
+"""The message store: the queue's log as rows, and the primitives the issue names.
+
+``insert_delayed`` is the one way a message enters the log (``insert`` is it with 0, i.e.
+visible now); every insert also creates a delivery for each consumer group of the topic,
+in the same transaction. ``move_to_dlq`` copies a message into ``<topic>_dlq`` for one group.
+Methods ending in ``_in`` run inside a caller's transaction; the others open their own.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from buildq.db import Database
+from buildq.queue.contract import (
+    DeadLetter,
+    InvalidMessage,
+    Message,
+    PayloadTooLarge,
+    PublishResult,
+    dlq_topic,
+)
+from buildq.queue.settings import DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_PAYLOAD_BYTES
+from buildq.queue.sql import queries as q
+from buildq.queue.sql.schema import GROUP_MAX, MESSAGE_ID_MAX, PARTITION_KEY_MAX, TOPIC_MAX
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A row of the log as read back."""
+
+    offset: int
+    topic: str
+    message: Message
+    visible_after_ms: int
+    created_at_ms: int
+    dead_letter: DeadLetter | None
+
+
+def partition_hash(partition_key: str) -> int:
+    return zlib.crc32(partition_key.encode("utf-8"))
+
+
+def new_publish_token() -> int:
+    return random.getrandbits(62) + 1
+
+
+class MessageStore:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+    ) -> None:
+        self.db = db
+        self.max_payload_bytes = max_payload_bytes
+        self.max_metadata_bytes = max_metadata_bytes
+
+    # --- own transaction -------------------------------------------------------------
+
+    def insert(self, topic: str, messages: Sequence[Message]) -> list[PublishResult]:
+        return self.insert_delayed(topic, messages, 0)
+
+    def insert_delayed(
+        self, topic: str, messages: Sequence[Message], visible_after_ms: int
+    ) -> list[PublishResult]:
+        """Insert messages no subscriber sees before ``visible_after_ms`` (epoch ms, 0 = now)."""
+        rows = self.encode(topic, messages)
+        return self.db.write(lambda conn: self.insert_rows_in(conn, topic, rows, at_ms=visible_after_ms))
+
+    def fetch_by_offset(
+        self, topic: str, partition_key: str, after_offset: int, now_ms: int, limit: int = 100
+    ) -> list[StoredMessage]:
+        """Messages of one partition after ``after_offset`` that are visible at ``now_ms``."""
+        params = {
+            "topic": topic,
+            "partition_key": partition_key,
+            "after_offset": after_offset,
+            "now_ms": now_ms,
+            "limit": limit,
+        }
+        rows = self.db.read(lambda conn: conn.execute(q.fetch_by_offset, q.params(params)).mappings().all())
+        return [stored_message(row) for row in rows]
+
+    def now_ms(self) -> int:
+        """The database server's clock."""
+        return int(self.db.read(lambda conn: conn.execute(q.select_db_now).scalar_one()))
+
+    def expedite(self, topic: str, partition_key: str) -> int:
+        """Make the partition's waiting deliveries due now; returns how many there were."""
+        params = {"topic": topic, "partition_key": partition_key}
+        return self.db.write(lambda conn: conn.execute(q.expedite_partition, q.params(params)).rowcount)
+
+    # --- inside a caller's transaction --------------------------------------------------
+
+    def encode(self, topic: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
+        """Validate and turn messages into row parameters; refuse before anything is written."""
+        _check_len("topic", topic, TOPIC_MAX)
+        token = new_publish_token()
+        return [self._encode_one(topic, message, token) for message in messages]
+
+    def insert_rows_in(
+        self,
+        conn: Connection,
+        topic: str,
+        rows: list[dict[str, Any]],
+        *,
+        at_ms: int = 0,
+        delay_ms: int = 0,
+    ) -> list[PublishResult]:
+        if not rows:
+            return []
+        firsts: dict[tuple[str, str], dict[str, Any]] = {}
+        for row in rows:
+            firsts.setdefault((row["partition_key"], row["message_id"]), row)
+        unique = list(firsts.values())
+        if len(unique) < len(rows):
+            # The same identity twice in one batch: the first is published, the rest are dups.
+            first = {id(r) for r in unique}
+            results = self.insert_rows_in(conn, topic, unique, at_ms=at_ms, delay_ms=delay_ms)
+            by_key = {(r.partition_key, r.message_id): r for r in results}
+            return [
+                by_key[(r["partition_key"], r["message_id"])]
+                if id(r) in first
+                else PublishResult(r["message_id"], r["partition_key"], duplicate=True)
+                for r in rows
+            ]
+        if delay_ms > 0:
+            stmt, extra = q.insert_messages_after, {"delay_ms": delay_ms}
+        else:
+            stmt, extra = q.insert_messages_at, {"visible_after": max(0, at_ms)}
+        inserted = conn.execute(stmt, q.many([row | extra for row in rows])).rowcount
+        keys = {
+            "topic": topic,
+            "partition_keys": sorted({row["partition_key"] for row in rows}),
+            "message_ids": sorted({row["message_id"] for row in rows}),
+            "publish_token": rows[0]["publish_token"],
+        }
+        if inserted:
+            conn.execute(q.fan_out_messages, q.params(keys | {"dlq_group": ""}))
+        if inserted == len(rows):
+            fresh = None
+        elif inserted == 0:
+            fresh = set()
+        else:
+            fresh = {tuple(r) for r in conn.execute(q.select_published_ids, q.params(keys)).all()}
+        return [_result(row, fresh) for row in rows]
+
+    def move_to_dlq_in(
+        self, conn: Connection, *, topic: str, group: str, offset: int, failure_count: int, error: str
+    ) -> bool:
+        """Copy the message into ``<topic>_dlq`` for ``group`` and drop the group's delivery.
+
+        Idempotent: a second move finds the dead letter in place, writes nothing and still
+        succeeds. Other groups keep their deliveries of the message.
+        """
+        token = new_publish_token()
+        target = dlq_topic(topic)
+        written = conn.execute(
+            q.insert_dead_letter,
+            q.params({
+                "dlq_topic": target,
+                "grp": group,
+                "publish_token": token,
+                "failure_count": failure_count,
+                "error": error[:10_000],
+                "seq": offset,
+            }),
+        ).rowcount
+        if written:
+            key = conn.execute(q.select_message_key, q.params({"seq": offset})).one()
+            conn.execute(
+                q.fan_out_messages,
+                q.params({
+                    "topic": target,
+                    "partition_keys": [key.partition_key],
+                    "message_ids": [key.message_id],
+                    "dlq_group": group,
+                    "publish_token": token,
+                }),
+            )
+        conn.execute(q.delete_delivery, q.params({"seq": offset, "grp": group}))
+        return bool(written)
+
+    def _encode_one(self, topic: str, message: Message, token: int) -> dict[str, Any]:
+        if not isinstance(message, Message):
+            raise InvalidMessage(f"expected a Message, got {type(message).__name__}")
+        _check_len("message id", message.id, MESSAGE_ID_MAX, allow_empty=False)
+        _check_len("partition key", message.partition_key, PARTITION_KEY_MAX)
+        if not isinstance(message.payload, bytes | bytearray | memoryview):
+            raise InvalidMessage("payload must be bytes")
+        if len(message.payload) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload of message {message.id!r} is {len(message.payload)} bytes; "
+                f"the limit is {self.max_payload_bytes} (queue.max_payload_bytes)"
+            )
+        metadata = _encode_metadata(message.metadata, self.max_metadata_bytes)
+        return {
+            "topic": topic,
+            "partition_key": message.partition_key,
+            "message_id": message.id,
+            "partition_hash": partition_hash(message.partition_key),
+            "payload": bytes(message.payload),
+            "metadata": metadata,
+            "publish_token": token,
+        }
+
+
+def _result(row: dict[str, Any], fresh: set[tuple[Any, ...]] | None) -> PublishResult:
+    key = (row["partition_key"], row["message_id"])
+    return PublishResult(
+        message_id=row["message_id"],
+        partition_key=row["partition_key"],
+        duplicate=fresh is not None and key not in fresh,
+    )
+
+
+def _check_len(what: str, value: object, limit: int, *, allow_empty: bool = True) -> None:
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise InvalidMessage(f"{what} must not be empty")
+    if len(value) > limit:
+        raise InvalidMessage(f"{what} is {len(value)} characters; the limit is {limit}")
+    _check_utf8(what, value)
+
+
+def _check_utf8(what: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(f"{what} is not valid Unicode (lone surrogate)") from None
+
+
+def _encode_metadata(metadata: object, limit: int) -> str:
+    if not isinstance(metadata, dict) and not hasattr(metadata, "items"):
+        raise InvalidMessage("metadata must be a mapping of strings to strings")
+    items = dict(metadata.items())  # type: ignore[attr-defined]
+    for key, value in items.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidMessage("metadata must map strings to strings")
+        _check_utf8("metadata", key)
+        _check_utf8("metadata", value)
+    text = json.dumps(items, ensure_ascii=False, sort_keys=True)
+    if len(text.encode("utf-8")) > limit:
+        raise InvalidMessage(f"metadata is larger than {limit} bytes")
+    return text
+
+
+def check_group_name(group: str) -> None:
+    _check_len("consumer group", group, GROUP_MAX, allow_empty=False)
+
+
+def stored_message(row: Any) -> StoredMessage:
+    dead = None
+    if row["original_topic"] is not None:
+        dead = DeadLetter(
+            original_topic=row["original_topic"],
+            failed_group=row["dlq_group"],
+            failed_at_ms=int(row["failed_at"] or 0),
+            failure_count=int(row["failure_count"] or 0),
+            last_error=row["last_error"] or "",
+        )
+    return StoredMessage(
+        offset=int(row["seq"]),
+        topic=row["topic"],
+        message=Message(
+            id=row["message_id"],
+            payload=bytes(row["payload"]),
+            partition_key=row["partition_key"],
+            metadata=json.loads(row["metadata"] or "{}"),
+        ),
+        visible_after_ms=int(row["visible_after"]),
+        created_at_ms=int(row["created_at"]),
+        dead_letter=dead,
+    )

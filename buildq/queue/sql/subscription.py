@@ -1,0 +1,343 @@
+"""A consumer group member on one topic: claims deliveries and settles them, fenced.
+
+``fetch`` claims due deliveries of the slots this member leases in one short transaction
+(``SELECT … FOR UPDATE SKIP LOCKED`` on the fetch index, then an update by primary key).
+Every later write about a delivery (ack, nack, reject, extend) is conditional on the claim
+still being current *and* on the member still holding the slot's lease at the same epoch;
+otherwise it is refused with ``DeliveryLost`` and the message goes to whoever owns it now.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from buildq.db import Database
+from buildq.queue.contract import (
+    AlreadyAcknowledged,
+    DeadLetter,
+    DeliveryLost,
+    Message,
+)
+from buildq.queue.settings import SubscriptionSettings
+from buildq.queue.sql import queries as q
+from buildq.queue.sql.leases import EventHook, Membership
+from buildq.queue.sql.store import MessageStore, check_group_name
+
+
+class _State(enum.Enum):
+    OPEN = "open"
+    PENDING = "pending"  # settled inside a transaction that has not committed yet
+    SETTLED = "settled"
+
+
+@dataclass(eq=False)
+class SqlDelivery:
+    topic: str
+    group: str
+    message: Message
+    offset: int
+    attempt: int
+    retry_count: int
+    dead_letter: DeadLetter | None
+    slot: int
+    epoch: int
+    last_error: str
+    _subscription: SqlSubscription = field(repr=False)
+    _state: _State = field(default=_State.OPEN, repr=False)
+
+    def ack(self) -> None:
+        self._subscription.settle(self, lambda conn: self._subscription.ack_in(conn, self))
+
+    def nack(self, requeue_after_ms: int | None = None, error: str = "") -> None:
+        sub = self._subscription
+        sub.settle(self, lambda conn: sub.nack_in(conn, self, requeue_after_ms, error))
+
+    def reject(self, reason: str) -> None:
+        sub = self._subscription
+        sub.settle(self, lambda conn: sub.reject_in(conn, self, reason))
+
+    def extend_visibility(self, ms: int) -> None:
+        self._subscription.extend(self, ms)
+
+    def mark(self, state: _State) -> None:
+        self._state = state
+
+
+class SqlSubscription:
+    def __init__(
+        self,
+        store: MessageStore,
+        topic: str,
+        group: str,
+        settings: SubscriptionSettings,
+        *,
+        member_id: str | None = None,
+        on_event: EventHook | None = None,
+    ) -> None:
+        check_group_name(group)
+        self.store = store
+        self.db: Database = store.db
+        self.settings = settings
+        self.membership = Membership(
+            store.db, topic, group, settings, member_id=member_id, on_event=on_event
+        )
+        self._lock = threading.Lock()
+        self._outstanding: dict[tuple[int, int], SqlDelivery] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._on_event = on_event
+
+    @property
+    def topic(self) -> str:
+        return self.membership.topic
+
+    @property
+    def group(self) -> str:
+        return self.membership.group
+
+    @property
+    def member_id(self) -> str:
+        return self.membership.member_id
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> SqlSubscription:
+        self.membership.join()
+        self._renewer = threading.Thread(
+            target=self._renew_loop, name=f"lease-{self.topic}", daemon=True
+        )
+        self._renewer.start()
+        return self
+
+    def close(self) -> None:
+        """Hand back what was fetched but not settled, release leases, deregister."""
+        self._stop.set()
+        self._wake.set()
+        if self._renewer is not None:
+            self._renewer.join(timeout=self.settings.renew_interval_ms / 1000 + 5)
+        with self._lock:
+            leftover = list(self._outstanding.values())
+        self.hand_back(leftover)
+        self.membership.leave()
+
+    def _renew_loop(self) -> None:
+        interval = self.settings.renew_interval_ms / 1000
+        while not self._stop.wait(interval):
+            try:
+                self.membership.tick(busy_slots=self._busy_slots())
+            except Exception as err:  # the next tick tries again; leases expire meanwhile
+                self._emit("lease_renewal_failed", error=str(err))
+
+    def _busy_slots(self) -> set[int]:
+        with self._lock:
+            return {d.slot for d in self._outstanding.values()}
+
+    # --- fetching ---------------------------------------------------------------------------
+
+    def fetch(self, limit: int) -> list[SqlDelivery]:
+        slots = self.membership.usable_slots()
+        if not slots or limit <= 0:
+            return []
+        rows = self.db.write(lambda conn: self._claim_in(conn, sorted(slots), limit))
+        fetched = [self._delivery(row, slots) for row in rows]
+        with self._lock:
+            for delivery in fetched:
+                self._outstanding[(delivery.offset, delivery.attempt)] = delivery
+        return fetched
+
+    def _claim_in(self, conn: Connection, slots: list[int], limit: int) -> list[Any]:
+        params = {"grp": self.group, "topic": self.topic, "slots": slots, "limit": limit}
+        seqs = list(conn.execute(q.claim_due, q.params(params)).scalars())
+        if not seqs:
+            return []
+        claim = params | {
+            "seqs": seqs,
+            "owner": self.member_id,
+            "visibility_timeout_ms": self.settings.visibility_timeout_ms,
+        }
+        conn.execute(q.mark_claimed, q.params(claim))
+        rows = conn.execute(q.select_claimed, q.params(claim)).mappings().all()
+        live = []
+        for row in rows:
+            if row["retry_count"] >= self.settings.max_attempts:
+                error = row["delivery_error"] or "visibility timeout expired"
+                self.store.move_to_dlq_in(
+                    conn,
+                    topic=self.topic,
+                    group=self.group,
+                    offset=row["seq"],
+                    failure_count=row["retry_count"],
+                    error=error,
+                )
+            else:
+                live.append(row)
+        return live
+
+    def _delivery(self, row: Any, epochs: dict[int, int]) -> SqlDelivery:
+        dead = None
+        if row["original_topic"] is not None:
+            dead = DeadLetter(
+                original_topic=row["original_topic"],
+                failed_group=row["dlq_group"],
+                failed_at_ms=int(row["failed_at"] or 0),
+                failure_count=int(row["failure_count"] or 0),
+                last_error=row["last_error"] or "",
+            )
+        message = Message(
+            id=row["message_id"],
+            payload=bytes(row["payload"]),
+            partition_key=row["partition_key"],
+            metadata=json.loads(row["metadata"] or "{}"),
+        )
+        return SqlDelivery(
+            topic=self.topic,
+            group=self.group,
+            message=message,
+            offset=int(row["seq"]),
+            attempt=int(row["attempt"]),
+            retry_count=int(row["retry_count"]),
+            dead_letter=dead,
+            slot=int(row["slot"]),
+            epoch=epochs[int(row["slot"])],
+            last_error=row["delivery_error"] or "",
+            _subscription=self,
+        )
+
+    def next_due_ms(self) -> int | None:
+        """Milliseconds until this member's next delivery is due (<= 0: now), None if none."""
+        slots = self.membership.usable_slots()
+        if not slots:
+            return None
+        params = {"grp": self.group, "topic": self.topic, "slots": sorted(slots)}
+        value = self.db.read(lambda conn: conn.execute(q.select_next_due, q.params(params)).scalar())
+        return None if value is None else int(value)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep until woken by a local publish or ``timeout_s``; True if woken."""
+        woken = self._wake.wait(timeout_s)
+        self._wake.clear()
+        return woken
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- settling -------------------------------------------------------------------------------
+
+    def settle(self, delivery: SqlDelivery, write: Any) -> None:
+        """Run one settling write in its own transaction."""
+        self._check_open(delivery)
+        self.db.write(write)
+        self.settled(delivery)
+
+    def _check_open(self, delivery: SqlDelivery) -> None:
+        if delivery._state is not _State.OPEN:
+            raise AlreadyAcknowledged(
+                f"delivery of {delivery.message.id!r} (attempt {delivery.attempt}) was already settled"
+            )
+
+    def begin_settle(self, delivery: SqlDelivery) -> None:
+        """Mark a delivery settled by a transaction that has not committed yet."""
+        self._check_open(delivery)
+        delivery.mark(_State.PENDING)
+
+    def settled(self, delivery: SqlDelivery) -> None:
+        delivery.mark(_State.SETTLED)
+        with self._lock:
+            self._outstanding.pop((delivery.offset, delivery.attempt), None)
+
+    def reopen(self, delivery: SqlDelivery) -> None:
+        """The transaction that would have settled it rolled back."""
+        delivery.mark(_State.OPEN)
+
+    def forget(self, delivery: SqlDelivery) -> None:
+        """The delivery is lost to this member (fenced): stop tracking it."""
+        self.settled(delivery)
+
+    def _fence(self, delivery: SqlDelivery) -> dict[str, Any]:
+        return {
+            "seq": delivery.offset,
+            "grp": self.group,
+            "topic": self.topic,
+            "attempt": delivery.attempt,
+            "slot": delivery.slot,
+            "owner": self.member_id,
+            "epoch": delivery.epoch,
+        }
+
+    def _refused(self, delivery: SqlDelivery, action: str) -> DeliveryLost:
+        self.forget(delivery)
+        return DeliveryLost(
+            f"{action} of {delivery.message.id!r} refused: this member no longer owns the "
+            f"delivery (lease of slot {delivery.slot} moved or the delivery timed out)"
+        )
+
+    def ack_in(self, conn: Connection, delivery: SqlDelivery) -> None:
+        if conn.execute(q.delete_acked, q.params(self._fence(delivery))).rowcount == 0:
+            raise self._refused(delivery, "ack")
+
+    def nack_in(
+        self, conn: Connection, delivery: SqlDelivery, requeue_after_ms: int | None, error: str
+    ) -> None:
+        delay = requeue_after_ms
+        if delay is None:
+            delay = self.settings.backoff.delay_ms(delivery.retry_count)
+        params = self._fence(delivery) | {"delay_ms": max(0, delay), "error": error[:10_000]}
+        if conn.execute(q.mark_nacked, q.params(params)).rowcount == 0:
+            raise self._refused(delivery, "nack")
+        if delivery.retry_count + 1 >= self.settings.max_attempts:
+            self.store.move_to_dlq_in(
+                conn,
+                topic=self.topic,
+                group=self.group,
+                offset=delivery.offset,
+                failure_count=delivery.retry_count + 1,
+                error=error or "failed",
+            )
+
+    def reject_in(self, conn: Connection, delivery: SqlDelivery, reason: str) -> None:
+        params = self._fence(delivery) | {"delay_ms": 0, "error": reason[:10_000]}
+        if conn.execute(q.mark_nacked, q.params(params)).rowcount == 0:
+            raise self._refused(delivery, "reject")
+        self.store.move_to_dlq_in(
+            conn,
+            topic=self.topic,
+            group=self.group,
+            offset=delivery.offset,
+            failure_count=delivery.retry_count + 1,
+            error=reason or "rejected",
+        )
+
+    def extend(self, delivery: SqlDelivery, ms: int) -> None:
+        self._check_open(delivery)
+        params = self._fence(delivery) | {"extend_ms": max(0, ms)}
+        if self.db.write(lambda conn: conn.execute(q.extend_visibility, q.params(params)).rowcount) == 0:
+            raise self._refused(delivery, "extend_visibility")
+
+    def hand_back(self, deliveries: Sequence[SqlDelivery]) -> None:
+        """Return unprocessed deliveries without counting a retry (shutdown, rebalance)."""
+        mine = [d for d in deliveries if d._state is _State.OPEN]
+        if not mine:
+            return
+        rows = [
+            {"seq": d.offset, "grp": self.group, "attempt": d.attempt, "owner": self.member_id}
+            for d in mine
+        ]
+        self.db.write(lambda conn: conn.execute(q.mark_handed_back, q.many(rows)))
+        for delivery in mine:
+            self.settled(delivery)
+
+    def outstanding(self) -> int:
+        with self._lock:
+            return len(self._outstanding)
+
+    def _emit(self, event: str, **data: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event, topic=self.topic, group=self.group, member=self.member_id, **data)
