@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
-from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from buildq.queue.contract import StorageError, TransientQueueError
 
@@ -152,13 +152,18 @@ class Database:
     def __init__(self, engine: Engine, *, retry_for_s: float = 30.0) -> None:
         self.engine = engine
         self.backend = backend_name(engine)
-        self._retry_for_s = retry_for_s
+        self._retry_policy = Retrying(
+            retry=retry_if_exception_type(TransientQueueError),
+            stop=stop_after_delay(retry_for_s),
+            wait=wait_random_exponential(multiplier=0.02, max=2.0),
+            reraise=True,
+        )
 
     def write(self, fn: Callable[[Connection], T]) -> T:
-        return self._retrying(lambda: self._once(fn, read_only=False))
+        return self.retrying(lambda: self._once(fn, read_only=False))
 
     def read(self, fn: Callable[[Connection], T]) -> T:
-        return self._retrying(lambda: self._once(fn, read_only=True))
+        return self.retrying(lambda: self._once(fn, read_only=True))
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
@@ -177,14 +182,8 @@ class Database:
             finally:
                 conn.close()
 
-    def _retrying(self, attempt: Callable[[], T]) -> T:
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientQueueError),
-            stop=stop_after_delay(self._retry_for_s),
-            wait=wait_exponential_jitter(initial=0.02, max=2.0),
-            reraise=True,
-        )
-        return retrying(attempt)
+    def retrying(self, attempt: Callable[[], T]) -> T:
+        return self._retry_policy.copy()(attempt)
 
     def dispose(self) -> None:
         self.engine.dispose()

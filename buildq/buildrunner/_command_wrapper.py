@@ -176,10 +176,8 @@ def _become_subreaper() -> None:
 def main(argv: list[str]) -> int:
     build_dir, grace_s, command = Path(argv[0]), float(argv[1]), argv[2]
     supervisor = _Supervisor(build_dir, grace_s)
+    # No SIGHUP/SIGINT handling: the runner starts us in a new session, without a terminal.
     signal.signal(signal.SIGTERM, supervisor.on_sigterm)
-    # Hang-ups and Ctrl-C aimed at the daemon's terminal must not end builds.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     write_pid_file(build_dir / WRAPPER_PID_FILE, os.getpid())
     _become_subreaper()
     record: dict[str, object] = {"exit_code": None}

@@ -292,7 +292,7 @@ class HttpCore:
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.settings.retry_attempts),
             wait=tenacity.wait_exponential_jitter(
-                initial=self.settings.retry_backoff_s,
+                multiplier=self.settings.retry_backoff_s,
                 max=self.settings.retry_max_backoff_s,
                 jitter=self.settings.retry_backoff_s,
             ),

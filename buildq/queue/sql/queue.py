@@ -130,7 +130,7 @@ class SqlQueue:
 
     def run_in_transaction(self, step: Callable[[SqlTransaction], Any]) -> Any:
         """Run ``step`` in a transaction, running it again on transient errors."""
-        return self.db._retrying(lambda: self._once(step))
+        return self.db.retrying(lambda: self._once(step))
 
     def _once(self, step: Callable[[SqlTransaction], Any]) -> Any:
         with self.transaction() as tx:

@@ -1,0 +1,120 @@
+"""Fixtures: a fake vendor on 127.0.0.1 and factories for runners pointed at it.
+
+Runners are built the way the daemon will build them: a TOML-shaped table read by the
+backend's ``from_table``, a client from the backend's ``make_client``. Timeouts, back-offs and
+lookup intervals are shrunk so failure paths take milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from buildq.buildrunner.buildkite import BuildkiteConfig, BuildkiteRunner
+from buildq.buildrunner.buildkite import make_client as make_bk_client
+from buildq.buildrunner.github import GitHubConfig, GitHubRunner
+from buildq.buildrunner.github import make_client as make_gh_client
+from buildq.config.base import Table
+from tests.fakeci import FakeBuildkite, FakeGitHub
+
+BK_TOKEN_ENV = "BUILDQ_TEST_BUILDKITE_TOKEN"
+GH_TOKEN_ENV = "BUILDQ_TEST_GITHUB_TOKEN"
+
+FAST = {
+    "connect_timeout_s": 1.0,
+    "read_timeout_s": 2.0,
+    "retry_backoff_s": 0.01,
+    "retry_max_backoff_s": 0.05,
+    "lookup_interval_s": 0.02,
+    "max_rate_wait_s": 5.0,
+}
+
+
+@pytest.fixture
+def bk() -> Iterator[FakeBuildkite]:
+    with FakeBuildkite() as fake:
+        yield fake
+
+
+@pytest.fixture
+def gh() -> Iterator[FakeGitHub]:
+    with FakeGitHub() as fake:
+        yield fake
+
+
+def buildkite_table(fake: FakeBuildkite, **overrides: Any) -> Table:
+    data = {
+        "type": "buildkite",
+        "api_url": fake.url,
+        "organization": fake.organization,
+        "pipeline": fake.pipeline,
+        "token_env": BK_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.ci", data)
+
+
+def github_table(fake: FakeGitHub, **overrides: Any) -> Table:
+    data = {
+        "type": "github",
+        "api_url": fake.url,
+        "owner": fake.owner,
+        "repo": fake.repo,
+        "workflow": fake.workflow,
+        "token_env": GH_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.gha", data)
+
+
+@pytest.fixture
+def make_bk_runner(
+    bk: FakeBuildkite, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., BuildkiteRunner]]:
+    clients: list[httpx.Client] = []
+    monkeypatch.setenv(BK_TOKEN_ENV, bk.token)
+
+    def make(**overrides: Any) -> BuildkiteRunner:
+        table = buildkite_table(bk, **overrides)
+        config = BuildkiteConfig.from_table(table)
+        table.reject_unknown()
+        clients.append(make_bk_client(config))
+        return BuildkiteRunner(config, clients[-1], name="ci")
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def make_gh_runner(
+    gh: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., GitHubRunner]]:
+    clients: list[httpx.Client] = []
+    monkeypatch.setenv(GH_TOKEN_ENV, gh.token)
+
+    def make(**overrides: Any) -> GitHubRunner:
+        table = github_table(gh, **overrides)
+        config = GitHubConfig.from_table(table)
+        table.reject_unknown()
+        clients.append(make_gh_client(config))
+        return GitHubRunner(config, clients[-1], name="gha")
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def bk_runner(make_bk_runner: Callable[..., BuildkiteRunner]) -> BuildkiteRunner:
+    return make_bk_runner()
+
+
+@pytest.fixture
+def gh_runner(make_gh_runner: Callable[..., GitHubRunner]) -> GitHubRunner:
+    return make_gh_runner()
