@@ -39,9 +39,9 @@ GENERIC_UNKNOWN_IDS = (
 
 HOSTILE_CHANGES = (
     Change("plain", "0123abcd"),
-    Change("quote's \"double\" `back`", "$(rm -rf /); echo pwned"),
+    Change('quote\'s "double" `back`', "$(rm -rf /); echo pwned"),
     Change("unicode \u00e9\u00e8 \u2603 \U0001f680 \u4e2d\u6587", "refs/heads/\u00fcber"),
-    Change("newline\nand\ttab", "", {"key with space": "v\\al\"ue", "\u00e9": "\U0001f600"}),
+    Change("newline\nand\ttab", "", {"key with space": 'v\\al"ue', "\u00e9": "\U0001f600"}),
 )
 
 
@@ -86,7 +86,7 @@ def check_build_id_round_trip(runner: BuildRunner) -> None:
 
 
 def check_hostile_changes_accepted(runner: BuildRunner) -> BuildID:
-    metadata = {"requester": "O'Brien \"ops\" \u00e9", "ticket": "$(id)"}
+    metadata = {"requester": 'O\'Brien "ops" \u00e9', "ticket": "$(id)"}
     return runner.trigger("conformance", HOSTILE_CHANGES[:2], HOSTILE_CHANGES[2:], metadata)
 
 
@@ -129,6 +129,15 @@ def check_change_round_trip() -> None:
     for change in HOSTILE_CHANGES:
         encoded = json.dumps(change.to_json(), ensure_ascii=False).encode()
         assert Change.from_json(json.loads(encoded)) == change
-    for bad in (None, "x", [], {"revision": "r"}, {"id": 3}, {"id": "a", "extra": []}):
+    bad_values: list[object] = [
+        None,
+        "x",
+        [],
+        {"revision": "r"},
+        {"id": 3},
+        {"id": "a", "extra": []},
+    ]
+    bad_values.append({"id": "a", "extra": {"k": 1}})
+    for bad in bad_values:
         with pytest.raises(MalformedPayload):
             Change.from_json(bad)

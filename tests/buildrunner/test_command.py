@@ -51,10 +51,13 @@ def _runner(work_dir: Path, command: str, **kwargs: object) -> CommandRunner:
 
 
 def _finished(runner: CommandRunner, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
-    return wait_until(
-        lambda: (answer := runner.status(build_id))[0].is_terminal and answer,
-        what=f"{build_id} to finish",
-    )
+    def terminal() -> tuple[BuildStatus, BuildMetadata] | None:
+        answer = runner.status(build_id)
+        return answer if answer[0].is_terminal else None
+
+    answer = wait_until(terminal, what=f"{build_id} to finish")
+    assert answer is not None
+    return answer
 
 
 def _wait_status(runner: CommandRunner, build_id: BuildID, status: BuildStatus) -> None:
@@ -66,7 +69,9 @@ def _build_dir(work_dir: Path, build_id: BuildID) -> Path:
 
 
 def _running_pid(work_dir: Path, build_id: BuildID, name: str) -> int:
-    return wait_until(lambda: recorded_pid(_build_dir(work_dir, build_id), name), what=name)
+    pid = wait_until(lambda: recorded_pid(_build_dir(work_dir, build_id), name), what=name)
+    assert pid is not None
+    return pid
 
 
 def _group_gone(pgid: int) -> bool:
@@ -115,7 +120,7 @@ def test_failure_reports_exit_code(work_dir: Path) -> None:
 def test_environment_and_changes_file(work_dir: Path) -> None:
     command = 'echo "$BUILDQ_BUILD_ID|$BUILDQ_QUEUE|$BUILDQ_CHANGES_FILE"'
     runner = _runner(work_dir, command)
-    metadata = {"requester": "O'Brien \"ops\" \u00e9\U0001f680", CORRELATION_KEY: "req/1"}
+    metadata = {"requester": 'O\'Brien "ops" \u00e9\U0001f680', CORRELATION_KEY: "req/1"}
     build_id = runner.trigger("q\u00fceue", HOSTILE_CHANGES[:2], HOSTILE_CHANGES[2:], metadata)
     status, meta = _finished(runner, build_id)
     assert status is BuildStatus.SUCCEEDED
@@ -308,7 +313,10 @@ def test_config_from_table(tmp_path: Path) -> None:
         ({"work_dir": "/tmp/x"}, "runners.local.command"),
         ({"command": "x"}, "runners.local.work_dir"),
         ({"command": "x", "work_dir": "/tmp/x", "max_parallel": 0}, "runners.local.max_parallel"),
-        ({"command": "x", "work_dir": "/tmp/x", "cancel_grace_s": -1}, "runners.local.cancel_grace_s"),
+        (
+            {"command": "x", "work_dir": "/tmp/x", "cancel_grace_s": -1},
+            "runners.local.cancel_grace_s",
+        ),
         ({"command": "x", "work_dir": "/tmp/x", "shell": "bash"}, "runners.local.shell"),
         ({"command": "x", "work_dir": "/etc/passwd"}, "runners.local.work_dir"),
     ],

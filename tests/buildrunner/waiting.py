@@ -12,7 +12,7 @@ T = TypeVar("T")
 def wait_until(
     predicate: Callable[[], T], timeout: float = 10.0, *, interval: float = 0.01, what: str = ""
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy, and return that; fail at ``timeout``."""
+    """Poll ``predicate`` until it returns something truthy and return that value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
