@@ -161,7 +161,10 @@ class WebhookServer:
         server.receiver = self
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, name="buildq-webhooks", daemon=True
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},  # how long stop() may wait for the loop
+            name="buildq-webhooks",
+            daemon=True,
         )
         self._thread.start()
         _log.info("webhook_server_started", bind=self.config.bind, port=self.port)
