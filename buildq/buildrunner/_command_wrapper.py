@@ -50,33 +50,34 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(staging, path)
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """The start time of a live process (clock ticks since boot), None if gone or a zombie.
+def process_identity(pid: int) -> str | None:
+    """What tells a live process from any later one given the same pid; None if gone or a zombie.
 
-    Recorded next to a pid, it tells a process from a later one that reuses the pid.
+    Boot id plus start time (clock ticks since boot): start times alone repeat across reboots.
     """
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # The command name (field 2) may contain spaces and parentheses; it ends at the last ')'.
     fields = text[text.rindex(")") + 2 :].split()
     if fields[0] in ("Z", "X"):
         return None
-    return int(fields[19])
+    return f"{boot_id}/{fields[19]}"
 
 
 def write_pid_file(path: Path, pid: int) -> None:
-    ticks = process_start_ticks(pid)
+    identity = process_identity(pid)
     # A process that already ended has nothing left to identify; its exit record says the rest.
-    if ticks is not None:
-        write_atomic(path, f"{pid} {ticks}\n")
+    if identity is not None:
+        write_atomic(path, f"{pid} {identity}\n")
 
 
-def read_pid_file(path: Path) -> tuple[int, int] | None:
+def read_pid_file(path: Path) -> tuple[int, str] | None:
     try:
-        pid, ticks = path.read_text().split()
-        return int(pid), int(ticks)
+        pid, identity = path.read_text().split()
+        return int(pid), identity
     except (FileNotFoundError, ValueError):
         return None
 

@@ -11,7 +11,7 @@ builds waiting for a free slot.
 
 Runner instances on one host coordinate through an ``flock`` on ``work_dir/.lock``; the
 directory must be on a local filesystem and is not shared between hosts. Linux only: process
-identity is checked in ``/proc`` (pid plus start time, so a reused pid is never mistaken for a
+identity is checked in ``/proc`` (pid, start time and boot id: a reused pid is never taken for a
 build).
 """
 
@@ -103,30 +103,19 @@ class CommandRunner:
         metadata = dict(metadata or {})
         token = metadata.get(CORRELATION_KEY)
         with self._locked():
-            if token is not None and (existing := self._build_for_token(token)) is not None:
-                self._start_waiting()
-                return existing
-            build_id = BuildID(f"cmd-{files.now_ms()}-{secrets.token_hex(6)}")
-            build_dir = self._builds / build_id.id
-            build_dir.mkdir()
-            request = {
-                "build_id": build_id.id,
-                "queue": queue,
-                "base": [change.to_json() for change in base],
-                "head": [change.to_json() for change in head],
-                "metadata": metadata,
-            }
-            files.write_atomic(
-                build_dir / files.REQUEST_FILE, json.dumps(request, ensure_ascii=False, indent=2)
-            )
-            if token is not None and not self._claim_token(token, build_id):
-                shutil.rmtree(build_dir)
+            existing = self._build_for_token(token) if token is not None else None
+            if existing is None:
+                build_id = self._create(queue, base, head, metadata)
+                if token is None or self._claim_token(token, build_id):
+                    (self._waiting / build_id.id).touch()
+                    self._start_waiting()
+                    return build_id
+                # Only reachable if something bypassed the lock; the first claim wins.
+                shutil.rmtree(self._builds / build_id.id)
                 existing = self._build_for_token(token)
                 assert existing is not None
-                return existing
-            (self._waiting / build_id.id).touch()
             self._start_waiting()
-        return build_id
+            return existing
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         build_dir = self._build_dir(build_id)
@@ -149,6 +138,24 @@ class CommandRunner:
             pid_record = files.read_pid_file(build_dir / files.WRAPPER_PID_FILE)
             if pid_record is not None:
                 _signal_verified(*pid_record, signal.SIGTERM)
+
+    def _create(
+        self, queue: str, base: Sequence[Change], head: Sequence[Change], metadata: BuildMetadata
+    ) -> BuildID:
+        """Write the build's request: the file its command reads, and what makes it exist."""
+        build_id = BuildID(f"cmd-{files.now_ms()}-{secrets.token_hex(6)}")
+        build_dir = self._builds / build_id.id
+        build_dir.mkdir()
+        request = {
+            "build_id": build_id.id,
+            "queue": queue,
+            "base": [change.to_json() for change in base],
+            "head": [change.to_json() for change in head],
+            "metadata": metadata,
+        }
+        text = json.dumps(request, ensure_ascii=False, indent=2)
+        files.write_atomic(build_dir / files.REQUEST_FILE, text)
+        return build_id
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -261,7 +268,7 @@ def _create_exclusive(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _signal_verified(pid: int, ticks: int, sig: signal.Signals) -> bool:
+def _signal_verified(pid: int, identity: str, sig: signal.Signals) -> bool:
     """Signal ``pid`` only if it is still the process recorded, never a reuse of its pid."""
     try:
         # An open pidfd pins the process: the check and the signal cannot straddle a reuse.
@@ -269,7 +276,7 @@ def _signal_verified(pid: int, ticks: int, sig: signal.Signals) -> bool:
     except ProcessLookupError:
         return False
     try:
-        if files.process_start_ticks(pid) != ticks:
+        if files.process_identity(pid) != identity:
             return False
         signal.pidfd_send_signal(pidfd, sig)
         return True
@@ -279,14 +286,14 @@ def _signal_verified(pid: int, ticks: int, sig: signal.Signals) -> bool:
         os.close(pidfd)
 
 
-def _kill_group_verified(pgid: int, ticks: int) -> None:
+def _kill_group_verified(pgid: int, identity: str) -> None:
     try:
         pidfd = os.pidfd_open(pgid)
     except ProcessLookupError:
         return
     try:
         # The leader's pidfd keeps its pid, and so its group id, from being reused meanwhile.
-        if files.process_start_ticks(pgid) == ticks:
+        if files.process_identity(pgid) == identity:
             os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -307,8 +314,8 @@ def _supervisor_alive(build_dir: Path, started_ms: int) -> bool:
     record = files.read_pid_file(build_dir / files.WRAPPER_PID_FILE)
     if record is None:
         return files.now_ms() - started_ms < _START_TIMEOUT_MS
-    pid, ticks = record
-    return files.process_start_ticks(pid) == ticks
+    pid, identity = record
+    return files.process_identity(pid) == identity
 
 
 def _is_running(build_dir: Path) -> bool:

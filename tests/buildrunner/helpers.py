@@ -26,7 +26,7 @@ class FakeClock:
 def recorded_pid(build_dir: Path, name: str) -> int | None:
     """The pid in one of a build's pid files, if written and still that process."""
     record = files.read_pid_file(build_dir / name)
-    if record is None or files.process_start_ticks(record[0]) != record[1]:
+    if record is None or files.process_identity(record[0]) != record[1]:
         return None
     return record[0]
 
