@@ -54,13 +54,13 @@ class Fault:
     #: Run the real handler first (the build gets created), then answer ``status``.
     after_handling: bool = False
     method: str | None = None
-    path_contains: str | None = None
+    path: str | None = None
     count: int = 1
     body: Any = None
 
     def matches(self, request: Request) -> bool:
         return (self.method is None or self.method == request.method) and (
-            self.path_contains is None or self.path_contains in request.path
+            self.path is None or self.path in request.path
         )
 
 
@@ -151,7 +151,7 @@ class FakeService:
     def fail_next(
         self, count: int = 1, status: int = 500, *, method: str | None = None, path: str | None = None
     ) -> None:
-        self.inject(Fault(status=status, count=count, method=method, path_contains=path))
+        self.inject(Fault(status=status, count=count, method=method, path=path))
 
     def request_count(self, method: str | None = None, path: str | None = None) -> int:
         return len(self.requests_matching(method, path))

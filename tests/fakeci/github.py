@@ -74,6 +74,8 @@ class FakeGitHub(FakeService):
         self.list_lag = list_lag
         self.run_name = run_name or (lambda inputs: f"buildq {inputs.get('buildq_request_id', '')}")
         self.secondary_limit = False
+        #: Called with each dispatched run (e.g. to start an unrelated run right after it).
+        self.after_dispatch: Callable[[FakeRun], None] | None = None
         self._runs: dict[int, FakeRun] = {}
         self._next_id = 1000
         self._no_details_next = 0
@@ -189,6 +191,8 @@ class FakeGitHub(FakeService):
             return Reply(422, {"message": "inputs are too large"})
         run = self._new_run(self.run_name(inputs), dict(inputs), "workflow_dispatch")
         run.hidden_for_lists = self.list_lag
+        if self.after_dispatch is not None:
+            self.after_dispatch(run)
         wants_details = body.get("return_run_details") is True and self.run_details == "supported"
         if not wants_details or self._no_details_next:
             self._no_details_next = max(self._no_details_next - 1, 0)

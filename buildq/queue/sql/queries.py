@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
     ColumnElement,
     Delete,
     Insert,
@@ -89,7 +90,7 @@ fetch_by_offset = (
         m.c.visible_after <= bindparam("p_now_ms"),
     )
     .order_by(m.c.seq)
-    .limit(bindparam("p_limit"))
+    .limit(bindparam("p_limit", type_=Integer))
 )
 
 _due_in_my_slots = and_(
@@ -103,7 +104,7 @@ claim_due = (
     select(d.c.seq)
     .where(_due_in_my_slots, d.c.visible_at <= NOW)
     .order_by(d.c.visible_at, d.c.seq)
-    .limit(bindparam("p_limit"))
+    .limit(bindparam("p_limit", type_=Integer))
     .with_for_update(skip_locked=True)
 )
 
