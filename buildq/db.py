@@ -43,7 +43,9 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
         return _sqlite_engine(url, pool_size)
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         return _mysql_engine(parsed, pool_size)
-    raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use mysql+pymysql or sqlite")
+    raise ValueError(
+        f"unsupported database {parsed.get_backend_name()!r}: use mysql+pymysql or sqlite"
+    )
 
 
 def _sqlite_engine(url: str, pool_size: int) -> Engine:

@@ -38,7 +38,9 @@ def _require_mysql() -> str:
     if not url:
         if in_ci:
             pytest.fail(f"{MYSQL_URL_ENV} is not set but CI=true: MySQL tests must run in CI")
-        pytest.skip(f"MySQL tests need {MYSQL_URL_ENV} (e.g. mysql+pymysql://root@127.0.0.1:3306/test)")
+        pytest.skip(
+            f"MySQL tests need {MYSQL_URL_ENV} (e.g. mysql+pymysql://root@127.0.0.1:3306/test)"
+        )
     try:
         engine = sa.create_engine(url)
         with engine.connect():
@@ -79,7 +81,7 @@ def clean_tables(url: str) -> None:
     with engine.begin() as conn:
         for table in TABLES_IN_DELETE_ORDER + extra_tables():
             if table in inspector_tables:
-                conn.exec_driver_sql(f"DELETE FROM {table}")
+                conn.exec_driver_sql(f"DELETE FROM {table}")  # noqa: S608 (our own names)
     engine.dispose()
 
 

@@ -12,7 +12,7 @@ T = TypeVar("T")
 def wait_until(
     condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, message: str = ""
 ) -> T:
-    """Poll ``condition`` until it returns something truthy; fail with ``message`` at the deadline."""
+    """Poll ``condition`` until it returns something truthy; fail at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()

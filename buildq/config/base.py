@@ -17,6 +17,13 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# Table's reader methods are named after the types they return; these keep the builtins
+# reachable inside the class body for annotations.
+_str = str
+_bool = bool
+_int = int
+_float = float
+
 _MAX_SHOWN_VALUE = 80
 
 
@@ -56,88 +63,99 @@ class Secret:
 class Table:
     """A TOML table being read, remembering its dotted path for error messages."""
 
-    def __init__(self, path: str, data: Mapping[str, Any] | None) -> None:
+    def __init__(self, path: _str, data: Mapping[_str, Any] | None) -> None:
         if data is not None and not isinstance(data, Mapping):
             raise ConfigError(path, data, "a table")
         self.path = path
-        self.data: Mapping[str, Any] = data or {}
-        self._read: set[str] = set()
+        self.data: Mapping[_str, Any] = data or {}
+        self._read: set[_str] = set()
 
-    def key(self, name: str) -> str:
+    def key(self, name: _str) -> _str:
         return f"{self.path}.{name}" if self.path else name
 
-    def _get(self, name: str, default: T) -> Any:
+    def _get(self, name: _str, default: T) -> Any:
         self._read.add(name)
         return self.data.get(name, default)
 
-    def str(self, name: str, default: str | None = None, *, allow_empty: bool = False) -> str:
+    def str(self, name: _str, default: _str | None = None, *, allow_empty: _bool = False) -> _str:
         value = self._get(name, default)
         if value is None:
             raise ConfigError(self.key(name), None, "a string (this key is required)")
-        if not isinstance(value, str) or (not allow_empty and not value):
+        if not isinstance(value, _str) or (not allow_empty and not value):
             raise ConfigError(self.key(name), value, "a non-empty string")
         return value
 
-    def optional_str(self, name: str) -> str | None:
+    def optional_str(self, name: _str) -> _str | None:
         value = self._get(name, None)
         if value is None:
             return None
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, _str) or not value:
             raise ConfigError(self.key(name), value, "a non-empty string")
         return value
 
     def int(
-        self, name: str, default: int | None = None, *, min: int | None = None, max: int | None = None
-    ) -> int:
+        self,
+        name: _str,
+        default: _int | None = None,
+        *,
+        min: _int | None = None,
+        max: _int | None = None,
+    ) -> _int:
         value = self._get(name, default)
         if value is None:
             raise ConfigError(self.key(name), None, "an integer (this key is required)")
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, _bool) or not isinstance(value, _int):
             raise ConfigError(self.key(name), value, "an integer")
         _check_range(self.key(name), value, min, max)
         return value
 
     def float(
         self,
-        name: str,
-        default: float | None = None,
+        name: _str,
+        default: _float | None = None,
         *,
-        min: float | None = None,
-        max: float | None = None,
-    ) -> float:
+        min: _float | None = None,
+        max: _float | None = None,
+    ) -> _float:
         value = self._get(name, default)
         if value is None:
             raise ConfigError(self.key(name), None, "a number (this key is required)")
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, _bool) or not isinstance(value, _int | _float):
             raise ConfigError(self.key(name), value, "a number")
-        _check_range(self.key(name), float(value), min, max)
-        return float(value)
+        _check_range(self.key(name), _float(value), min, max)
+        return _float(value)
 
-    def bool(self, name: str, default: bool | None = None) -> bool:
+    def bool(self, name: _str, default: _bool | None = None) -> _bool:
         value = self._get(name, default)
-        if not isinstance(value, bool):
+        if not isinstance(value, _bool):
             raise ConfigError(self.key(name), value, "true or false")
         return value
 
-    def choice(self, name: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    def choice(self, name: _str, choices: tuple[_str, ...], default: _str | None = None) -> _str:
         value = self._get(name, default)
         if value not in choices:
             raise ConfigError(self.key(name), value, "one of " + ", ".join(choices))
-        return str(value)
+        return _str(value)
 
-    def table(self, name: str) -> Table:
+    def table(self, name: _str) -> Table:
         self._read.add(name)
         return Table(self.key(name), self.data.get(name))
 
-    def str_map(self, name: str) -> dict[str, str]:
+    def str_map(self, name: _str) -> dict[_str, _str]:
         value = self._get(name, {})
         if not isinstance(value, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+            isinstance(k, _str) and isinstance(v, _str) for k, v in value.items()
         ):
             raise ConfigError(self.key(name), value, "a table of strings")
         return dict(value)
 
-    def secret(self, name: str, *, required: bool = True) -> Secret | None:
+    def str_list(self, name: _str, default: list[_str] | None = None) -> list[_str]:
+        value = self._get(name, default if default is not None else [])
+        if not isinstance(value, list) or not all(isinstance(v, _str) for v in value):
+            raise ConfigError(self.key(name), value, "a list of strings")
+        return list(value)
+
+    def secret(self, name: _str, *, required: _bool = True) -> Secret | None:
         """Read ``<name>_env`` (an environment variable's name) or ``<name>_file`` (a path)."""
         if name in self.data:
             raise ConfigError(
@@ -148,16 +166,22 @@ class Table:
         env_name = self.optional_str(name + "_env")
         file_name = self.optional_str(name + "_file")
         if env_name and file_name:
-            raise ConfigError(self.key(name + "_env"), env_name, f"only one of {name}_env, {name}_file")
+            raise ConfigError(
+                self.key(name + "_env"), env_name, f"only one of {name}_env, {name}_file"
+            )
         if env_name:
             value = os.environ.get(env_name)
             if not value:
                 raise ConfigError(
-                    self.key(name + "_env"), env_name, "the name of a set, non-empty environment variable"
+                    self.key(name + "_env"),
+                    env_name,
+                    "the name of a set, non-empty environment variable",
                 )
             return Secret(value, f"env:{env_name}")
         if file_name:
-            return Secret(read_secret_file(self.key(name + "_file"), Path(file_name)), f"file:{file_name}")
+            return Secret(
+                read_secret_file(self.key(name + "_file"), Path(file_name)), f"file:{file_name}"
+            )
         if required:
             raise ConfigError(self.key(name + "_env"), None, f"{name}_env or {name}_file to be set")
         return None
@@ -184,9 +208,7 @@ def read_secret_file(key: str, path: Path) -> str:
     except OSError as err:
         raise ConfigError(key, str(path), f"a readable file ({err.strerror})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            key, str(path), f"a file only its owner can read: run 'chmod 600 {path}'"
-        )
+        raise ConfigError(key, str(path), f"a file only its owner can read: run 'chmod 600 {path}'")
     if not text:
         raise ConfigError(key, str(path), "a file holding the secret (it is empty)")
     return text

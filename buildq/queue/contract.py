@@ -110,10 +110,12 @@ class Delivery(Protocol):
     def attempt(self) -> int:
         """1 on the first delivery to this group, +1 on every redelivery."""
         ...
+
     @property
     def retry_count(self) -> int:
         """How many deliveries of this message to this group failed (nack or timeout)."""
         ...
+
     @property
     def dead_letter(self) -> DeadLetter | None:
         """Set when the message is a DLQ message."""
@@ -123,9 +125,11 @@ class Delivery(Protocol):
     def nack(self, requeue_after_ms: int | None = None, error: str = "") -> None:
         """This delivery failed: deliver again after the delay (None: the backoff policy)."""
         ...
+
     def reject(self, reason: str) -> None:
         """This message can never succeed: move it to the DLQ now."""
         ...
+
     def extend_visibility(self, ms: int) -> None: ...
 
 
@@ -145,11 +149,13 @@ class Publisher(Protocol):
     def publish_after(self, topic: str, message: Message, delay_ms: int) -> PublishResult:
         """Insert a fresh message no subscriber sees before the database's now + delay_ms."""
         ...
+
     def publish_many(
         self, topic: str, messages: Sequence[Message], delay_ms: int = 0
     ) -> list[PublishResult]:
         """Publish a batch in one transaction."""
         ...
+
     def transaction(self) -> AbstractContextManager[Transaction]: ...
     def close(self) -> None: ...
 
@@ -165,13 +171,15 @@ class Subscription(Protocol):
     def fetch(self, limit: int) -> list[Delivery]:
         """Claim up to ``limit`` visible deliveries from the partitions this member leases."""
         ...
+
     def next_due_ms(self) -> int | None:
         """Milliseconds until the next delivery of this member's partitions is due, or None."""
         ...
+
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         """Return unprocessed deliveries without counting a retry (shutdown, rebalance)."""
         ...
+
     def close(self) -> None:
         """Release leases and deregister; the other members take over at once."""
         ...
-

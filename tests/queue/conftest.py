@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -32,14 +33,14 @@ def queue(db: Database) -> Iterator[SqlQueue]:
 def subscribe(queue: SqlQueue) -> Iterator[Callable[..., SqlSubscription]]:
     opened: list[SqlSubscription] = []
 
-    def _subscribe(topic: str, group: str = "g", settings: SubscriptionSettings = FAST, **kw: object) -> SqlSubscription:
+    def _subscribe(
+        topic: str, group: str = "g", settings: SubscriptionSettings = FAST, **kw: object
+    ) -> SqlSubscription:
         sub = queue.subscribe(topic, group, settings, **kw)  # type: ignore[arg-type]
         opened.append(sub)
         return sub
 
     yield _subscribe
     for sub in opened:
-        try:
+        with contextlib.suppress(Exception):
             sub.close()
-        except Exception:
-            pass

@@ -19,7 +19,7 @@ def counted_statements(db: Database) -> Iterator[list[str]]:
     statements: list[str] = []
     me = threading.get_ident()
 
-    def _count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def _count(conn, cursor, statement, parameters, context, executemany):
         if threading.get_ident() == me:
             statements.append(statement.split(None, 1)[0].upper())
 
@@ -30,7 +30,7 @@ def counted_statements(db: Database) -> Iterator[list[str]]:
         event.remove(db.engine, "before_cursor_execute", _count)
 
 
-def _idle_tick(sub) -> None:  # noqa: ANN001
+def _idle_tick(sub) -> None:
     """What the consumer loop does when nothing is due: ask when, fetch nothing."""
     assert sub.next_due_ms() > 0
     assert sub.fetch(64) == []

@@ -10,10 +10,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from buildq.db import create_engine
+from buildq.db import Database, create_engine
 from buildq.migrations import current_revision, head_revision, upgrade
 from buildq.queue.sql import SqlQueue
-from buildq.db import Database
 from tests.queue.conftest import FAST
 
 
@@ -45,7 +44,9 @@ def test_upgrade_through_every_revision_equals_the_models(empty_url):
     engine = create_engine(empty_url, pool_size=1)
     assert current_revision(engine) == head_revision()
     with engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": False}), _metadata())
+        diffs = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": False}), _metadata()
+        )
     engine.dispose()
     assert diffs == []
 
@@ -62,8 +63,8 @@ def test_rows_from_before_visible_after_are_still_delivered(empty_url):
         for i in range(3):
             conn.execute(
                 sa.text(
-                    "INSERT INTO queue_messages (topic, partition_key, message_id, payload, metadata, created_at)"
-                    " VALUES ('t', 'p', :mid, :payload, '{}', 1)"
+                    "INSERT INTO queue_messages"
+                    " (topic, partition_key, message_id, payload, metadata, created_at) VALUES" ('t', 'p', :mid, :payload, '{}', 1)"
                 ),
                 {"mid": f"old-{i}", "payload": b"legacy"},
             )
@@ -76,7 +77,11 @@ def test_rows_from_before_visible_after_are_still_delivered(empty_url):
         got = sub.fetch(10)
         assert [d.message.id for d in got] == ["old-0", "old-1", "old-2"]
         assert all(d.message.payload == b"legacy" for d in got)
-        assert [s.visible_after_ms for s in queue.store.fetch_by_offset("t", "p", 0, 0)] == [0, 0, 0]
+        assert [s.visible_after_ms for s in queue.store.fetch_by_offset("t", "p", 0, 0)] == [
+            0,
+            0,
+            0,
+        ]
     finally:
         sub.close()
         db.dispose()

@@ -87,7 +87,7 @@ def test_a_lock_wait_timeout_is_transient_and_retried(mysql_db):
     def write(conn: sa.Connection) -> int:
         attempts.append(1)
         conn.exec_driver_sql("SET innodb_lock_wait_timeout = 1")
-        return conn.exec_driver_sql("UPDATE queue_messages SET metadata = '{\"k\": \"v\"}'").rowcount
+        return conn.exec_driver_sql('UPDATE queue_messages SET metadata = \'{"k": "v"}\'').rowcount
 
     releaser = threading.Timer(1.5, lambda: (tx.rollback(), holder.close()))
     releaser.start()

@@ -131,7 +131,7 @@ def test_first_deliveries_keep_offset_order_within_a_partition(queue, subscribe)
         for d in batch:
             seen.setdefault(d.message.partition_key, []).append(int(d.message.id[1:]))
             d.ack()
-    assert sorted(sum(seen.values(), [])) == list(range(30))
+    assert sorted(n for ns in seen.values() for n in ns) == list(range(30))
     for numbers in seen.values():
         assert numbers == sorted(numbers)
 
@@ -181,7 +181,9 @@ def test_invalid_messages_are_refused_with_a_reason(queue, db, bad):
 def test_hostile_strings_are_stored_verbatim(queue, subscribe):
     sub = subscribe("t")
     nasty = "'; DROP TABLE queue_messages; -- \" \\ \x00 ☃ 𝄞"
-    queue.publish("t", Message(id=nasty, payload=nasty.encode(), partition_key=nasty, metadata={nasty: nasty}))
+    queue.publish(
+        "t", Message(id=nasty, payload=nasty.encode(), partition_key=nasty, metadata={nasty: nasty})
+    )
     [delivery] = sub.fetch(1)
     assert delivery.message.id == nasty
     assert delivery.message.partition_key == nasty

@@ -15,7 +15,7 @@ from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import BigInteger
 
 
-class db_now_ms(FunctionElement[int]):  # noqa: N801 (reads as a SQL function)
+class db_now_ms(FunctionElement[int]):
     """The database server's clock in epoch milliseconds: the one clock of the queue."""
 
     type = BigInteger()

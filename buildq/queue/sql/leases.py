@@ -71,7 +71,12 @@ def _create_group(conn: Connection, params: dict[str, Any]) -> bool:
         return False
     conn.execute(
         q.insert_lease_rows,
-        q.many([{"grp": params["grp"], "topic": params["topic"], "slot": s} for s in range(params["slots"])]),
+        q.many(
+            [
+                {"grp": params["grp"], "topic": params["topic"], "slot": s}
+                for s in range(params["slots"])
+            ]
+        ),
     )
     return True
 
@@ -126,7 +131,7 @@ class Membership:
 
     def join(self) -> None:
         ensure_group(self.db, self.topic, self.group, self.settings.slots)
-        host, _, rest = self.member_id.partition(":")
+        host = self.member_id.partition(":")[0]
         params = self._params | {"id": self.member_id, "host": host, "pid": os.getpid()}
         self.db.write(lambda conn: conn.execute(q.insert_subscriber, q.params(params)))
         self.tick(busy_slots=set())

@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import (
-    Integer,
     ColumnElement,
     Delete,
     Insert,
+    Integer,
     Select,
     Update,
     and_,
@@ -54,7 +54,9 @@ def _insert_messages(visible_after: ColumnElement[int]) -> Insert:
 #: Insert messages visible from an absolute time (``visible_after`` ms; 0 = now).
 insert_messages_at = _insert_messages(bindparam("p_visible_after", type_=m.c.visible_after.type))
 #: Insert messages visible ``delay_ms`` after the database's now.
-insert_messages_after = _insert_messages(NOW + bindparam("p_delay_ms", type_=m.c.visible_after.type))
+insert_messages_after = _insert_messages(
+    NOW + bindparam("p_delay_ms", type_=m.c.visible_after.type)
+)
 
 #: Give every group of the topic a delivery of the messages this publish call inserted.
 #: Groups still being backfilled are included: the backfill's INSERT IGNORE skips the overlap.
@@ -242,7 +244,9 @@ insert_dead_letter = insert_ignore(m).from_select(
 )
 
 #: Drop one group's delivery of a message (after its dead letter is written).
-delete_delivery: Delete = delete(d).where(d.c.seq == bindparam("p_seq"), d.c.grp == bindparam("p_grp"))
+delete_delivery: Delete = delete(d).where(
+    d.c.seq == bindparam("p_seq"), d.c.grp == bindparam("p_grp")
+)
 
 #: Make a partition's waiting (not in-flight) deliveries due now: a webhook's "poll it now".
 expedite_partition: Update = (
@@ -262,22 +266,31 @@ expedite_partition: Update = (
 
 # --- groups, members and leases ---------------------------------------------------------
 
-select_group = select(g.c.slots, g.c.ready, g.c.created_at, (NOW - g.c.created_at).label("age_ms")).where(
-    g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp")
-)
+select_group = select(
+    g.c.slots, g.c.ready, g.c.created_at, (NOW - g.c.created_at).label("age_ms")
+).where(g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp"))
 insert_group = insert_ignore(g).values(
-    topic=bindparam("p_topic"), grp=bindparam("p_grp"), slots=bindparam("p_slots"), ready=0, created_at=NOW
+    topic=bindparam("p_topic"),
+    grp=bindparam("p_grp"),
+    slots=bindparam("p_slots"),
+    ready=0,
+    created_at=NOW,
 )
 insert_lease_rows = insert_ignore(lease).values(
     grp=bindparam("p_grp"), topic=bindparam("p_topic"), slot=bindparam("p_slot")
 )
 mark_group_ready: Update = (
-    update(g).where(g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp")).values(ready=1)
+    update(g)
+    .where(g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp"))
+    .values(ready=1)
 )
 
 #: Wait for in-flight publishers of the topic to commit (a locking read blocks on their rows).
 lock_topic_messages = (
-    select(func.count()).select_from(m).where(m.c.topic == bindparam("p_topic")).with_for_update(read=True)
+    select(func.count())
+    .select_from(m)
+    .where(m.c.topic == bindparam("p_topic"))
+    .with_for_update(read=True)
 )
 
 #: A new group starts from the oldest retained message of its topic.
@@ -321,7 +334,9 @@ select_leases = select(
 ).where(lease.c.grp == bindparam("p_grp"), lease.c.topic == bindparam("p_topic"))
 
 _mine = and_(
-    lease.c.grp == bindparam("p_grp"), lease.c.topic == bindparam("p_topic"), lease.c.owner == bindparam("p_owner")
+    lease.c.grp == bindparam("p_grp"),
+    lease.c.topic == bindparam("p_topic"),
+    lease.c.owner == bindparam("p_owner"),
 )
 
 #: Extend every lease the member holds.
@@ -336,7 +351,11 @@ acquire_leases: Update = (
         lease.c.slot.in_(bindparam("p_slots", expanding=True)),
         or_(lease.c.owner == "", lease.c.expires_at < NOW),
     )
-    .values(owner=bindparam("p_owner"), epoch=lease.c.epoch + 1, expires_at=NOW + bindparam("p_lease_ms"))
+    .values(
+        owner=bindparam("p_owner"),
+        epoch=lease.c.epoch + 1,
+        expires_at=NOW + bindparam("p_lease_ms"),
+    )
 )
 
 #: Give leases up so others can take them at once.

@@ -59,7 +59,9 @@ class SqlTransaction:
         self._settling.append(sql_delivery)
         subscription.ack_in(self.connection, sql_delivery)
 
-    def nack(self, delivery: Delivery, requeue_after_ms: int | None = None, error: str = "") -> None:
+    def nack(
+        self, delivery: Delivery, requeue_after_ms: int | None = None, error: str = ""
+    ) -> None:
         sql_delivery = _sql(delivery)
         subscription = sql_delivery._subscription
         subscription.begin_settle(sql_delivery)

@@ -12,6 +12,8 @@ All times are epoch milliseconds from the database server's clock.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -37,7 +39,7 @@ GROUP_MAX = 64
 SUBSCRIBER_MAX = 128
 
 # Binary collation on MySQL: ids "Build-1" and "build-1" are different messages.
-MYSQL_TABLE_ARGS = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
+MYSQL_TABLE_ARGS: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
 
 SeqType = BigInteger().with_variant(Integer, "sqlite")  # SQLite: INTEGER PRIMARY KEY = rowid
 PayloadType = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
@@ -66,7 +68,9 @@ messages = Table(
     Column("failed_at", BigInteger, nullable=True),
     Column("failure_count", Integer, nullable=True),
     Column("last_error", Text, nullable=True),
-    UniqueConstraint("topic", "partition_key", "message_id", "dlq_group", name="uq_messages_identity"),
+    UniqueConstraint(
+        "topic", "partition_key", "message_id", "dlq_group", name="uq_messages_identity"
+    ),
     **MYSQL_TABLE_ARGS,
 )
 

@@ -73,7 +73,9 @@ class MessageStore:
     ) -> list[PublishResult]:
         """Insert messages no subscriber sees before ``visible_after_ms`` (epoch ms, 0 = now)."""
         rows = self.encode(topic, messages)
-        return self.db.write(lambda conn: self.insert_rows_in(conn, topic, rows, at_ms=visible_after_ms))
+        return self.db.write(
+            lambda conn: self.insert_rows_in(conn, topic, rows, at_ms=visible_after_ms)
+        )
 
     def fetch_by_offset(
         self, topic: str, partition_key: str, after_offset: int, now_ms: int, limit: int = 100
@@ -86,7 +88,9 @@ class MessageStore:
             "now_ms": now_ms,
             "limit": limit,
         }
-        rows = self.db.read(lambda conn: conn.execute(q.fetch_by_offset, q.params(params)).mappings().all())
+        rows = self.db.read(
+            lambda conn: conn.execute(q.fetch_by_offset, q.params(params)).mappings().all()
+        )
         return [stored_message(row) for row in rows]
 
     def now_ms(self) -> int:
@@ -96,7 +100,9 @@ class MessageStore:
     def expedite(self, topic: str, partition_key: str) -> int:
         """Make the partition's waiting deliveries due now; returns how many there were."""
         params = {"topic": topic, "partition_key": partition_key}
-        return self.db.write(lambda conn: conn.execute(q.expedite_partition, q.params(params)).rowcount)
+        return self.db.write(
+            lambda conn: conn.execute(q.expedite_partition, q.params(params)).rowcount
+        )
 
     # --- inside a caller's transaction --------------------------------------------------
 
@@ -154,7 +160,14 @@ class MessageStore:
         return [_result(row, fresh) for row in rows]
 
     def move_to_dlq_in(
-        self, conn: Connection, *, topic: str, group: str, offset: int, failure_count: int, error: str
+        self,
+        conn: Connection,
+        *,
+        topic: str,
+        group: str,
+        offset: int,
+        failure_count: int,
+        error: str,
     ) -> bool:
         """Copy the message into ``<topic>_dlq`` for ``group`` and drop the group's delivery.
 
@@ -165,26 +178,30 @@ class MessageStore:
         target = dlq_topic(topic)
         written = conn.execute(
             q.insert_dead_letter,
-            q.params({
-                "dlq_topic": target,
-                "grp": group,
-                "publish_token": token,
-                "failure_count": failure_count,
-                "error": error[:10_000],
-                "seq": offset,
-            }),
+            q.params(
+                {
+                    "dlq_topic": target,
+                    "grp": group,
+                    "publish_token": token,
+                    "failure_count": failure_count,
+                    "error": error[:10_000],
+                    "seq": offset,
+                }
+            ),
         ).rowcount
         if written:
             key = conn.execute(q.select_message_key, q.params({"seq": offset})).one()
             conn.execute(
                 q.fan_out_messages,
-                q.params({
-                    "topic": target,
-                    "partition_keys": [key.partition_key],
-                    "message_ids": [key.message_id],
-                    "dlq_group": group,
-                    "publish_token": token,
-                }),
+                q.params(
+                    {
+                        "topic": target,
+                        "partition_keys": [key.partition_key],
+                        "message_ids": [key.message_id],
+                        "dlq_group": group,
+                        "publish_token": token,
+                    }
+                ),
             )
         conn.execute(q.delete_delivery, q.params({"seq": offset, "grp": group}))
         return bool(written)
@@ -242,7 +259,7 @@ def _check_utf8(what: str, value: str) -> None:
 def _encode_metadata(metadata: object, limit: int) -> str:
     if not isinstance(metadata, dict) and not hasattr(metadata, "items"):
         raise InvalidMessage("metadata must be a mapping of strings to strings")
-    items = dict(metadata.items())  # type: ignore[attr-defined]
+    items = dict(metadata.items())
     for key, value in items.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidMessage("metadata must map strings to strings")

@@ -217,7 +217,9 @@ class SqlSubscription:
         if not slots:
             return None
         params = {"grp": self.group, "topic": self.topic, "slots": sorted(slots)}
-        value = self.db.read(lambda conn: conn.execute(q.select_next_due, q.params(params)).scalar())
+        value = self.db.read(
+            lambda conn: conn.execute(q.select_next_due, q.params(params)).scalar()
+        )
         return None if value is None else int(value)
 
     def wait(self, timeout_s: float) -> bool:
@@ -240,7 +242,8 @@ class SqlSubscription:
     def _check_open(self, delivery: SqlDelivery) -> None:
         if delivery._state is not _State.OPEN:
             raise AlreadyAcknowledged(
-                f"delivery of {delivery.message.id!r} (attempt {delivery.attempt}) was already settled"
+                f"delivery of {delivery.message.id!r} (attempt {delivery.attempt}) "
+                "was already settled"
             )
 
     def begin_settle(self, delivery: SqlDelivery) -> None:
@@ -318,7 +321,10 @@ class SqlSubscription:
     def extend(self, delivery: SqlDelivery, ms: int) -> None:
         self._check_open(delivery)
         params = self._fence(delivery) | {"extend_ms": max(0, ms)}
-        if self.db.write(lambda conn: conn.execute(q.extend_visibility, q.params(params)).rowcount) == 0:
+        if (
+            self.db.write(lambda conn: conn.execute(q.extend_visibility, q.params(params)).rowcount)
+            == 0
+        ):
             raise self._refused(delivery, "extend_visibility")
 
     def hand_back(self, deliveries: Sequence[SqlDelivery]) -> None:
