@@ -244,6 +244,7 @@ class WebhookServer:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 64  # a burst of deliveries must not be refused by the backlog
     receiver: WebhookServer
 
 

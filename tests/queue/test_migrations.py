@@ -64,7 +64,8 @@ def test_rows_from_before_visible_after_are_still_delivered(empty_url):
             conn.execute(
                 sa.text(
                     "INSERT INTO queue_messages"
-                    " (topic, partition_key, message_id, payload, metadata, created_at) VALUES" ('t', 'p', :mid, :payload, '{}', 1)"
+                    " (topic, partition_key, message_id, payload, metadata, created_at)"
+                    " VALUES ('t', 'p', :mid, :payload, '{}', 1)"
                 ),
                 {"mid": f"old-{i}", "payload": b"legacy"},
             )
