@@ -60,14 +60,33 @@ class Secret:
     __str__ = __repr__
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a table's values came from, which decides whether it may hold a secret inline."""
+
+    file: Path | None = None
+    #: The file is readable by its owner only (mode 600): like an ssh key, it may hold secrets.
+    file_private: bool = False
+    #: Dotted keys set from the environment (BUILDQ_...), which may always hold secrets.
+    env_keys: frozenset[str] = frozenset()
+
+    @classmethod
+    def of_file(cls, file: Path, env_keys: frozenset[str] = frozenset()) -> Origin:
+        mode = file.stat().st_mode
+        return cls(file, not mode & (stat.S_IRWXG | stat.S_IRWXO), env_keys)
+
+
 class Table:
     """A TOML table being read, remembering its dotted path for error messages."""
 
-    def __init__(self, path: _str, data: Mapping[_str, Any] | None) -> None:
+    def __init__(
+        self, path: _str, data: Mapping[_str, Any] | None, origin: Origin | None = None
+    ) -> None:
         if data is not None and not isinstance(data, Mapping):
             raise ConfigError(path, data, "a table")
         self.path = path
         self.data: Mapping[_str, Any] = data or {}
+        self.origin = origin or Origin()
         self._read: set[_str] = set()
 
     def key(self, name: _str) -> _str:
@@ -139,7 +158,7 @@ class Table:
 
     def table(self, name: _str) -> Table:
         self._read.add(name)
-        return Table(self.key(name), self.data.get(name))
+        return Table(self.key(name), self.data.get(name), self.origin)
 
     def str_map(self, name: _str) -> dict[_str, _str]:
         value = self._get(name, {})
@@ -156,13 +175,13 @@ class Table:
         return list(value)
 
     def secret(self, name: _str, *, required: _bool = True) -> Secret | None:
-        """Read ``<name>_env`` (an environment variable's name) or ``<name>_file`` (a path)."""
+        """Read ``<name>_env`` (an environment variable's name) or ``<name>_file`` (a path).
+
+        An inline ``<name>`` is accepted only from the environment or from a config file that
+        group and others cannot read; otherwise start-up stops and names the fix.
+        """
         if name in self.data:
-            raise ConfigError(
-                self.key(name),
-                "<inline value>",
-                f"no inline secret: set {self.key(name + '_env')} or {self.key(name + '_file')}",
-            )
+            return self._inline_secret(name)
         env_name = self.optional_str(name + "_env")
         file_name = self.optional_str(name + "_file")
         if env_name and file_name:
@@ -185,6 +204,26 @@ class Table:
         if required:
             raise ConfigError(self.key(name + "_env"), None, f"{name}_env or {name}_file to be set")
         return None
+
+    def _inline_secret(self, name: _str) -> Secret:
+        self._read.add(name)
+        key = self.key(name)
+        value = self.data[name]
+        if not isinstance(value, _str) or not value:
+            raise ConfigError(key, "<secret>", "a non-empty string")
+        if key in self.origin.env_keys:
+            return Secret(value, f"env:{key}")
+        file = self.origin.file
+        if file is not None and self.origin.file_private:
+            return Secret(value, f"config:{key}")
+        where = f"{file} holds a secret but group/others can read it: run 'chmod 600 {file}'"
+        if file is None:
+            where = "a secret from the environment or a file"
+        raise ConfigError(
+            key,
+            "<secret>",
+            f"{where}, or set {self.key(name + '_env')} / {self.key(name + '_file')} instead",
+        )
 
     def reject_unknown(self) -> None:
         """Fail on keys nobody read: a typo must not silently fall back to a default."""

@@ -1,0 +1,286 @@
+"""The daemon's configuration: ``buildq.toml`` plus ``BUILDQ_<TABLE>__<KEY>`` overrides.
+
+Every table becomes a frozen dataclass, validated once at start-up; a bad value stops the
+daemon with one line naming the TOML key. Runner tables are kept as ``Table`` here and
+validated by their backend when the daemon wires them (still at start-up).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from buildq.config.base import ConfigError, Origin, Secret, Table
+from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, Backoff, SubscriptionSettings
+
+ENV_PREFIX = "BUILDQ_"
+ENV_NESTING = "__"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str  # without the password
+    password: Secret | None = None
+    pool_size: int = 10
+
+    def connect_url(self) -> str:
+        """The URL with the password filled in: for the engine only, never for display."""
+        if self.password is None:
+            return self.url
+        parsed = sa.make_url(self.url).set(password=self.password.reveal())
+        return parsed.render_as_string(hide_password=False)
+
+    @classmethod
+    def from_table(cls, table: Table, base_dir: Path) -> DatabaseConfig:
+        url = table.str("url")
+        try:
+            parsed = sa.make_url(url)
+        except sa.exc.ArgumentError:
+            raise ConfigError(table.key("url"), url, "a database URL") from None
+        if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
+            raise ConfigError(table.key("url"), url, "sqlite:///PATH or mysql+pymysql://USER@HOST/DB")
+        if parsed.password:
+            raise ConfigError(
+                table.key("url"),
+                parsed.render_as_string(hide_password=True),
+                f"no password in the URL: set {table.key('password')} (mode-600 file), "
+                f"{table.key('password_env')} or {table.key('password_file')}",
+            )
+        if parsed.get_backend_name() == "sqlite" and parsed.database and not os.path.isabs(parsed.database):
+            url = parsed.set(database=str(base_dir / parsed.database)).render_as_string()
+        return cls(
+            url=url,
+            password=table.secret("password", required=False),
+            pool_size=table.int("pool_size", 10, min=1, max=200),
+        )
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """How often a build is polled, and how long it may take."""
+
+    accepted_interval_s: float = 5.0
+    running_interval_s: float = 10.0
+    #: Each poll's interval is the last one times this, up to ``max_interval_s``.
+    growth: float = 1.5
+    max_interval_s: float = 60.0
+    #: Each delay is moved by up to ± this fraction, so builds do not poll in lock-step.
+    jitter: float = 0.1
+    #: Cancel and fail (timeout) a build still ACCEPTED this long after trigger; 0 = never.
+    start_by_s: float = 3600.0
+    #: Cancel and fail (timeout) a build not finished this long after trigger; 0 = never.
+    finish_by_s: float = 4 * 3600.0
+    #: Interval of the safety poll when the runner's webhooks are on.
+    webhook_safety_interval_s: float = 120.0
+
+    @classmethod
+    def from_table(cls, table: Table, defaults: PollPolicy | None = None) -> PollPolicy:
+        base = defaults or cls()
+        policy = cls(
+            accepted_interval_s=table.float("accepted_interval_s", base.accepted_interval_s, min=0.01),
+            running_interval_s=table.float("running_interval_s", base.running_interval_s, min=0.01),
+            growth=table.float("growth", base.growth, min=1.0, max=10.0),
+            max_interval_s=table.float("max_interval_s", base.max_interval_s, min=0.01),
+            jitter=table.float("jitter", base.jitter, min=0.0, max=0.5),
+            start_by_s=table.float("start_by_s", base.start_by_s, min=0.0),
+            finish_by_s=table.float("finish_by_s", base.finish_by_s, min=0.0),
+            webhook_safety_interval_s=table.float(
+                "webhook_safety_interval_s", base.webhook_safety_interval_s, min=0.01
+            ),
+        )
+        table.reject_unknown()
+        return policy
+
+
+@dataclass(frozen=True)
+class BuildQueueConfig:
+    """A named build queue: which runner builds it and how it is polled."""
+
+    name: str
+    runner: str
+    poll: PollPolicy
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    workers: int = 8
+    defaults: SubscriptionSettings = SubscriptionSettings()
+    topics: Mapping[str, SubscriptionSettings] = field(default_factory=dict)
+
+    def for_topic(self, topic: str) -> SubscriptionSettings:
+        return self.topics.get(topic, self.defaults)
+
+    @classmethod
+    def from_table(cls, table: Table) -> ConsumerConfig:
+        defaults = _subscription(table.table("defaults"), SubscriptionSettings())
+        topics_table = table.table("topics")
+        topics = {
+            name: _subscription(topics_table.table(name), defaults) for name in topics_table.data
+        }
+        config = cls(workers=table.int("workers", 8, min=1, max=256), defaults=defaults, topics=topics)
+        table.reject_unknown()
+        return config
+
+
+def _subscription(table: Table, base: SubscriptionSettings) -> SubscriptionSettings:
+    ints = {
+        f.name: table.int(f.name, getattr(base, f.name), min=1)
+        for f in fields(SubscriptionSettings)
+        if f.name != "backoff"
+    }
+    backoff = Backoff(
+        initial_ms=table.int("backoff_initial_ms", base.backoff.initial_ms, min=0),
+        multiplier=table.float("backoff_multiplier", base.backoff.multiplier, min=1.0),
+        cap_ms=table.int("backoff_cap_ms", base.backoff.cap_ms, min=0),
+        jitter=table.float("backoff_jitter", base.backoff.jitter, min=0.0, max=1.0),
+    )
+    table.reject_unknown()
+    try:
+        return SubscriptionSettings(**ints, backoff=backoff)
+    except ValueError as err:
+        raise ConfigError(table.path, "(table)", str(err)) from None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The metrics and health endpoint."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = 9464
+
+    @classmethod
+    def from_table(cls, table: Table) -> HttpConfig:
+        config = cls(
+            enabled=table.bool("enabled", True),
+            bind=table.str("bind", "127.0.0.1"),
+            port=table.int("port", 9464, min=0, max=65535),
+        )
+        table.reject_unknown()
+        return config
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    #: Longest a graceful stop waits for in-flight work before handing the rest back.
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+    log_format: str = "auto"  # auto: console on a TTY, JSON lines otherwise
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+
+    @classmethod
+    def from_table(cls, table: Table) -> DaemonConfig:
+        config = cls(
+            shutdown_grace_s=table.float("shutdown_grace_s", 30.0, min=0.0),
+            log_level=table.choice("log_level", ("debug", "info", "warning", "error"), "info"),
+            log_format=table.choice("log_format", ("auto", "json", "console"), "auto"),
+            max_payload_bytes=table.int(
+                "max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES, min=1024, max=64 * 1024 * 1024
+            ),
+        )
+        table.reject_unknown()
+        return config
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    database: DatabaseConfig
+    daemon: DaemonConfig
+    consumer: ConsumerConfig
+    http: HttpConfig
+    queues: Mapping[str, BuildQueueConfig]
+    runners: Mapping[str, Table]
+    webhooks: Table
+
+    def queue(self, name: str) -> BuildQueueConfig:
+        return self.queues[name]
+
+
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (may be None: defaults + environment), apply overrides, validate."""
+    env = os.environ if environ is None else environ
+    document: dict[str, Any] = {}
+    file_path = Path(path).resolve() if path is not None else None
+    if file_path is not None:
+        document = _read_toml(file_path)
+    env_keys = _apply_env_overrides(document, env)
+    origin = Origin.of_file(file_path, env_keys) if file_path else Origin(env_keys=env_keys)
+    # Relative SQLite paths are relative to the project/install root (the config dir's parent).
+    base_dir = file_path.parent.parent if file_path is not None else Path.cwd()
+    return _build(document, file_path, base_dir, origin)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError("--config", str(path), f"a readable TOML file ({err.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("--config", str(path), f"valid TOML ({err})") from None
+
+
+def _apply_env_overrides(document: dict[str, Any], env: Mapping[str, str]) -> frozenset[str]:
+    applied = set()
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or ENV_NESTING not in name:
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split(ENV_NESTING)
+        target = document
+        for part in path[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(name, raw, f"{part} to be a table")
+            target = child
+        target[path[-1]] = _env_value(raw)
+        applied.add(".".join(path))
+    return frozenset(applied)
+
+
+def _env_value(raw: str) -> Any:
+    """Numbers and booleans as TOML reads them; anything else as the string given."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: Origin) -> Config:
+    root = Table("", document, origin)
+    database = DatabaseConfig.from_table(root.table("database"), base_dir)
+    root.table("database").reject_unknown()
+    runners_table = root.table("runners")
+    runners = {name: runners_table.table(name) for name in runners_table.data}
+    for name, table in runners.items():
+        table.choice("type", ("noop", "sim", "command", "buildkite", "github"))
+    queues_table = root.table("queues")
+    default_poll = PollPolicy.from_table(root.table("poll"))
+    queues = {}
+    for name in queues_table.data:
+        table = queues_table.table(name)
+        runner = table.str("runner")
+        if runner not in runners:
+            raise ConfigError(table.key("runner"), runner, "the name of a [runners.NAME] table")
+        queues[name] = BuildQueueConfig(name, runner, PollPolicy.from_table(table.table("poll"), default_poll))
+        table.reject_unknown()
+    config = Config(
+        path=path,
+        database=database,
+        daemon=DaemonConfig.from_table(root.table("daemon")),
+        consumer=ConsumerConfig.from_table(root.table("consumer")),
+        http=HttpConfig.from_table(root.table("http")),
+        queues=queues,
+        runners=runners,
+        webhooks=root.table("webhooks"),
+    )
+    root.reject_unknown()
+    return config
