@@ -214,7 +214,7 @@ class WebhookServer:
             )
             return Outcome(500, "callback_failed")
         _log.info(
-            "webhook_build_event", runner=route.runner_name, build_id=build_id.id, event=event
+            "webhook_build_event", runner=route.runner_name, build_id=build_id.id, event_type=event
         )
         return Outcome(202, "accepted")
 
@@ -278,7 +278,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(Outcome(400, "short_body"), route)
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
-        self._answer(receiver.handle(route, headers, body), route)
+        try:
+            outcome = receiver.handle(route, headers, body)
+        except Exception:
+            _log.exception("webhook_handler_failed", runner=route.runner_name)
+            outcome = Outcome(500, "internal_error")
+        self._answer(outcome, route)
 
     def do_GET(self) -> None:
         self._answer(Outcome(405, "method_not_allowed"), None)

@@ -6,17 +6,17 @@ the vendor's rate-limit headers, answer conditional GETs with 304 and misbehave 
 request they receive in ``requests``.
 """
 
-from ._server import Fault, FakeService, Reply, Request
+from ._server import FakeService, Fault, Reply, Request
 from .buildkite import FakeBuild, FakeBuildkite
 from .github import FakeGitHub, FakeRun
 
 __all__ = [
-    "Fault",
     "FakeBuild",
     "FakeBuildkite",
     "FakeGitHub",
     "FakeRun",
     "FakeService",
+    "Fault",
     "Reply",
     "Request",
 ]

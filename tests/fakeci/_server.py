@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -107,13 +107,14 @@ class FakeService:
         self.requests: list[Request] = []
         self.lock = threading.RLock()
         self._faults: list[Fault] = []
+        self._block_after: tuple[int, float] | None = None
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # lifecycle -------------------------------------------------------------------------
-    def start(self) -> FakeService:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+    def start(self) -> Self:
+        server = _Server(("127.0.0.1", 0), _handler_for(self))
         server.daemon_threads = True
         server.block_on_close = False
         self._server = server
@@ -132,7 +133,7 @@ class FakeService:
             self._thread.join(timeout=5)
         self._server = self._thread = None
 
-    def __enter__(self) -> FakeService:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
@@ -148,15 +149,35 @@ class FakeService:
         with self.lock:
             self._faults.append(fault)
 
+    def clear_faults(self) -> None:
+        with self.lock:
+            self._faults.clear()
+
     def fail_next(
-        self, count: int = 1, status: int = 500, *, method: str | None = None, path: str | None = None
+        self,
+        count: int = 1,
+        status: int = 500,
+        *,
+        method: str | None = None,
+        path: str | None = None,
     ) -> None:
         self.inject(Fault(status=status, count=count, method=method, path=path))
+
+    def block_after(self, requests: int, reset_in_s: float) -> None:
+        """Let ``requests`` more through, then answer "rate limited" for ``reset_in_s``.
+
+        Stands in for the rest of an organisation spending the shared budget: the runner
+        sees plenty left in the headers, then a 429 it could not have predicted.
+        """
+        with self.lock:
+            self._block_after = (requests, reset_in_s)
 
     def request_count(self, method: str | None = None, path: str | None = None) -> int:
         return len(self.requests_matching(method, path))
 
-    def requests_matching(self, method: str | None = None, path: str | None = None) -> list[Request]:
+    def requests_matching(
+        self, method: str | None = None, path: str | None = None
+    ) -> list[Request]:
         with self.lock:
             return [
                 r
@@ -185,6 +206,7 @@ class FakeService:
             return Reply(401, {"message": "Bad credentials"})
         with self.lock:
             now = time.monotonic()
+            self._count_down_to_block()
             allowed = self.rate.take(now)
             reply = None if allowed else self.rate_limited(now)
             fault = None if reply else self._take_fault(request)
@@ -197,6 +219,16 @@ class FakeService:
         with self.lock:
             reply.headers.update(self.rate_headers(time.monotonic()))
         return reply
+
+    def _count_down_to_block(self) -> None:
+        if self._block_after is None:
+            return
+        left, reset_in_s = self._block_after
+        if left > 0:
+            self._block_after = (left - 1, reset_in_s)
+        else:
+            self._block_after = None
+            self.rate.block(reset_in_s)
 
     def _take_fault(self, request: Request) -> Fault | None:
         for fault in self._faults:
@@ -229,6 +261,10 @@ class FakeService:
                     self.rate.refund()
             return Reply(304, None, {"ETag": etag})
         return reply
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # 20 polling threads connect at once in the rate-limit tests
 
 
 def _handler_for(service: FakeService) -> type[BaseHTTPRequestHandler]:
@@ -277,4 +313,3 @@ def _handler_for(service: FakeService) -> type[BaseHTTPRequestHandler]:
 
 def iso(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-

@@ -119,7 +119,9 @@ class FakeGitHub(FakeService):
         with self.lock:
             self._no_details_next += count
 
-    def webhook_payload(self, run_id: int, attempt: int | None = None, action: str = "completed") -> bytes:
+    def webhook_payload(
+        self, run_id: int, attempt: int | None = None, action: str = "completed"
+    ) -> bytes:
         with self.lock:
             run = self._runs[run_id]
             return json.dumps(
@@ -182,7 +184,9 @@ class FakeGitHub(FakeService):
     # endpoints -------------------------------------------------------------------------
     def _dispatch(self, body: dict[str, Any]) -> Reply:
         if "return_run_details" in body and self.run_details == "unsupported":
-            return Reply(400, {"message": 'Invalid request.\n\n"return_run_details" is not a permitted key.'})
+            return Reply(
+                400, {"message": 'Invalid request.\n\n"return_run_details" is not a permitted key.'}
+            )
         inputs = body.get("inputs") or {}
         unexpected = sorted(set(inputs) - INPUTS)
         if unexpected or not isinstance(body.get("ref"), str):
@@ -235,7 +239,11 @@ class FakeGitHub(FakeService):
             latest = run.attempts[-1]
             if latest.status == "completed":
                 return Reply(409, {"message": "Cannot cancel a workflow run that is completed."})
-            latest.status, latest.conclusion, latest.updated_at = "completed", "cancelled", time.time()
+            latest.status, latest.conclusion, latest.updated_at = (
+                "completed",
+                "cancelled",
+                time.time(),
+            )
             return Reply(202, {})
         return Reply(404, {"message": "Not Found"})
 

@@ -17,7 +17,7 @@ from buildq.buildrunner.contract import (
     RunnerError,
     TransientRunnerError,
 )
-from tests.fakeci import Fault, FakeBuildkite
+from tests.fakeci import FakeBuildkite, Fault
 
 BASE = [Change("base-1", "aaa"), Change("base-2", "bbb", {"title": "fix"})]
 HEAD = [Change("head-1", "ccc")]
@@ -28,7 +28,9 @@ def trigger(runner: BuildkiteRunner, request_id: str | None = "req-1") -> BuildI
     return runner.trigger("main", BASE, HEAD, metadata)
 
 
-def test_trigger_passes_changes_token_and_metadata(bk: FakeBuildkite, bk_runner: BuildkiteRunner) -> None:
+def test_trigger_passes_changes_token_and_metadata(
+    bk: FakeBuildkite, bk_runner: BuildkiteRunner
+) -> None:
     build_id = trigger(bk_runner)
 
     assert build_id == BuildID("bk:acme/app/1")
@@ -40,7 +42,9 @@ def test_trigger_passes_changes_token_and_metadata(bk: FakeBuildkite, bk_runner:
         {"id": "base-1", "revision": "aaa", "extra": {}},
         {"id": "base-2", "revision": "bbb", "extra": {"title": "fix"}},
     ]
-    assert json.loads(build.env["BUILDQ_HEAD"]) == [{"id": "head-1", "revision": "ccc", "extra": {}}]
+    assert json.loads(build.env["BUILDQ_HEAD"]) == [
+        {"id": "head-1", "revision": "ccc", "extra": {}}
+    ]
     assert (build.branch, build.commit) == ("main", "HEAD")
 
 
@@ -111,7 +115,9 @@ def test_passed_but_blocked_is_blocked_not_success() -> None:
     )
 
 
-def test_states_advance_per_poll_with_a_script(make_bk_runner: Callable[..., BuildkiteRunner], bk: FakeBuildkite) -> None:
+def test_states_advance_per_poll_with_a_script(
+    make_bk_runner: Callable[..., BuildkiteRunner], bk: FakeBuildkite
+) -> None:
     bk.script = ["scheduled", "running", "failing", "failed"]
     runner = make_bk_runner()
     build_id = trigger(runner)
@@ -154,7 +160,9 @@ def test_unknown_and_foreign_ids_are_not_found(bk_runner: BuildkiteRunner) -> No
         bk_runner.cancel(BuildID("bk:acme/app/999"))
 
 
-def test_status_uses_etag_and_reuses_cached_body(bk: FakeBuildkite, bk_runner: BuildkiteRunner) -> None:
+def test_status_uses_etag_and_reuses_cached_body(
+    bk: FakeBuildkite, bk_runner: BuildkiteRunner
+) -> None:
     build_id = trigger(bk_runner)
     bk.set_state(1, "running")
     first = bk_runner.status(build_id)

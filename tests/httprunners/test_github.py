@@ -17,7 +17,7 @@ from buildq.buildrunner.contract import (
     TransientRunnerError,
 )
 from buildq.buildrunner.github import GitHubRunner, mentions_token
-from tests.fakeci import Fault, FakeGitHub
+from tests.fakeci import FakeGitHub, FakeRun, Fault
 
 BASE = [Change("base-1", "aaa")]
 HEAD = [Change("head-1", "bbb", {"title": "feat"}), Change("head-2", "ccc")]
@@ -53,8 +53,11 @@ def test_204_dispatch_finds_the_run_by_token_not_the_newest(
     gh.add_run("buildq req-10")  # an older run whose token merely starts like ours
     gh.dispatch_without_run_id()
     gh.list_lag = 2  # our run shows up in listings only on the third look
-    # Someone dispatches right after us: the newest run in every listing is not ours.
-    gh.after_dispatch = lambda _run: gh.add_run("buildq req-1x") and None
+
+    def someone_else_dispatches(_ours: FakeRun) -> None:
+        gh.add_run("buildq req-1x")  # right after ours: the newest run in every listing
+
+    gh.after_dispatch = someone_else_dispatches
     build_id = trigger(gh_runner)
 
     ours = next(r for r in gh.runs() if r.inputs)
@@ -72,7 +75,9 @@ def test_server_without_run_details_field_falls_back_once(
         runner = make_gh_runner(api_url=legacy.url)
         first = trigger(runner, "req-a")
         second = trigger(runner, "req-b")
-        statuses = [(r.status, "return_run_details" in r.body) for r in legacy.requests_matching("POST")]
+        statuses = [
+            (r.status, "return_run_details" in r.body) for r in legacy.requests_matching("POST")
+        ]
     assert statuses == [(400, True), (204, False), (204, False)]
     assert first != second
 
@@ -208,7 +213,9 @@ def test_cancel_409_on_a_run_that_just_finished_is_not_an_error(
     assert [r.status for r in gh.requests_matching("POST", "/cancel")] == [409]
 
 
-def test_status_uses_etag_and_304_does_not_cost_budget(gh: FakeGitHub, gh_runner: GitHubRunner) -> None:
+def test_status_uses_etag_and_304_does_not_cost_budget(
+    gh: FakeGitHub, gh_runner: GitHubRunner
+) -> None:
     build_id = trigger(gh_runner)
     first = gh_runner.status(build_id)
     remaining = gh.rate.remaining
