@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database in (None, "", ":memory:"):
             raise ValueError("an in-memory SQLite database cannot be shared: give a file path")
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         return _sqlite_engine(url, pool_size)
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         return _mysql_engine(parsed, pool_size)

@@ -23,6 +23,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -214,15 +215,11 @@ class ETagCache:
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int
     body: Any
-    from_cache: bool = False
 
 
 class VendorError(RunnerError):
@@ -368,7 +365,7 @@ class HttpCore:
             raise _Retryable(type(err).__name__) from err
         status = response.status_code
         if status == 304 and cached is not None:
-            return Reply(200, cached[1], from_cache=True)
+            return Reply(200, cached[1])
         if status >= 500:
             raise _Retryable(f"HTTP {status}")
         if status >= 400 and status not in accept:
@@ -524,6 +521,30 @@ def changes_json(changes: Sequence[Change]) -> str:
         separators=(",", ":"),
         ensure_ascii=False,
     )
+
+
+def time_metadata(started: object, finished: object) -> dict[str, str]:
+    """``started_at``/``finished_at``/``duration_s`` from vendor timestamps, in buildq's format
+    (UTC, milliseconds; duration so far while the build runs)."""
+    start, end = _parse_time(started), _parse_time(finished)
+    meta: dict[str, str] = {}
+    if start is not None:
+        meta["started_at"] = start.isoformat(timespec="milliseconds")
+        duration = ((end or datetime.now(UTC)) - start).total_seconds()
+        meta["duration_s"] = f"{max(duration, 0.0):.3f}"
+    if end is not None:
+        meta["finished_at"] = end.isoformat(timespec="milliseconds")
+    return meta
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def new_request_id() -> str:

@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -163,8 +162,6 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
         ("url", "web_url"),
         ("sha", "commit"),
         ("branch", "branch"),
-        ("started_at", "started_at"),
-        ("finished_at", "finished_at"),
         ("cancel_reason", "cancel_reason"),
     ):
         value = build.get(source)
@@ -175,20 +172,8 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
     request_id = (build.get("meta_data") or {}).get(CORRELATION_KEY)
     if isinstance(request_id, str):
         meta[CORRELATION_KEY] = request_id
-    duration = _duration_s(build.get("started_at"), build.get("finished_at"))
-    if duration is not None:
-        meta["duration_s"] = duration
+    meta.update(_http.time_metadata(build.get("started_at"), build.get("finished_at")))
     return meta
-
-
-def _duration_s(start: object, end: object) -> str | None:
-    if not (isinstance(start, str) and isinstance(end, str)):
-        return None
-    try:
-        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-    except ValueError:
-        return None
-    return f"{seconds:.0f}"
 
 
 class BuildkiteRunner:

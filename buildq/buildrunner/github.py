@@ -179,8 +179,6 @@ def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
         ("url", "html_url"),
         ("sha", "head_sha"),
         ("branch", "head_branch"),
-        ("started_at", "run_started_at"),
-        ("updated_at", "updated_at"),
         ("title", "display_title"),
     ):
         value = run.get(source)
@@ -189,21 +187,10 @@ def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
     for key in ("id", "run_attempt"):
         if isinstance(run.get(key), int):
             meta["run_id" if key == "id" else key] = str(run[key])
-    if run.get("status") == "completed":
-        duration = _duration_s(run.get("run_started_at"), run.get("updated_at"))
-        if duration is not None:
-            meta["duration_s"] = duration
+    # A completed run is not touched again, so its last update is when it finished.
+    finished = run.get("updated_at") if run.get("status") == "completed" else None
+    meta.update(_http.time_metadata(run.get("run_started_at"), finished))
     return meta
-
-
-def _duration_s(start: object, end: object) -> str | None:
-    if not (isinstance(start, str) and isinstance(end, str)):
-        return None
-    try:
-        seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-    except ValueError:
-        return None
-    return f"{seconds:.0f}"
 
 
 def mentions_token(title: object, token: str) -> bool:

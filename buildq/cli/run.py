@@ -1,9 +1,33 @@
-"""Placeholder: filled in by its issue."""
+"""``buildq run``: the daemon in the foreground (systemd runs exactly this)."""
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
+
+from buildq.cli import common
 
 
 def register(commands: Any) -> None:
-    pass
+    parser = commands.add_parser("run", help="run the daemon in the foreground")
+    parser.add_argument(
+        "--config", metavar="PATH", help=f"config file (default: ${common.CONFIG_ENV} or {common.DEFAULT_CONFIG})"
+    )
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from buildq import logs
+    from buildq.config import ConfigError
+    from buildq.orchestrator.daemon import Daemon, NotMigrated
+
+    config = common.load(args)
+    logs.configure(config.daemon.log_level, config.daemon.log_format)
+    daemon = Daemon(config)
+    try:
+        return daemon.run()
+    except (ConfigError, NotMigrated) as err:
+        daemon.stop()
+        print(f"buildq: {err}", file=sys.stderr)
+        return 2

@@ -256,8 +256,9 @@ def _env_value(raw: str) -> Any:
 
 def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: Origin) -> Config:
     root = Table("", document, origin)
-    database = DatabaseConfig.from_table(root.table("database"), base_dir)
-    root.table("database").reject_unknown()
+    database_table = root.table("database")
+    database = DatabaseConfig.from_table(database_table, base_dir)
+    database_table.reject_unknown()
     runners_table = root.table("runners")
     runners = {name: runners_table.table(name) for name in runners_table.data}
     for name, table in runners.items():

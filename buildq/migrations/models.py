@@ -6,6 +6,7 @@ from sqlalchemy import MetaData
 
 
 def all_metadata() -> list[MetaData]:
+    from buildq.orchestrator.schema import metadata as build_metadata
     from buildq.queue.sql.schema import metadata as queue_metadata
 
-    return [queue_metadata]
+    return [queue_metadata, build_metadata]

@@ -1,0 +1,219 @@
+"""The daemon: config → database → queue → runners → controllers, until a signal says stop.
+
+Start-up waits for the database (a daemon started during a database restart must not crash
+loop); SIGTERM/SIGINT drain in-flight work and release leases; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from buildq.config import Config
+from buildq.db import Database, create_engine, redacted_url
+from buildq.metrics import Metrics
+from buildq.migrations import current_revision, head_revision
+from buildq.orchestrator import topics
+from buildq.orchestrator.controllers import (
+    BuildController,
+    BuildSignalController,
+    DeadLetterReconciler,
+    Runners,
+)
+from buildq.orchestrator.framework import Consumer, Controller, Effect, StepTx
+from buildq.orchestrator.http import OpsServer
+from buildq.orchestrator.sqlstore import SqlBuildStore, SqlBuildWrites
+from buildq.orchestrator.wiring import runners_from_config
+from buildq.queue.contract import Delivery
+from buildq.queue.sql import SqlQueue, SqlSubscription, SqlTransaction
+from buildq.systemd import Notifier
+
+log = structlog.get_logger("buildq.daemon")
+
+CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
+_HEALTH_INTERVAL_S = 2.0
+
+
+class NotMigrated(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, config: Config, *, on_event: Callable[..., None] | None = None) -> None:
+        self.config = config
+        self.on_event = on_event
+        self.metrics = Metrics()
+        self.notifier = Notifier()
+        self.stopping = threading.Event()
+        self.db: Database | None = None
+        self.queue: SqlQueue | None = None
+        self.consumer: Consumer | None = None
+        self.subscriptions: list[SqlSubscription] = []
+        self.ops: OpsServer | None = None
+        self._db_ok = False
+        self._db_error = "not checked yet"
+
+    # --- start ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        runners = runners_from_config(self.config.runners)  # config errors before anything else
+        self._start_ops_server()
+        self.db = self._wait_for_database()
+        if self.db is None:
+            return
+        self.queue = SqlQueue(self.db, max_payload_bytes=self.config.daemon.max_payload_bytes)
+        store = SqlBuildStore(self.db)
+        wired = Runners(runners, self.config.queues, now_ms=store.now_ms)
+        controllers: list[Controller] = [
+            BuildController(wired, store),
+            BuildSignalController(wired, store),
+            DeadLetterReconciler(topics.BUILD_DLQ, wired),
+            DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired),
+        ]
+        self.consumer = Consumer(
+            self._step, workers=self.config.consumer.workers, on_event=self.on_event, metrics=self.metrics
+        )
+        for controller in controllers:
+            subscription = self.queue.subscribe(
+                controller.topic, topics.GROUP, self.config.consumer.for_topic(controller.topic)
+            )
+            self.subscriptions.append(subscription)
+            self.consumer.add(controller, subscription)
+        self.consumer.start()
+        self._spawn(self._health_loop, "health")
+        self.metrics.up.set(1)
+        self.notifier.ready()
+        log.info("daemon_ready", database=redacted_url(self.config.database.url), pid=os.getpid())
+
+    def _wait_for_database(self) -> Database | None:
+        url = self.config.database.connect_url()
+        delay = 0.5
+        while not self.stopping.is_set():
+            db = Database(create_engine(url, pool_size=self.config.database.pool_size))
+            try:
+                revision = current_revision(db.engine)
+            except Exception as err:
+                db.dispose()
+                self._db_error = _first_line(err)
+                log.warning("database_unavailable", error=self._db_error, retry_in_s=delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if revision != head_revision():
+                db.dispose()
+                raise NotMigrated(
+                    f"database {redacted_url(self.config.database.url)} is at revision {revision}, "
+                    f"not {head_revision()}: run 'buildq db upgrade --config {self.config.path}'"
+                )
+            self._db_ok = True
+            return db
+        return None
+
+    def _start_ops_server(self) -> None:
+        http = self.config.http
+        if not http.enabled:
+            return
+        self.ops = OpsServer(http.bind, http.port, self.metrics, self.healthz, self.readyz)
+        self.ops.start()
+        log.info("ops_http_listening", bind=http.bind, port=self.ops.port)
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        threading.Thread(target=target, name=name, daemon=True).start()
+
+    # --- the hand-off -----------------------------------------------------------------------
+
+    def _step(self, delivery: Delivery, effect: Effect | None) -> None:
+        assert self.queue is not None
+
+        def run(tx: SqlTransaction) -> None:
+            if effect is not None:
+                effect(StepTx(tx, SqlBuildWrites(tx.connection)))
+            tx.ack(delivery)
+
+        self.queue.run_in_transaction(run)
+
+    # --- health -------------------------------------------------------------------------------
+
+    def _health_loop(self) -> None:
+        interval = self.notifier.watchdog_interval_s or _HEALTH_INTERVAL_S
+        interval = min(interval, _HEALTH_INTERVAL_S)
+        while not self.stopping.wait(interval):
+            self._check_database()
+            if self.healthz()[0]:
+                self.notifier.watchdog()
+
+    def _check_database(self) -> None:
+        assert self.db is not None
+        try:
+            with self.db.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            self._db_ok, self._db_error = True, ""
+        except Exception as err:
+            self._db_ok, self._db_error = False, _first_line(err)
+
+    def healthz(self) -> tuple[bool, str]:
+        """Alive and its loops ticking (the database may be down: that is /readyz)."""
+        if self.consumer is None:
+            return (not self.stopping.is_set(), "starting")
+        idle_s = max(s.settings.poll_interval_ms for s in self.subscriptions) / 1000
+        ok = self.consumer.healthy(max_age_s=max(30.0, idle_s * 10))
+        return ok, "ok" if ok else "consumer loops stalled"
+
+    def readyz(self) -> tuple[bool, str]:
+        if self.stopping.is_set():
+            return False, "stopping"
+        if not self._db_ok:
+            return False, f"database unavailable: {self._db_error}"
+        if self.consumer is None:
+            return False, "starting"
+        return True, "ready"
+
+    # --- stop ---------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.metrics.up.set(0)
+        self.notifier.stopping()
+        log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
+        if self.consumer is not None:
+            self.consumer.stop(self.config.daemon.shutdown_grace_s)
+        for subscription in self.subscriptions:
+            try:
+                assert self.queue is not None
+                self.queue.unsubscribe(subscription)
+            except Exception as err:  # leases expire on their own
+                log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+        if self.ops is not None:
+            self.ops.stop()
+        if self.db is not None:
+            self.db.dispose()
+        log.info("daemon_stopped")
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; a second signal exits at once."""
+        signals_seen: list[int] = []
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            signals_seen.append(signum)
+            if len(signals_seen) > 1:
+                os._exit(1)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not self.stopping.wait(1.0):
+            pass
+        self.stop()
+        return 0
+
+
+def _first_line(err: BaseException) -> str:
+    orig = getattr(err, "orig", None)
+    return str(orig if orig is not None else err).splitlines()[0][:300] if str(err) else type(err).__name__
+

@@ -1,0 +1,274 @@
+"""The consumer framework: subscriptions → fetchers → partition-ordered workers → outcomes.
+
+Controllers only decide; this module turns their decision into ack / nack / reject:
+
+- ``handle`` returns an ``Effect`` (or None): it runs in one transaction together with the
+  ack, so "done with this, and here is the next step" commits as one.
+- ``Retry`` (or a transient runner/database error) → nack with the backoff policy.
+- ``Unprocessable`` (or a malformed payload) → reject to the DLQ with the reason.
+- Anything else is a bug or an unknown failure → reject with the error: non-retryable is
+  the default, a controller opts into retry.
+
+Deliveries of one partition always go to the same worker thread, so they are processed in
+order. On stop, fetching ends first, queued deliveries are handed back without counting a
+retry, and in-flight ones get ``grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+from structlog.contextvars import bind_contextvars, clear_contextvars
+
+from buildq.buildrunner import MalformedPayload, TransientRunnerError
+from buildq.queue.contract import (
+    Delivery,
+    DeliveryLost,
+    InvalidMessage,
+    Subscription,
+    Transaction,
+    TransientQueueError,
+)
+from buildq.orchestrator.store import BuildWrites
+
+log = structlog.get_logger("buildq.consumer")
+
+
+@dataclass
+class StepTx:
+    """What an effect may touch: the queue transaction and the build store in it."""
+
+    queue: Transaction
+    builds: BuildWrites
+
+
+Effect = Callable[[StepTx], None]
+
+
+class Retry(Exception):
+    """Try this delivery again later (counts as a failure: DLQ after max_attempts)."""
+
+    def __init__(self, reason: str, delay_ms: int | None = None) -> None:
+        super().__init__(reason)
+        self.delay_ms = delay_ms
+
+
+class Unprocessable(Exception):
+    """This message can never be processed: send it to the DLQ with the reason."""
+
+
+class Controller(Protocol):
+    topic: str
+
+    def handle(self, delivery: Delivery) -> Effect | None: ...
+
+
+class StepRunner(Protocol):
+    """Runs an effect plus the ack in one transaction (retrying transient failures)."""
+
+    def __call__(self, delivery: Delivery, effect: Effect | None) -> None: ...
+
+
+EventHook = Callable[..., None]
+
+
+class Consumer:
+    """Runs controllers over their subscriptions with a shared pool of ordered workers."""
+
+    def __init__(
+        self,
+        step: StepRunner,
+        *,
+        workers: int = 8,
+        on_event: EventHook | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self._step = step
+        self._on_event = on_event
+        self._metrics = metrics
+        self._stop = threading.Event()
+        self._routes: list[tuple[Controller, Subscription]] = []
+        self._queues: list[queue.SimpleQueue[tuple[Controller, Subscription, Delivery] | None]] = [
+            queue.SimpleQueue() for _ in range(workers)
+        ]
+        self._threads: list[threading.Thread] = []
+        self._busy: list[tuple[Subscription, Delivery] | None] = [None] * workers
+        self._inflight: dict[int, int] = {}  # id(subscription) -> fetched, not yet settled
+        self._capacity = threading.Condition()
+        self.last_tick: dict[str, float] = {}
+
+    def add(self, controller: Controller, subscription: Subscription) -> None:
+        self._routes.append((controller, subscription))
+
+    def start(self) -> None:
+        for index, _ in enumerate(self._queues):
+            self._spawn(f"worker-{index}", self._work, index)
+        for controller, subscription in self._routes:
+            self._inflight[id(subscription)] = 0
+            self._spawn(f"fetch-{subscription.topic}", self._fetch_loop, controller, subscription)
+
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # --- fetching ------------------------------------------------------------------------
+
+    def _fetch_loop(self, controller: Controller, subscription: Subscription) -> None:
+        settings = getattr(subscription, "settings", None)
+        batch = getattr(settings, "batch_size", 32)
+        idle_s = getattr(settings, "poll_interval_ms", 200) / 1000
+        limit = batch * 2
+        fetch_now = True
+        while not self._stop.is_set():
+            self.last_tick[subscription.topic] = time.monotonic()
+            try:
+                room = self._wait_for_room(subscription, limit)
+                if room <= 0:
+                    continue
+                if not fetch_now:
+                    due = subscription.next_due_ms()
+                    if due is None or due > 0:
+                        wait_s = idle_s if due is None else min(idle_s, due / 1000)
+                        fetch_now = subscription.wait(wait_s)  # type: ignore[attr-defined]
+                        if not fetch_now and due is not None and due <= wait_s * 1000:
+                            fetch_now = True
+                        continue
+                deliveries = subscription.fetch(min(batch, room))
+                fetch_now = len(deliveries) == min(batch, room)
+                self._dispatch(controller, subscription, deliveries)
+            except Exception as err:  # database down: keep trying, /readyz reports it
+                log.warning("fetch_failed", topic=subscription.topic, error=str(err)[:300])
+                self._emit("fetch_failed", topic=subscription.topic)
+                self._stop.wait(min(5.0, idle_s * 10))
+                fetch_now = False
+
+    def _wait_for_room(self, subscription: Subscription, limit: int) -> int:
+        with self._capacity:
+            while not self._stop.is_set() and self._inflight[id(subscription)] >= limit:
+                self._capacity.wait(0.5)
+            return limit - self._inflight[id(subscription)]
+
+    def _dispatch(self, controller: Controller, subscription: Subscription, deliveries: list[Any]) -> None:
+        with self._capacity:
+            self._inflight[id(subscription)] += len(deliveries)
+        for delivery in deliveries:
+            key = f"{delivery.topic}\0{delivery.message.partition_key}".encode()
+            self._queues[zlib.crc32(key) % len(self._queues)].put((controller, subscription, delivery))
+
+    def _done(self, subscription: Subscription, count: int = 1) -> None:
+        with self._capacity:
+            self._inflight[id(subscription)] -= count
+            self._capacity.notify_all()
+
+    # --- working ---------------------------------------------------------------------------
+
+    def _work(self, index: int) -> None:
+        inbox = self._queues[index]
+        while True:
+            item = inbox.get()
+            if item is None:
+                return
+            controller, subscription, delivery = item
+            if self._stop.is_set():
+                self._hand_back(subscription, delivery)
+                continue
+            self._busy[index] = (subscription, delivery)
+            try:
+                self._process(controller, delivery)
+            finally:
+                self._busy[index] = None
+                self._done(subscription)
+
+    def _process(self, controller: Controller, delivery: Delivery) -> None:
+        clear_contextvars()
+        bind_contextvars(topic=delivery.topic, message_id=delivery.message.id, attempt=delivery.attempt)
+        started = time.monotonic()
+        outcome = "ack"
+        try:
+            effect = controller.handle(delivery)
+            self._step(delivery, effect)
+        except DeliveryLost as err:
+            outcome = "lost"
+            log.warning("delivery_lost", reason=str(err))
+        except (Retry, TransientRunnerError, TransientQueueError) as err:
+            outcome = "nack"
+            self._settle(delivery, outcome, err, lambda: delivery.nack(_delay(err), error=_describe(err)))
+        except (Unprocessable, MalformedPayload, InvalidMessage) as err:
+            outcome = "reject"
+            self._settle(delivery, outcome, err, lambda: delivery.reject(_describe(err)))
+        except Exception as err:
+            outcome = "reject"
+            log.exception("handler_failed")
+            self._settle(delivery, outcome, err, lambda: delivery.reject(f"unexpected error: {_describe(err)}"))
+        else:
+            log.debug("delivery_acked")
+        finally:
+            elapsed = time.monotonic() - started
+            if self._metrics is not None:
+                self._metrics.observe_delivery(delivery.topic, outcome, elapsed)
+            self._emit("processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome)
+            clear_contextvars()
+
+    def _settle(self, delivery: Delivery, outcome: str, err: BaseException, action: Callable[[], None]) -> None:
+        log.warning(f"delivery_{outcome}ed", error=_describe(err), retry_count=delivery.retry_count)
+        try:
+            action()
+        except DeliveryLost as lost:
+            log.warning("delivery_lost", reason=str(lost))
+        except Exception as failed:  # the visibility timeout brings it back
+            log.error("settle_failed", outcome=outcome, error=str(failed)[:300])
+
+    def _hand_back(self, subscription: Subscription, delivery: Delivery) -> None:
+        try:
+            subscription.hand_back([delivery])
+        except Exception as err:
+            log.warning("hand_back_failed", error=str(err)[:300])
+        finally:
+            self._done(subscription)
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def stop(self, grace_s: float) -> None:
+        """Stop fetching, hand back what was not started, give running work ``grace_s``."""
+        self._stop.set()
+        for _, subscription in self._routes:
+            wake = getattr(subscription, "wake", None)
+            if wake is not None:
+                wake()
+        with self._capacity:
+            self._capacity.notify_all()
+        for inbox in self._queues:
+            inbox.put(None)
+        deadline = time.monotonic() + grace_s
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        still_busy = [b for b in self._busy if b is not None]
+        for subscription, delivery in still_busy:
+            log.warning("handback_after_grace", topic=delivery.topic, message_id=delivery.message.id)
+            self._hand_back(subscription, delivery)
+
+    def healthy(self, max_age_s: float) -> bool:
+        now = time.monotonic()
+        ticks = [self.last_tick.get(s.topic) for _, s in self._routes]
+        return all(t is not None and now - t < max_age_s for t in ticks)
+
+    def _emit(self, event: str, **data: Any) -> None:
+        if self._on_event is not None:
+            self._on_event(event, **data)
+
+
+def _delay(err: BaseException) -> int | None:
+    return err.delay_ms if isinstance(err, Retry) else None
+
+
+def _describe(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return f"{type(err).__name__}: {text}"[:2000]

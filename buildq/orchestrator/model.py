@@ -1,0 +1,149 @@
+"""Value types of the orchestrator: build requests, stored builds, results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from buildq.buildrunner import BuildStatus, Change, MalformedPayload
+
+#: Most changes one request may carry (base + head): a bound on payload and runner input.
+MAX_CHANGES = 1_000
+MAX_FIELD_CHARS = 191
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What a caller asks for: build ``base`` then ``head`` on ``queue``."""
+
+    request_id: str
+    queue: str
+    base: tuple[Change, ...]
+    head: tuple[Change, ...]
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "request_id": self.request_id,
+                "queue": self.queue,
+                "base": [c.to_json() for c in self.base],
+                "head": [c.to_json() for c in self.head],
+                "metadata": dict(self.metadata),
+            },
+            ensure_ascii=False,
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> BuildRequest:
+        doc = _object(raw, "build request")
+        request_id = _short_str(doc, "request_id")
+        queue = _short_str(doc, "queue")
+        base = _changes(doc.get("base", []), "base")
+        head = _changes(doc.get("head"), "head")
+        if not head:
+            raise MalformedPayload("build request needs at least one change in 'head'")
+        if len(base) + len(head) > MAX_CHANGES:
+            raise MalformedPayload(f"build request has more than {MAX_CHANGES} changes")
+        metadata = doc.get("metadata", {})
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise MalformedPayload("build request 'metadata' must map strings to strings")
+        return cls(request_id, queue, base, head, metadata)
+
+
+def _object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise MalformedPayload(f"{what} is not JSON: {str(err)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise MalformedPayload(f"{what} must be a JSON object")
+    return doc
+
+
+def _short_str(doc: Mapping[str, Any], key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
+        raise MalformedPayload(f"'{key}' must be a string of 1 to {MAX_FIELD_CHARS} characters")
+    return value
+
+
+def _changes(value: object, key: str) -> tuple[Change, ...]:
+    if not isinstance(value, list):
+        raise MalformedPayload(f"'{key}' must be a list of changes")
+    return tuple(Change.from_json(item) for item in value)
+
+
+@dataclass(frozen=True)
+class Build:
+    """A build as the orchestrator stores it."""
+
+    request_id: str
+    build_id: str | None  # None until the runner accepted it
+    queue: str
+    runner: str
+    status: str  # a BuildStatus value
+    metadata: Mapping[str, str]
+    request_metadata: Mapping[str, str]
+    base: Sequence[Change]
+    head: Sequence[Change]
+    failure_reason: str | None
+    error: str | None
+    polls: int
+    created_at_ms: int
+    updated_at_ms: int
+    finished_at_ms: int | None
+    next_poll_at_ms: int | None
+    cancel_requested_at_ms: int | None
+    cancel_sent_at_ms: int | None = None
+
+    @property
+    def build_status(self) -> BuildStatus:
+        return BuildStatus(self.status)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.build_status.is_terminal
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "build_id": self.build_id,
+            "queue": self.queue,
+            "runner": self.runner,
+            "status": self.status,
+            "metadata": dict(self.metadata),
+            "request_metadata": dict(self.request_metadata),
+            "base": [c.to_json() for c in self.base],
+            "head": [c.to_json() for c in self.head],
+            "failure_reason": self.failure_reason,
+            "error": self.error,
+            "polls": self.polls,
+            "created_at_ms": self.created_at_ms,
+            "updated_at_ms": self.updated_at_ms,
+            "finished_at_ms": self.finished_at_ms,
+            "next_poll_at_ms": self.next_poll_at_ms,
+            "cancel_requested_at_ms": self.cancel_requested_at_ms,
+            "cancel_sent_at_ms": self.cancel_sent_at_ms,
+        }
+
+
+def result_payload(build: Build) -> bytes:
+    """The ``buildresult`` message for a finished build."""
+    return json.dumps(
+        {
+            "request_id": build.request_id,
+            "build_id": build.build_id,
+            "queue": build.queue,
+            "status": build.status,
+            "failure_reason": build.failure_reason,
+            "error": build.error,
+            "metadata": dict(build.metadata),
+            "finished_at_ms": build.finished_at_ms,
+        },
+        ensure_ascii=False,
+    ).encode()

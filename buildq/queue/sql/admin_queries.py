@@ -1,0 +1,379 @@
+"""Every statement the operator's tools run (``buildq queue …``, ``buildq dlq …``, metrics).
+
+Kept apart from ``queries.py`` so the hot path's file holds only what the daemon runs. Same
+conventions: bindparams are named ``p_<name>`` (fill them with ``queries.params``), times are
+epoch ms from the database clock, and nothing here branches on the dialect.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    CompoundSelect,
+    Delete,
+    Integer,
+    Select,
+    Update,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal,
+    null,
+    select,
+    union_all,
+    update,
+)
+
+from buildq.queue.sql.dialect import insert_ignore
+from buildq.queue.sql.queries import NOW
+from buildq.queue.sql.schema import deliveries as d
+from buildq.queue.sql.schema import groups as g
+from buildq.queue.sql.schema import leases as lease
+from buildq.queue.sql.schema import messages as m
+from buildq.queue.sql.schema import subscribers as sub
+
+_READY = and_(d.c.inflight == 0, d.c.visible_at <= NOW)
+_DELAYED = and_(d.c.inflight == 0, d.c.visible_at > NOW)
+# A fresh delivery of an undelayed message has visible_at 0: it became ready when published.
+_READY_SINCE = case((d.c.visible_at == 0, m.c.created_at), else_=d.c.visible_at)
+
+
+def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
+def _topic_stats(*, of_topics: bool) -> CompoundSelect[tuple[object, ...]]:
+    """Per (topic, group): the log's rows, the pending deliveries, and the known groups.
+
+    One statement so a metrics refresh is one round trip; the ``kind`` column says which part
+    a row comes from. Log rows of a DLQ topic carry the failed group in ``grp``.
+    """
+    zero = literal(0, Integer)
+    log = select(
+        literal("log").label("kind"),
+        m.c.topic,
+        m.c.dlq_group.label("grp"),
+        func.count().label("total"),
+        zero.label("ready"),
+        zero.label("delayed"),
+        zero.label("in_flight"),
+        null().label("oldest_ready_age_ms"),
+        zero.label("max_retry_count"),
+    ).group_by(m.c.topic, m.c.dlq_group)
+    pending = (
+        select(
+            literal("pending").label("kind"),
+            d.c.topic,
+            d.c.grp,
+            func.count().label("total"),
+            _count_if(_READY).label("ready"),
+            _count_if(_DELAYED).label("delayed"),
+            _count_if(d.c.inflight == 1).label("in_flight"),
+            (NOW - func.min(case((_READY, _READY_SINCE)))).label("oldest_ready_age_ms"),
+            func.max(d.c.retry_count).label("max_retry_count"),
+        )
+        .join(m, m.c.seq == d.c.seq)
+        .group_by(d.c.topic, d.c.grp)
+    )
+    known = select(
+        literal("group").label("kind"),
+        g.c.topic,
+        g.c.grp,
+        g.c.slots.label("total"),
+        zero.label("ready"),
+        zero.label("delayed"),
+        zero.label("in_flight"),
+        null().label("oldest_ready_age_ms"),
+        zero.label("max_retry_count"),
+    )
+    if of_topics:
+        topics: BindParameter[str] = bindparam("p_topics", expanding=True)
+        log = log.where(m.c.topic.in_(topics))
+        pending = pending.where(d.c.topic.in_(topics))
+        known = known.where(g.c.topic.in_(topics))
+    return union_all(log, pending, known)
+
+
+#: Counts per topic and group over the whole queue (what ``queue topics`` and metrics show).
+select_all_topic_stats = _topic_stats(of_topics=False)
+#: The same for the topics in ``topics`` (a topic and its DLQ topic).
+select_topic_stats = _topic_stats(of_topics=True)
+
+#: Size and span of one topic's log.
+select_topic_summary = select(
+    func.count().label("messages"),
+    func.count(func.distinct(m.c.partition_key)).label("partitions"),
+    func.min(m.c.seq).label("first_offset"),
+    func.max(m.c.seq).label("last_offset"),
+    func.min(m.c.created_at).label("oldest_created_at_ms"),
+    func.max(m.c.created_at).label("newest_created_at_ms"),
+    func.coalesce(func.sum(func.length(m.c.payload)), 0).label("payload_bytes"),
+).where(m.c.topic == bindparam("p_topic"))
+
+_pending_groups = (
+    select(func.count()).where(d.c.seq == m.c.seq).scalar_subquery().label("pending_groups")
+)
+_listed = select(
+    m.c.seq.label("offset"),
+    m.c.partition_key,
+    m.c.message_id,
+    m.c.dlq_group,
+    m.c.created_at.label("created_at_ms"),
+    m.c.visible_after.label("visible_after_ms"),
+    func.length(m.c.payload).label("payload_bytes"),
+    _pending_groups,
+)
+
+#: The newest messages of a topic.
+select_messages = (
+    _listed.where(m.c.topic == bindparam("p_topic"))
+    .order_by(m.c.seq.desc())
+    .limit(bindparam("p_limit", type_=Integer))
+)
+#: The newest messages of one partition of a topic.
+select_partition_messages = (
+    _listed.where(
+        m.c.topic == bindparam("p_topic"), m.c.partition_key == bindparam("p_partition_key")
+    )
+    .order_by(m.c.seq.desc())
+    .limit(bindparam("p_limit", type_=Integer))
+)
+
+#: Every row of a topic with this message id (one per partition, and per group in a DLQ).
+select_message_rows = (
+    select(m)
+    .where(m.c.topic == bindparam("p_topic"), m.c.message_id == bindparam("p_message_id"))
+    .order_by(m.c.seq)
+)
+
+#: The pending deliveries of one message, per group.
+select_message_deliveries = (
+    select(
+        d.c.grp,
+        d.c.slot,
+        d.c.visible_at.label("visible_at_ms"),
+        d.c.inflight,
+        d.c.attempt,
+        d.c.retry_count,
+        d.c.owner,
+        d.c.delivered_at.label("delivered_at_ms"),
+        d.c.last_error,
+    )
+    .where(d.c.seq == bindparam("p_seq"))
+    .order_by(d.c.grp)
+)
+
+#: The consumer groups of a topic.
+select_topic_groups = (
+    select(g.c.grp, g.c.slots).where(g.c.topic == bindparam("p_topic")).order_by(g.c.grp)
+)
+
+#: Every lease, with the database's now to judge it by.
+select_all_leases = select(
+    lease.c.topic,
+    lease.c.grp,
+    lease.c.slot,
+    lease.c.owner,
+    lease.c.epoch,
+    lease.c.expires_at.label("expires_at_ms"),
+    NOW.label("now_ms"),
+).order_by(lease.c.topic, lease.c.grp, lease.c.slot)
+
+#: Leases whose owner stopped renewing them.
+select_stale_leases = select_all_leases.where(lease.c.owner != "", lease.c.expires_at < NOW)
+
+#: Members whose heartbeat is older than ``older_than_ms``.
+select_stale_subscribers = (
+    select(
+        sub.c.id,
+        sub.c.topic,
+        sub.c.grp,
+        sub.c.host,
+        sub.c.pid,
+        sub.c.started_at.label("started_at_ms"),
+        sub.c.heartbeat_at.label("heartbeat_at_ms"),
+        (NOW - sub.c.heartbeat_at).label("silent_for_ms"),
+    )
+    .where(sub.c.heartbeat_at < NOW - bindparam("p_older_than_ms"))
+    .order_by(sub.c.topic, sub.c.grp, sub.c.id)
+)
+
+_group_leases = and_(lease.c.grp == bindparam("p_grp"), lease.c.topic == bindparam("p_topic"))
+#: Free the given slots of a group (their holder is fenced out once someone takes them).
+release_lease_slots: Update = (
+    update(lease)
+    .where(_group_leases, lease.c.slot.in_(bindparam("p_slots", expanding=True)))
+    .values(owner="", expires_at=0)
+)
+#: Free every lease a member holds in a group.
+release_owner_leases: Update = (
+    update(lease)
+    .where(_group_leases, lease.c.owner == bindparam("p_owner"))
+    .values(owner="", expires_at=0)
+)
+#: Free every lease of a group.
+release_group_leases: Update = (
+    update(lease).where(_group_leases, lease.c.owner != "").values(owner="", expires_at=0)
+)
+
+#: The group's slot count, which places a message's delivery.
+select_group_slots = select(g.c.slots).where(
+    g.c.topic == bindparam("p_topic"), g.c.grp == bindparam("p_grp")
+)
+
+#: The next batch of a topic's offsets in a range, ascending.
+select_offsets = (
+    select(m.c.seq)
+    .where(
+        m.c.topic == bindparam("p_topic"),
+        m.c.seq >= bindparam("p_from_offset"),
+        m.c.seq <= bindparam("p_to_offset"),
+    )
+    .order_by(m.c.seq)
+    .limit(bindparam("p_limit", type_=Integer))
+)
+
+#: The highest offset of a topic (NULL when it is empty).
+select_last_offset = select(func.max(m.c.seq)).where(m.c.topic == bindparam("p_topic"))
+
+# Due now, unless the message itself is still delayed (a reset must not deliver it early).
+_DUE = case((m.c.visible_after > NOW, m.c.visible_after), else_=NOW)
+
+#: Give a group deliveries of these messages unless it has them already.
+insert_group_deliveries = insert_ignore(d).from_select(
+    ["seq", "grp", "topic", "slot", "visible_at"],
+    select(m.c.seq, g.c.grp, m.c.topic, m.c.partition_hash % g.c.slots, _DUE)
+    .join(g, and_(g.c.topic == m.c.topic, g.c.grp == bindparam("p_grp")))
+    .where(m.c.seq.in_(bindparam("p_seqs", expanding=True))),
+)
+
+#: Messages from ``from_offset`` on that the group has no delivery of (reset-offset dry run).
+count_missing_deliveries = select(func.count()).where(
+    m.c.topic == bindparam("p_topic"),
+    m.c.seq >= bindparam("p_from_offset"),
+    ~select(d.c.seq).where(d.c.seq == m.c.seq, d.c.grp == bindparam("p_grp")).exists(),
+)
+
+#: A group's pending deliveries of a topic before an offset.
+select_deliveries_before = (
+    select(d.c.seq)
+    .where(
+        d.c.grp == bindparam("p_grp"),
+        d.c.topic == bindparam("p_topic"),
+        d.c.seq < bindparam("p_before_offset"),
+    )
+    .order_by(d.c.seq)
+    .limit(bindparam("p_limit", type_=Integer))
+)
+#: Count of the same (reset-offset dry run).
+count_deliveries_before = select(func.count()).where(
+    d.c.grp == bindparam("p_grp"),
+    d.c.topic == bindparam("p_topic"),
+    d.c.seq < bindparam("p_before_offset"),
+)
+
+#: Drop one group's deliveries of these messages.
+delete_group_deliveries: Delete = delete(d).where(
+    d.c.grp == bindparam("p_grp"), d.c.seq.in_(bindparam("p_seqs", expanding=True))
+)
+#: Drop every group's deliveries of these messages.
+delete_deliveries: Delete = delete(d).where(d.c.seq.in_(bindparam("p_seqs", expanding=True)))
+#: Drop these messages from the log (their deliveries first).
+delete_messages: Delete = delete(m).where(m.c.seq.in_(bindparam("p_seqs", expanding=True)))
+
+# --- dead letters ---------------------------------------------------------------------------
+
+_dead_letter_columns = (
+    m.c.seq.label("offset"),
+    m.c.partition_key,
+    m.c.message_id,
+    m.c.dlq_group.label("failed_group"),
+    m.c.original_topic,
+    m.c.failure_count,
+    m.c.failed_at.label("failed_at_ms"),
+    m.c.last_error,
+)
+
+
+def select_dead_letters(
+    *, by_id: bool, by_partition: bool, by_group: bool, by_error: bool, by_age: bool
+) -> Select[tuple[object, ...]]:
+    """Dead letters of ``dlq_topic``, oldest first, narrowed by the filters switched on.
+
+    Bindparams: ``message_id``, ``partition_key``, ``grp``, ``error_contains`` (case-sensitive
+    substring: INSTR behaves the same on both engines, LIKE does not), ``older_than_ms``,
+    and the page: ``after_offset``, ``to_offset``, ``limit``.
+    """
+    stmt = select(*_dead_letter_columns).where(
+        m.c.topic == bindparam("p_dlq_topic"),
+        m.c.seq > bindparam("p_after_offset"),
+        m.c.seq <= bindparam("p_to_offset"),
+    )
+    if by_id:
+        stmt = stmt.where(m.c.message_id == bindparam("p_message_id"))
+    if by_partition:
+        stmt = stmt.where(m.c.partition_key == bindparam("p_partition_key"))
+    if by_group:
+        stmt = stmt.where(m.c.dlq_group == bindparam("p_grp"))
+    if by_error:
+        stmt = stmt.where(func.instr(m.c.last_error, bindparam("p_error_contains")) > 0)
+    if by_age:
+        stmt = stmt.where(m.c.failed_at < NOW - bindparam("p_older_than_ms"))
+    return stmt.order_by(m.c.seq).limit(bindparam("p_limit", type_=Integer))
+
+
+#: One dead letter by offset (read again inside the requeue's transaction).
+select_dead_letter = select(*_dead_letter_columns).where(
+    m.c.seq == bindparam("p_seq"), m.c.dlq_group != ""
+)
+
+#: The live message a dead letter was copied from, if it is still retained.
+select_original_seq = select(m.c.seq).where(
+    m.c.topic == bindparam("p_topic"),
+    m.c.partition_key == bindparam("p_partition_key"),
+    m.c.message_id == bindparam("p_message_id"),
+    m.c.dlq_group == "",
+)
+
+#: Put a purged original back into its topic from its dead letter (no DLQ fields, visible now).
+restore_original = insert_ignore(m).from_select(
+    [
+        "topic",
+        "partition_key",
+        "message_id",
+        "dlq_group",
+        "partition_hash",
+        "payload",
+        "metadata",
+        "visible_after",
+        "created_at",
+        "publish_token",
+    ],
+    select(
+        m.c.original_topic,
+        m.c.partition_key,
+        m.c.message_id,
+        literal(""),
+        m.c.partition_hash,
+        m.c.payload,
+        m.c.metadata,
+        literal(0),
+        NOW,
+        bindparam("p_publish_token", type_=m.c.publish_token.type),
+    ).where(m.c.seq == bindparam("p_seq")),
+)
+
+#: Make a group's waiting delivery fresh: due now, no failures. One in flight is left alone.
+reset_delivery: Update = (
+    update(d)
+    .where(d.c.seq == bindparam("p_seq"), d.c.grp == bindparam("p_grp"), d.c.inflight == 0)
+    .values(visible_at=NOW, retry_count=0, last_error=None)
+)
+
+#: Does the group have a delivery of the message (after a requeue wrote one)?
+count_delivery = select(func.count()).where(
+    d.c.seq == bindparam("p_seq"), d.c.grp == bindparam("p_grp")
+)
