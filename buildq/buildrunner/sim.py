@@ -9,6 +9,10 @@ answer after a restart or on another replica.
 The one piece of state is a cancel. With ``state_dir`` each cancel is a small file there and
 survives restarts (and is seen by every replica sharing the directory); without it cancels are
 kept in this process's memory only, and a restarted daemon forgets them.
+
+For fault drills (chaos tests, alerting rehearsals), ``status_fault_file`` names a file whose
+existence makes every ``status`` call fail with a transient error, as an unreachable CI
+service would; delete the file and the builds are polled normally again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from buildq.buildrunner.contract import BuildID, BuildMetadata, BuildNotFound, BuildStatus, Change
+from buildq.buildrunner.contract import (
+    BuildID,
+    BuildMetadata,
+    BuildNotFound,
+    BuildStatus,
+    Change,
+    TransientRunnerError,
+)
 from buildq.config.base import ConfigError, Table
 
 _ID_PATTERN = re.compile(r"sim-([0-9]{1,16})-([0-9]{1,12})-([0-9]{1,12})-([pf])-([0-9a-f]{16})")
@@ -59,6 +70,7 @@ class SimConfig:
     queues: Mapping[str, SimProfile] = field(default_factory=dict)
     seed: int | None = None
     state_dir: Path | None = None
+    status_fault_file: Path | None = None
 
     @classmethod
     def from_table(cls, table: Table) -> SimConfig:
@@ -69,8 +81,15 @@ class SimConfig:
         }
         seed = table.int("seed") if "seed" in table.data else None
         state_dir = table.optional_str("state_dir")
+        fault_file = table.optional_str("status_fault_file")
         table.reject_unknown()
-        return cls(default, queues, seed, Path(state_dir) if state_dir else None)
+        return cls(
+            default,
+            queues,
+            seed,
+            Path(state_dir) if state_dir else None,
+            Path(fault_file) if fault_file else None,
+        )
 
     def profile(self, queue: str) -> SimProfile:
         return self.queues.get(queue, self.default)
@@ -163,6 +182,9 @@ class SimRunner:
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         plan = _Plan.parse(build_id)
+        fault = self.config.status_fault_file
+        if fault is not None and fault.exists():
+            raise TransientRunnerError(f"simulated status failure ({fault} exists)")
         cancelled_ms = self._cancelled_at(build_id)
         now_ms = self._now_ms() if cancelled_ms is None else cancelled_ms
         state = _state_at(plan, now_ms)

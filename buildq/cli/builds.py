@@ -131,7 +131,7 @@ def _follow(store: SqlBuildStore, request_id: str, args: argparse.Namespace) -> 
 
 def _ls(args: argparse.Namespace) -> int:
     def body(db: Database) -> int:
-        builds = SqlBuildStore(db).list(args.status, args.limit, args.queue)
+        builds = SqlBuildStore(db).list_builds(args.status, args.limit, args.queue)
         if args.json:
             common.print_json([b.to_json() for b in builds])
             return 0

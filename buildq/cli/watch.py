@@ -32,7 +32,7 @@ def _age(now_ms: int, then_ms: int | None) -> str:
 def render(store: SqlBuildStore, recent: int = 10) -> Group:
     now = store.now_ms()
     live = store.in_flight(limit=200)
-    done = [b for b in store.list(limit=50) if b.is_terminal][:recent]
+    done = [b for b in store.list_builds(limit=50) if b.is_terminal][:recent]
     table = Table(title=f"in flight: {len(live)}", expand=True)
     for column in ("build", "queue", "status", "age", "polls", "next poll", "url"):
         table.add_column(column)

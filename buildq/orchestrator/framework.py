@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -156,7 +156,9 @@ class Consumer:
                 self._capacity.wait(0.5)
             return limit - self._inflight[id(subscription)]
 
-    def _dispatch(self, controller: Controller, subscription: Subscription, deliveries: list[Any]) -> None:
+    def _dispatch(
+        self, controller: Controller, subscription: Subscription, deliveries: Sequence[Delivery]
+    ) -> None:
         with self._capacity:
             self._inflight[id(subscription)] += len(deliveries)
         for delivery in deliveries:

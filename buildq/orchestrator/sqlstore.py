@@ -193,7 +193,7 @@ class SqlBuildStore:
     def get_by_request(self, request_id: str) -> Build | None:
         return self.db.read(lambda conn: SqlBuildWrites(conn).get_by_request(request_id))
 
-    def list(
+    def list_builds(
         self, statuses: Sequence[str] | None = None, limit: int = 100, queue: str | None = None
     ) -> list[Build]:
         stmt = select(b).order_by(b.c.created_at.desc(), b.c.request_id).limit(limit)
@@ -204,7 +204,7 @@ class SqlBuildStore:
         return [to_build(r) for r in self.db.read(lambda conn: conn.execute(stmt).all())]
 
     def in_flight(self, limit: int = 200) -> list[Build]:
-        return self.list([s.value for s in BuildStatus if not s.is_terminal], limit)
+        return self.list_builds([s.value for s in BuildStatus if not s.is_terminal], limit)
 
     def count_by_status(self) -> dict[str, int]:
         stmt = select(b.c.status, func.count()).group_by(b.c.status)

@@ -168,7 +168,7 @@ class Subscription(Protocol):
     @property
     def group(self) -> str: ...
 
-    def fetch(self, limit: int) -> list[Delivery]:
+    def fetch(self, limit: int) -> Sequence[Delivery]:
         """Claim up to ``limit`` visible deliveries from the partitions this member leases."""
         ...
 

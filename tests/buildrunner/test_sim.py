@@ -204,3 +204,18 @@ def test_config_errors_name_the_key(data: dict[str, object], key: str) -> None:
     with pytest.raises(ConfigError) as raised:
         SimConfig.from_table(Table("runners.sim", data))
     assert raised.value.key == key
+
+
+def test_status_fault_file_makes_status_fail_transiently(tmp_path):
+    from buildq.buildrunner import Change, TransientRunnerError
+    from buildq.buildrunner.sim import SimConfig, SimRunner
+
+    fault = tmp_path / "fault"
+    runner = SimRunner(SimConfig(status_fault_file=fault))
+    build = runner.trigger("q", [], [Change("c")])
+    runner.status(build)
+    fault.touch()
+    with pytest.raises(TransientRunnerError, match="simulated"):
+        runner.status(build)
+    fault.unlink()
+    assert runner.status(build)[0].value in ("ACCEPTED", "RUNNING")

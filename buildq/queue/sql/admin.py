@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -136,7 +136,7 @@ class QueueAdmin:
         self, topic: str, message_id: str, partition_key: str | None = None
     ) -> list[int]:
         rows = self._all(aq.select_message_rows, {"topic": topic, "message_id": message_id})
-        return [int(r["seq"]) for r in rows if partition_key in (None, r["partition_key"])]
+        return [r["offset"] for r in rows if partition_key in (None, r["partition_key"])]
 
     def last_offset(self, topic: str) -> int | None:
         return _int_or_none(self._scalar(aq.select_last_offset, {"topic": topic}))
@@ -171,7 +171,7 @@ class QueueAdmin:
             stmt, params = aq.release_owner_leases, params | {"owner": owner}
         else:
             stmt = aq.release_group_leases
-        return self.db.write(lambda conn: conn.execute(stmt, q.params(params)).rowcount)
+        return self._count_written(stmt, params)
 
     def reset_offset(self, topic: str, group: str, offset: int, *, dry_run: bool) -> ResetResult:
         """From now on the group receives every retained message with offset >= ``offset``
@@ -184,44 +184,26 @@ class QueueAdmin:
                 added=int(self._scalar(aq.count_missing_deliveries, params)),
                 skipped=int(self._scalar(aq.count_deliveries_before, params)),
             )
-        added = 0
-        for seqs in self._offset_batches(topic, offset):
-            added += self.db.write(
-                lambda conn, seqs=seqs: (
-                    conn.execute(
-                        aq.insert_group_deliveries, q.params({"grp": group, "seqs": seqs})
-                    ).rowcount
-                )
-            )
+        added = sum(
+            self._count_written(aq.insert_group_deliveries, {"grp": group, "seqs": seqs})
+            for seqs in self._offset_batches(topic, offset)
+        )
         skipped = 0
         while seqs := [int(s) for s in self._scalars(aq.select_deliveries_before, params)]:
-            skipped += self.db.write(
-                lambda conn, seqs=seqs: (
-                    conn.execute(
-                        aq.delete_group_deliveries, q.params({"grp": group, "seqs": seqs})
-                    ).rowcount
-                )
-            )
+            skipped += self._count_written(aq.delete_group_deliveries, {"grp": group, "seqs": seqs})
         return ResetResult(added=added, skipped=skipped)
 
     def delete_offsets(self, offsets: Sequence[int]) -> int:
         """Delete these messages and all their deliveries; returns messages deleted."""
-        deleted = 0
-        for start in range(0, len(offsets), BATCH):
-            deleted += self.db.write(
-                lambda conn, start=start: _delete_in(conn, list(offsets[start : start + BATCH]))
-            )
-        return deleted
+        batches = [list(offsets[i : i + BATCH]) for i in range(0, len(offsets), BATCH)]
+        return sum(self._delete(batch) for batch in batches)
 
     def purge_topic(self, topic: str) -> int:
         """Delete every message of the topic retained now, and their deliveries."""
         last = self.last_offset(topic)
         if last is None:
             return 0
-        deleted = 0
-        for seqs in self._offset_batches(topic, 0, last):
-            deleted += self.db.write(lambda conn, seqs=seqs: _delete_in(conn, seqs))
-        return deleted
+        return sum(self._delete(seqs) for seqs in self._offset_batches(topic, 0, last))
 
     # --- dead letters ----------------------------------------------------------------------
 
@@ -246,7 +228,6 @@ class QueueAdmin:
         where: DeadLetterFilter,
         *,
         rate_per_s: float | None = None,
-        on_each: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> RequeueResult:
         """Send dead letters back to the group that failed them, with retry_count 0, one
         transaction each; ``rate_per_s`` paces them."""
@@ -255,12 +236,7 @@ class QueueAdmin:
         for batch in self._dead_letter_batches(topic, where):
             for letter in batch:
                 pace.wait()
-                outcome = self._requeue_one(letter)
-                {"requeued": result.requeued, "gone": result.gone, "failed": result.failed}[
-                    outcome
-                ].append(letter)
-                if on_each is not None:
-                    on_each(outcome, letter)
+                getattr(result, self._requeue_one(letter)).append(letter)
         return result
 
     def _requeue_one(self, letter: dict[str, Any]) -> str:
@@ -303,7 +279,7 @@ class QueueAdmin:
             "after_offset": -1,
         }
         while batch := self._all(stmt, {k: v for k, v in params.items() if v is not None}):
-            yield [_dead_letter(row) for row in batch]
+            yield batch
             params["after_offset"] = int(batch[-1]["offset"])
 
     def _offset_batches(
@@ -313,6 +289,12 @@ class QueueAdmin:
         while seqs := [int(s) for s in self._scalars(aq.select_offsets, params)]:
             yield seqs
             params["from_offset"] = seqs[-1] + 1
+
+    def _delete(self, seqs: list[int]) -> int:
+        return self.db.write(lambda conn: _delete_in(conn, seqs))
+
+    def _count_written(self, stmt: Any, params: dict[str, Any]) -> int:
+        return int(self.db.write(lambda conn: conn.execute(stmt, q.params(params)).rowcount))
 
     def _all(self, stmt: Any, params: dict[str, Any]) -> list[dict[str, Any]]:
         return self.db.read(
@@ -378,7 +360,7 @@ def _inspect_in(
             row["dlq_group"],
         ):
             continue
-        pending = conn.execute(aq.select_message_deliveries, q.params({"seq": row["seq"]}))
+        pending = conn.execute(aq.select_message_deliveries, q.params({"seq": row["offset"]}))
         deliveries = [_delivery(dict(d._mapping)) for d in pending]
         busy = {d["group"] for d in deliveries}
         found.append(
@@ -389,40 +371,23 @@ def _inspect_in(
 
 
 def _message(row: dict[str, Any]) -> dict[str, Any]:
-    payload = bytes(row["payload"])
+    """The row as stored, the payload shown as JSON when it is JSON, else as base64."""
+    payload = bytes(row.pop("payload"))
     try:
-        decoded: Any = json.loads(payload.decode("utf-8"))
-        encoding = "json"
+        row["payload"] = json.loads(payload.decode("utf-8"))
+        row["payload_encoding"] = "json"
     except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
-        decoded, encoding = base64.b64encode(payload).decode("ascii"), "base64"
-    return {
-        "offset": int(row["seq"]),
-        "topic": row["topic"],
-        "partition_key": row["partition_key"],
-        "message_id": row["message_id"],
-        "dlq_group": row["dlq_group"],
-        "partition_hash": int(row["partition_hash"]),
-        "payload": decoded,
-        "payload_encoding": encoding,
-        "payload_bytes": len(payload),
-        "metadata": json.loads(row["metadata"] or "{}"),
-        "visible_after_ms": int(row["visible_after"]),
-        "created_at_ms": int(row["created_at"]),
-        "original_topic": row["original_topic"],
-        "failed_at_ms": _int_or_none(row["failed_at"]),
-        "failure_count": _int_or_none(row["failure_count"]),
-        "last_error": row["last_error"],
-    }
+        row["payload"] = base64.b64encode(payload).decode("ascii")
+        row["payload_encoding"] = "base64"
+    row["payload_bytes"] = len(payload)
+    row["metadata"] = json.loads(row["metadata"] or "{}")
+    return row
 
 
 def _delivery(row: dict[str, Any]) -> dict[str, Any]:
     row["group"] = row.pop("grp")
     row["in_flight"] = bool(row.pop("inflight"))
     return row
-
-
-def _dead_letter(row: dict[str, Any]) -> dict[str, Any]:
-    return row | {"failure_count": int(row["failure_count"] or 0)}
 
 
 def _lease(row: dict[str, Any]) -> dict[str, Any]:

@@ -144,7 +144,22 @@ select_partition_messages = (
 
 #: Every row of a topic with this message id (one per partition, and per group in a DLQ).
 select_message_rows = (
-    select(m)
+    select(
+        m.c.seq.label("offset"),
+        m.c.topic,
+        m.c.partition_key,
+        m.c.message_id,
+        m.c.dlq_group,
+        m.c.partition_hash,
+        m.c.payload,
+        m.c.metadata,
+        m.c.visible_after.label("visible_after_ms"),
+        m.c.created_at.label("created_at_ms"),
+        m.c.original_topic,
+        m.c.failed_at.label("failed_at_ms"),
+        m.c.failure_count,
+        m.c.last_error,
+    )
     .where(m.c.topic == bindparam("p_topic"), m.c.message_id == bindparam("p_message_id"))
     .order_by(m.c.seq)
 )

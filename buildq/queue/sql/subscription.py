@@ -22,6 +22,7 @@ from buildq.db import Database
 from buildq.queue.contract import (
     AlreadyAcknowledged,
     DeadLetter,
+    Delivery,
     DeliveryLost,
     Message,
 )
@@ -327,9 +328,9 @@ class SqlSubscription:
         ):
             raise self._refused(delivery, "extend_visibility")
 
-    def hand_back(self, deliveries: Sequence[SqlDelivery]) -> None:
+    def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         """Return unprocessed deliveries without counting a retry (shutdown, rebalance)."""
-        mine = [d for d in deliveries if d._state is _State.OPEN]
+        mine = [d for d in deliveries if isinstance(d, SqlDelivery) and d._state is _State.OPEN]
         if not mine:
             return
         rows = [
