@@ -163,6 +163,8 @@ def test_every_status_and_conclusion_maps(
     assert meta.get("failure_reason") == reason
     assert meta["url"].endswith(f"/octo/app/actions/runs/{run_id_of(build_id)}")
     assert meta["run_attempt"] == "1"
+    assert meta["started_at"].endswith("+00:00") and float(meta["duration_s"]) >= 0
+    assert ("finished_at" in meta) is (status == "completed")
 
 
 def test_run_attempt_is_pinned(gh: FakeGitHub, gh_runner: GitHubRunner) -> None:
@@ -221,7 +223,9 @@ def test_status_uses_etag_and_304_does_not_cost_budget(
     remaining = gh.rate.remaining
     second = gh_runner.status(build_id)
 
-    assert first == second
+    # Same body (the cached one); only the running duration moved on.
+    assert first[0] == second[0]
+    assert {**first[1], "duration_s": ""} == {**second[1], "duration_s": ""}
     assert [r.status for r in gh.requests_matching("GET", "/attempts/1")] == [200, 304]
     assert gh.rate.remaining == remaining
 
