@@ -1,0 +1,1 @@
+"""System tests: the ``buildq`` command and ``buildq.demo`` as real processes."""
