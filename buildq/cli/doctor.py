@@ -1,9 +1,195 @@
-"""Placeholder: filled in by its issue."""
+"""``buildq doctor``: check the config, the database and the runners; say how to fix each
+problem. Exits 1 when anything failed, so it can gate a deploy.
+
+A check that cannot run because an earlier one failed (no URL, no connection) is skipped,
+not failed: the first failure is the one to fix.
+"""
 
 from __future__ import annotations
 
+import argparse
+import sqlite3
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from buildq.buildrunner.buildkite import BuildkiteConfig
+from buildq.buildrunner.command import CommandConfig
+from buildq.buildrunner.github import GitHubConfig
+from buildq.buildrunner.noop import NoopConfig
+from buildq.buildrunner.sim import SimConfig
+from buildq.cli import common
+from buildq.config import Config, ConfigError, Table, load_config
+from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
+
+#: The oldest servers buildq supports. On MySQL/MariaDB these are the first with
+#: ``FOR UPDATE SKIP LOCKED``, which every fetch uses.
+MIN_VERSIONS = {"MySQL": (8, 0, 1), "MariaDB": (10, 6), "SQLite": (3, 35)}
+
+#: ``type`` of a ``[runners.NAME]`` table → the config class that validates it.
+# buildq.orchestrator.wiring builds runners (clients, directories); doctor must only validate.
+RUNNER_CONFIGS: dict[str, Any] = {
+    "noop": NoopConfig,
+    "sim": SimConfig,
+    "command": CommandConfig,
+    "buildkite": BuildkiteConfig,
+    "github": GitHubConfig,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: str  # "ok", "FAIL" or "skip"
+    detail: str
+    fix: str = ""
 
 
 def register(commands: Any) -> None:
-    pass
+    parser = commands.add_parser(
+        "doctor", help="check config, database and runners", description=__doc__
+    )
+    common.add_target_options(parser)
+    common.add_json_option(parser)
+    parser.set_defaults(handler=_doctor)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    checks, config, url = _check_config(args)
+    if url is None:
+        checks.append(Check("database", "skip", "no database URL (the config did not load)"))
+    else:
+        checks += _check_database(url, _upgrade_hint(args, url))
+    checks += _check_runners(config)
+    failed = any(check.status == "FAIL" for check in checks)
+    if args.json:
+        common.print_json({"ok": not failed, "checks": [asdict(check) for check in checks]})
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            print(f"{check.status:<4}  {check.name.ljust(width)}  {check.detail}")
+            if check.fix:
+                print(f"{'':<4}  {''.ljust(width)}  fix: {check.fix}")
+        print("\n" + ("something is wrong: see FAIL above" if failed else "all checks passed"))
+    return 1 if failed else 0
+
+
+def _check_config(args: argparse.Namespace) -> tuple[list[Check], Config | None, str | None]:
+    if getattr(args, "url", None):
+        skipped = Check("config", "skip", "--url given: no config file read")
+        return [skipped], None, str(args.url)
+    path = common.config_path(args)
+    try:
+        config = load_config(path)
+    except ConfigError as err:
+        return [Check("config", "FAIL", f"{path or 'no config file'}", fix=str(err))], None, None
+    where = str(path) if path else "no file: defaults and BUILDQ_* environment"
+    return [Check("config", "ok", where)], config, config.database.connect_url()
+
+
+def _upgrade_hint(args: argparse.Namespace, url: str) -> str:
+    path = common.config_path(args) if not getattr(args, "url", None) else None
+    if path:
+        return f"run 'buildq db upgrade --config {path}'"
+    try:
+        return f"run \"buildq db upgrade --url '{redacted_url(url)}'\""
+    except sa.exc.ArgumentError:
+        return "run 'buildq db upgrade --url URL'"
+
+
+def _check_database(url: str, upgrade: str) -> list[Check]:
+    try:
+        shown = redacted_url(url)
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+            # Connecting would create an empty file and hide the real problem.
+            return [Check("database", "FAIL", f"{shown}: the file does not exist", upgrade)]
+        engine = create_engine(url, pool_size=1)
+    except (ValueError, sa.exc.ArgumentError) as err:
+        return [
+            Check("database", "FAIL", _first_line(err), "give a sqlite:/// or mysql+pymysql:// URL")
+        ]
+    try:
+        # Read-only: on SQLite a plain connection would BEGIN IMMEDIATE and hold the write
+        # lock, blocking the daemon (and the schema check's own connection).
+        with engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            conn.execute(sa.text("SELECT 1"))
+            checks = [Check("database", "ok", f"reachable: {shown}"), _check_version(engine)]
+            if backend_name(engine) == "sqlite":
+                checks.append(_check_wal(conn))
+        return [*checks, _check_schema(engine, upgrade)]
+    except Exception as err:  # drivers raise many types; the operator needs one line
+        fix = "check that the server is up and reachable, and the URL and password"
+        return [Check("database", "FAIL", f"{shown}: {_first_line(err)}", fix)]
+    finally:
+        engine.dispose()
+
+
+def _check_version(engine: Engine) -> Check:
+    version: tuple[int, ...]
+    if backend_name(engine) == "sqlite":
+        product, version = "SQLite", sqlite3.sqlite_version_info
+    else:
+        product = "MariaDB" if getattr(engine.dialect, "is_mariadb", False) else "MySQL"
+        version = tuple(v for v in engine.dialect.server_version_info or () if isinstance(v, int))
+    needed = MIN_VERSIONS[product]
+    shown = ".".join(map(str, version))
+    if tuple(version) >= needed:
+        return Check("server", "ok", f"{product} {shown}")
+    want = ".".join(map(str, needed))
+    return Check(
+        "server",
+        "FAIL",
+        f"{product} {shown} is too old: the queue needs {product} >= {want}",
+        f"upgrade {product} to {want} or newer",
+    )
+
+
+def _check_wal(conn: Connection) -> Check:
+    mode = str(conn.exec_driver_sql("PRAGMA journal_mode").scalar()).lower()
+    if mode == "wal":
+        return Check("sqlite wal", "ok", "journal_mode=wal")
+    return Check(
+        "sqlite wal",
+        "FAIL",
+        f"journal_mode={mode}: readers would block the writer",
+        "put the database file on a local disk (WAL does not work on network filesystems)",
+    )
+
+
+def _check_schema(engine: Engine, upgrade: str) -> Check:
+    from buildq.migrations import current_revision, head_revision
+
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return Check("schema", "ok", f"at head ({head})")
+    if current is None:
+        return Check("schema", "FAIL", "no buildq schema (never migrated)", upgrade)
+    return Check("schema", "FAIL", f"at revision {current}, head is {head}", upgrade)
+
+
+def _check_runners(config: Config | None) -> list[Check]:
+    if config is None:
+        return [Check("runners", "skip", "no config")]
+    if not config.runners:
+        return [Check("runners", "ok", "none configured")]
+    return [_check_runner(name, table) for name, table in sorted(config.runners.items())]
+
+
+def _check_runner(name: str, table: Table) -> Check:
+    kind = str(table.data.get("type"))
+    # A fresh table without "type", as the wiring reads it: validates, builds nothing.
+    rest = Table(table.path, {k: v for k, v in table.data.items() if k != "type"}, table.origin)
+    try:
+        RUNNER_CONFIGS[kind].from_table(rest)
+    except ValueError as err:  # ConfigError, naming the key; secrets never in it
+        return Check(f"runner {name}", "FAIL", f"type {kind}: invalid", str(err))
+    return Check(f"runner {name}", "ok", f"type {kind}: config and secrets resolve")
+
+
+def _first_line(err: BaseException) -> str:
+    orig = getattr(err, "orig", None)
+    return str(orig if orig is not None else err).splitlines()[0][:300]
