@@ -177,6 +177,7 @@ class QueueAdmin:
         """From now on the group receives every retained message with offset >= ``offset``
         and none before it."""
         params = {"topic": topic, "grp": group, "from_offset": offset, "before_offset": offset}
+        params |= {"limit": BATCH}
         if self._scalar(aq.select_group_slots, params) is None:
             raise QueueError(f"consumer group {group!r} does not exist on topic {topic!r}")
         if dry_run:

@@ -1,0 +1,117 @@
+"""Running the admin CLI in-process against each backend, and snapshots of the queue tables.
+
+``cli("queue", "topics", "--json")`` runs ``buildq.cli.main`` with ``--url`` of the test's
+database appended, returns exit code, stdout, stderr and (for ``--json``) the parsed output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from buildq.cli import main
+from buildq.db import Database
+from buildq.queue import Message
+from buildq.queue.settings import SubscriptionSettings
+from buildq.queue.sql import SqlQueue, SqlSubscription
+from buildq.queue.sql.schema import metadata
+from tests.queue.conftest import FAST
+
+QUEUE_TABLES = ("queue_messages", "queue_groups", "queue_deliveries", "queue_leases")
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def data(self) -> Any:
+        assert self.code == 0, f"exit {self.code}: {self.err}"
+        return json.loads(self.out)
+
+
+Cli = Callable[..., Result]
+
+
+class Terminal(io.StringIO):
+    """A stdin that says it is a TTY, answering the confirmation prompt with ``answer``."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def cli(backend_url: str, capsys: pytest.CaptureFixture[str], monkeypatch) -> Cli:
+    def run(*argv: str, stdin: io.StringIO | None = None, url: bool = True) -> Result:
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", stdin)
+        args = [*argv, "--url", backend_url] if url else list(argv)
+        capsys.readouterr()
+        try:
+            code = main(args)
+        except SystemExit as exit_:  # argparse usage errors
+            code = int(exit_.code or 0)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def msg(mid: str, key: str = "p", payload: bytes = b'{"n": 1}', **meta: str) -> Message:
+    return Message(id=mid, payload=payload, partition_key=key, metadata=meta)
+
+
+@pytest.fixture
+def queue(db: Database) -> Iterator[SqlQueue]:
+    q = SqlQueue(db)
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def subscribe(queue: SqlQueue) -> Iterator[Callable[..., SqlSubscription]]:
+    opened: list[SqlSubscription] = []
+
+    def _subscribe(
+        topic: str, group: str = "g", settings: SubscriptionSettings = FAST
+    ) -> SqlSubscription:
+        sub = queue.subscribe(topic, group, settings)
+        opened.append(sub)
+        return sub
+
+    yield _subscribe
+    for sub in opened:
+        with contextlib.suppress(Exception):
+            sub.close()
+
+
+def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the queue's tables (subscribers aside: their heartbeats tick)."""
+
+    def read(conn: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
+        tables = {name: metadata.tables[name] for name in QUEUE_TABLES}
+        return {
+            name: sorted(tuple(row) for row in conn.execute(sa.select(table)))
+            for name, table in tables.items()
+        }
+
+    return db.read(read)
+
+
+def rows(db: Database, table: str, **where: Any) -> list[Any]:
+    t = metadata.tables[table]
+    stmt = sa.select(t).where(*(t.c[k] == v for k, v in where.items()))
+    return db.read(lambda conn: list(conn.execute(stmt).mappings()))
+
+
+def execute(db: Database, stmt: Any) -> None:
+    db.write(lambda conn: conn.execute(stmt))
