@@ -35,8 +35,12 @@ class Result:
 
     @property
     def data(self) -> Any:
-        assert self.code == 0, f"exit {self.code}: {self.err}"
-        return json.loads(self.out)
+        try:
+            return json.loads(self.out)
+        except ValueError:
+            raise AssertionError(
+                f"not JSON (exit {self.code}): {self.out!r} {self.err!r}"
+            ) from None
 
 
 Cli = Callable[..., Result]

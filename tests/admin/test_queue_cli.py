@@ -26,7 +26,7 @@ def test_topics_counts_ready_delayed_in_flight_and_dead_letters(cli, queue, subs
     for n in range(3):
         queue.publish("t", msg(f"m{n}"))
     queue.publish_after("t", msg("later"), 600_000)
-    first, second = wait_until(lambda: sub.fetch(2) or None)
+    _in_flight, second = wait_until(lambda: sub.fetch(2) or None)
     second.reject("bad input")
 
     result = cli("queue", "topics", "--json")
@@ -82,7 +82,11 @@ def test_inspect_shows_json_payloads_parsed_and_others_as_base64(cli, queue, sub
     [j] = cli("queue", "inspect", "--topic", "t", "--id", "j", "--json").data
     [b] = cli("queue", "inspect", "--topic", "t", "--id", "b", "--json").data
 
-    assert (j["payload"], j["payload_encoding"], j["metadata"]) == ({"build": "ü"}, "json", {"src": "cli"})
+    assert (j["payload"], j["payload_encoding"], j["metadata"]) == (
+        {"build": "ü"},
+        "json",
+        {"src": "cli"},
+    )
     assert [d["group"] for d in j["deliveries"]] == ["g", "h"]
     assert j["deliveries"][0]["retry_count"] == 0 and j["done_groups"] == []
     assert (b["payload"], b["payload_encoding"]) == ("/wBiaW5hcnk=", "base64")
@@ -121,8 +125,20 @@ def test_leases_stale_leases_and_release(cli, db):
 
     stale = cli("queue", "stale-leases", "--older-than", "30s", "--json").data
     text = cli("queue", "stale-leases").out
-    released = cli("queue", "release-lease", "--topic", "t", "--group", "g", "--slot", "0",
-                   "--slot", "1", "--yes", "--json").data
+    released = cli(
+        "queue",
+        "release-lease",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--slot",
+        "0",
+        "--slot",
+        "1",
+        "--yes",
+        "--json",
+    ).data
 
     assert len(stale["leases"]) == FAST.slots
     assert [s["id"] for s in stale["subscribers"]] == ["host:1:dead"]
@@ -130,8 +146,20 @@ def test_leases_stale_leases_and_release(cli, db):
     assert released == {"released": 2}
     after = cli("queue", "leases", "--group", "g", "--json").data
     assert [lease["state"] for lease in after].count("free") == 2
-    assert cli("queue", "release-lease", "--topic", "t", "--group", "g", "--owner",
-               "host:1:dead", "--yes").out == "released 6 lease(s)\n"
+    assert (
+        cli(
+            "queue",
+            "release-lease",
+            "--topic",
+            "t",
+            "--group",
+            "g",
+            "--owner",
+            "host:1:dead",
+            "--yes",
+        ).out
+        == "released 6 lease(s)\n"
+    )
 
 
 def test_releasing_a_live_lease_fences_its_owner(cli, queue, subscribe):
@@ -157,50 +185,113 @@ def test_reset_offset_redelivers_from_an_offset_and_skips_before_it(cli, db, que
     third = sorted(offsets)[2]
     before = snapshot(db)
 
-    dry = cli("queue", "reset-offset", "--topic", "t", "--group", "g", "--to", str(third),
-              "--dry-run", "--json").data
+    dry = cli(
+        "queue",
+        "reset-offset",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--to",
+        str(third),
+        "--dry-run",
+        "--json",
+    ).data
     assert snapshot(db) == before
-    done = cli("queue", "reset-offset", "--topic", "t", "--group", "g", "--to", str(third),
-               "--yes", "--json").data
+    done = cli(
+        "queue",
+        "reset-offset",
+        "--topic",
+        "t",
+        "--group",
+        "g",
+        "--to",
+        str(third),
+        "--yes",
+        "--json",
+    ).data
 
     assert (dry["added"], dry["skipped"], dry["dry_run"]) == (3, 0, True)
     assert (done["added"], done["skipped"]) == (3, 0)
     pending = rows(db, "queue_deliveries", grp="g")
     assert sorted(r["seq"] for r in pending) == sorted(offsets)[2:]
-    latest = cli("queue", "reset-offset", "--topic", "t", "--group", "g", "--to", "latest",
-                 "--yes", "--json").data
+    latest = cli(
+        "queue", "reset-offset", "--topic", "t", "--group", "g", "--to", "latest", "--yes", "--json"
+    ).data
     assert (latest["added"], latest["skipped"]) == (0, 3)
     assert rows(db, "queue_deliveries", grp="g") == []
-    missing = cli("queue", "reset-offset", "--topic", "t", "--group", "nobody", "--to", "0",
-                  "--yes")
+    missing = cli(
+        "queue", "reset-offset", "--topic", "t", "--group", "nobody", "--to", "0", "--yes"
+    )
     assert missing.code == 1 and "does not exist" in missing.err
 
 
 def test_publish_validates_json_and_reports_duplicates(cli, db, tmp_path, subscribe):
     sub = subscribe("t")
-    first = cli("queue", "publish", "--topic", "t", "--id", "x/poll/1", "--partition", "x",
-                "--payload", '{"step": 1}', "--metadata", "who=oncall", "--metadata", "a=b=c",
-                "--json")
+    first = cli(
+        "queue",
+        "publish",
+        "--topic",
+        "t",
+        "--id",
+        "x/poll/1",
+        "--partition",
+        "x",
+        "--payload",
+        '{"step": 1}',
+        "--metadata",
+        "who=oncall",
+        "--metadata",
+        "a=b=c",
+        "--json",
+    )
     (tmp_path / "p.json").write_text('{"step": 1}')
-    again = cli("queue", "publish", "--topic", "t", "--id", "x/poll/1", "--partition", "x",
-                "--payload-file", str(tmp_path / "p.json"))
+    again = cli(
+        "queue",
+        "publish",
+        "--topic",
+        "t",
+        "--id",
+        "x/poll/1",
+        "--partition",
+        "x",
+        "--payload-file",
+        str(tmp_path / "p.json"),
+    )
 
     assert first.code == 0 and first.data["duplicate"] is False
     assert again.code == 0 and "duplicate" in again.out
     [d] = wait_until(lambda: sub.fetch(1))
-    assert (d.message.payload, dict(d.message.metadata)) == (b'{"step": 1}', {"who": "oncall", "a": "b=c"})
-    bad = cli("queue", "publish", "--topic", "t", "--id", "y", "--partition", "x",
-              "--payload", "{nope")
+    assert (d.message.payload, dict(d.message.metadata)) == (
+        b'{"step": 1}',
+        {"who": "oncall", "a": "b=c"},
+    )
+    bad = cli(
+        "queue", "publish", "--topic", "t", "--id", "y", "--partition", "x", "--payload", "{nope"
+    )
     assert bad.code == 2 and bad.err.startswith("buildq: --payload is not JSON")
-    to_dlq = cli("queue", "publish", "--topic", "t_dlq", "--id", "y", "--partition", "x",
-                 "--payload", "{}")
+    to_dlq = cli(
+        "queue", "publish", "--topic", "t_dlq", "--id", "y", "--partition", "x", "--payload", "{}"
+    )
     assert to_dlq.code == 2 and len(rows(db, "queue_messages")) == 1
 
 
 def test_publish_with_a_delay_is_not_delivered_early(cli, queue, subscribe):
     sub = subscribe("t")
-    result = cli("queue", "publish", "--topic", "t", "--id", "later", "--partition", "x",
-                 "--payload", "1", "--delay-ms", "600000")
+    result = cli(
+        "queue",
+        "publish",
+        "--topic",
+        "t",
+        "--id",
+        "later",
+        "--partition",
+        "x",
+        "--payload",
+        "1",
+        "--delay-ms",
+        "600000",
+    )
     assert result.code == 0
     assert sub.fetch(10) == []
     assert cli("queue", "lag", "--topic", "t", "--json").data[0]["delayed"] == 1
@@ -238,14 +329,18 @@ def test_a_terminal_is_asked_and_no_means_no(cli, db, queue):
     assert rows(db, "queue_messages") == []
 
 
-def test_delete_and_purge_remove_messages_with_their_deliveries(cli, db, queue, subscribe, monkeypatch):
+def test_delete_and_purge_remove_messages_with_their_deliveries(
+    cli, db, queue, subscribe, monkeypatch
+):
     monkeypatch.setattr(admin_module, "BATCH", 2)  # several short transactions
     subscribe("t")
     for n in range(5):
         queue.publish("t", msg("same", key=f"k{n}"))
     queue.publish("other", msg("keep"))
 
-    one = cli("queue", "delete", "--topic", "t", "--id", "same", "--partition", "k0", "--yes", "--json")
+    one = cli(
+        "queue", "delete", "--topic", "t", "--id", "same", "--partition", "k0", "--yes", "--json"
+    )
     purged = cli("queue", "purge", "--topic", "t", "--yes", "--json")
 
     assert one.data["deleted"] == 1 and purged.data == {"deleted": 4}
