@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -75,14 +77,18 @@ def _sqlite_engine(url: str, pool_size: int) -> Engine:
     return engine
 
 
-def _mysql_engine(url: sa.URL, pool_size: int) -> Engine:
+def _mysql_engine(url: sa.URL, pool_size: int, *, autocommit: bool = False) -> Engine:
     init = f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {MYSQL_LOCK_WAIT_TIMEOUT_S}"
     return sa.create_engine(
         url.update_query_dict({"charset": "utf8mb4"}),
-        isolation_level="READ COMMITTED",
+        isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No pre-ping and no rollback-on-return: each costs a round trip per transaction, and
+        # every transaction here ends in an explicit commit or rollback anyway. A dead
+        # connection fails its statement, the pool is invalidated, and the retry reconnects.
+        pool_pre_ping=False,
+        pool_reset_on_return=None,
         pool_recycle=3600,
         connect_args={
             "init_command": init,
@@ -156,6 +162,18 @@ class Database:
     def __init__(self, engine: Engine, *, retry_for_s: float = 30.0) -> None:
         self.engine = engine
         self.backend = backend_name(engine)
+        # Single-statement reads on MySQL go through an autocommit pool: no COMMIT round trip.
+        self.read_engine = (
+            _mysql_engine(engine.url, engine.pool.size(), autocommit=True)  # type: ignore[attr-defined]
+            if self.backend == "mysql"
+            else engine
+        )
+        # SQLite has one writer at a time. Threads of one process queue on this lock instead
+        # of on SQLite's busy handler, whose sleeps (1 ms growing to 100 ms) collapse write
+        # throughput under contention; other processes still wait on the busy timeout.
+        self._write_lock: AbstractContextManager[Any] = (
+            threading.Lock() if self.backend == "sqlite" else nullcontext()
+        )
         self._retry_policy = Retrying(
             retry=retry_if_exception_type(TransientQueueError),
             stop=stop_after_delay(retry_for_s),
@@ -167,17 +185,19 @@ class Database:
         return self.retrying(lambda: self._once(fn, read_only=False))
 
     def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run reads; on MySQL each statement sees its own snapshot (autocommit): a read that
+        needs several statements to agree must use ``write`` or one statement."""
         return self.retrying(lambda: self._once(fn, read_only=True))
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         """One write transaction, errors translated, no retry (the caller decides)."""
-        with translated_errors(), self.engine.begin() as conn:
+        with self._write_lock, translated_errors(), self.engine.begin() as conn:
             yield conn
 
     def _once(self, fn: Callable[[Connection], T], *, read_only: bool) -> T:
-        with translated_errors():
-            conn = self.engine.connect()
+        with nullcontext() if read_only else self._write_lock, translated_errors():
+            conn = (self.read_engine if read_only else self.engine).connect()
             try:
                 if read_only:
                     conn = conn.execution_options(**{READ_ONLY: True})
@@ -191,3 +211,36 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
+
+
+class DbClock:
+    """The database's clock without a round trip per reading.
+
+    Deadlines are compared against the database's time (the one clock every daemon shares);
+    reading it costs a query, so the offset to the local clock is measured every
+    ``refresh_s`` and applied to local readings in between.
+    """
+
+    def __init__(self, db: Database, *, refresh_s: float = 10.0) -> None:
+        self._db = db
+        self._refresh_s = refresh_s
+        self._offset_ms = 0.0
+        self._measured_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def now_ms(self) -> int:
+        with self._lock:
+            if time.monotonic() - self._measured_at > self._refresh_s:
+                self._measure()
+            return int(time.time() * 1000 + self._offset_ms)
+
+    def _measure(self) -> None:
+        from buildq.queue.sql.dialect import db_now_ms  # the dialect module imports this one
+
+        before = time.time() * 1000
+        db_now = self._db.read(lambda conn: conn.execute(sa.select(db_now_ms())).scalar_one())
+        after = time.time() * 1000
+        self._offset_ms = float(db_now) - (before + after) / 2
+        self._measured_at = time.monotonic()

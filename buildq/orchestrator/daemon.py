@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from buildq.config import Config
-from buildq.db import Database, create_engine, redacted_url
+from buildq.db import Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
@@ -68,7 +68,7 @@ class Daemon:
             return
         self.queue = SqlQueue(self.db, max_payload_bytes=self.config.daemon.max_payload_bytes)
         store = SqlBuildStore(self.db)
-        wired = Runners(runners, self.config.queues, now_ms=store.now_ms)
+        wired = Runners(runners, self.config.queues, now_ms=DbClock(self.db).now_ms)
         controllers: list[Controller] = [
             BuildController(wired, store),
             BuildSignalController(wired, store),

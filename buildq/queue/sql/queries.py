@@ -37,7 +37,7 @@ from buildq.queue.sql.schema import subscribers as sub
 NOW = db_now_ms()
 
 
-def _insert_messages(visible_after: ColumnElement[int]) -> Insert:
+def _insert_messages(visible_after: ColumnElement[int], created_at: ColumnElement[int] = NOW) -> Insert:
     return insert_ignore(m).values(
         topic=bindparam("p_topic"),
         partition_key=bindparam("p_partition_key"),
@@ -46,13 +46,20 @@ def _insert_messages(visible_after: ColumnElement[int]) -> Insert:
         payload=bindparam("p_payload"),
         metadata=bindparam("p_metadata"),
         visible_after=visible_after,
-        created_at=NOW,
+        created_at=created_at,
         publish_token=bindparam("p_publish_token"),
     )
 
 
 #: Insert messages visible from an absolute time (``visible_after`` ms; 0 = now).
 insert_messages_at = _insert_messages(bindparam("p_visible_after", type_=m.c.visible_after.type))
+#: Insert a batch with every value a parameter (``created_at`` read from the database clock
+#: first): PyMySQL turns such an executemany into one multi-row INSERT, which it cannot do
+#: when VALUES holds a SQL expression.
+insert_message_rows = _insert_messages(
+    bindparam("p_visible_after", type_=m.c.visible_after.type),
+    bindparam("p_created_at", type_=m.c.created_at.type),
+)
 #: Insert messages visible ``delay_ms`` after the database's now.
 insert_messages_after = _insert_messages(
     NOW + bindparam("p_delay_ms", type_=m.c.visible_after.type)

@@ -138,7 +138,11 @@ class MessageStore:
                 else PublishResult(r["message_id"], r["partition_key"], duplicate=True)
                 for r in rows
             ]
-        if delay_ms > 0:
+        if len(rows) > 1:
+            now = int(conn.execute(q.select_db_now).scalar_one())
+            visible = now + delay_ms if delay_ms > 0 else max(0, at_ms)
+            stmt, extra = q.insert_message_rows, {"visible_after": visible, "created_at": now}
+        elif delay_ms > 0:
             stmt, extra = q.insert_messages_after, {"delay_ms": delay_ms}
         else:
             stmt, extra = q.insert_messages_at, {"visible_after": max(0, at_ms)}
