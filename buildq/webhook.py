@@ -200,7 +200,8 @@ class WebhookServer:
             return Outcome(400, "malformed_json")
         if not isinstance(payload, dict):
             return Outcome(400, "malformed_json")
-        event = headers.get("x-buildkite-event") or headers.get("x-github-event") or ""
+        event_header = "x-buildkite-event" if route.kind == buildkite.KIND else "x-github-event"
+        event = headers.get(event_header, "")
         build_id = self._build_id(route.kind, event, payload)
         if build_id is None:
             return Outcome(200, "ignored")
