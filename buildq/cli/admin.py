@@ -51,6 +51,11 @@ def register(commands: Any) -> None:
     p.add_argument("--id", required=True, help="message id")
     p.add_argument("--partition", metavar="KEY", help="only this partition key")
     topic_command(sub, "lag", _lag, "per group: not yet acked, ready, oldest ready age")
+    _register_leases(sub)
+    _register_changes(sub)
+
+
+def _register_leases(sub: Any) -> None:
     p = add_command(sub, "leases", _leases, "who holds which slot of each group")
     p.add_argument("--topic")
     p.add_argument("--group")
@@ -68,6 +73,9 @@ def register(commands: Any) -> None:
     which.add_argument("--slot", type=int, action="append", help="this slot (repeatable)")
     which.add_argument("--owner", metavar="MEMBER", help="every lease this member holds")
     which.add_argument("--all", action="store_true", help="every lease of the group")
+
+
+def _register_changes(sub: Any) -> None:
     p = topic_command(sub, "reset-offset", _reset, "move a group's position", confirm=True)
     p.add_argument("--group", required=True)
     p.add_argument(
@@ -129,20 +137,19 @@ def _stats(args: argparse.Namespace, admin: QueueAdmin) -> int:
 
 def _messages(args: argparse.Namespace, admin: QueueAdmin) -> int:
     rows = admin.messages(args.topic, partition_key=args.partition, limit=args.limit)
-    if args.json:
-        common.print_json(rows)
-        return 0
-    columns = [("offset", "OFFSET"), ("partition_key", "PARTITION"), ("message_id", "ID")]
-    if is_dlq_topic(args.topic):
-        columns.append(("dlq_group", "FAILED GROUP"))
-    columns += [
-        ("created_at_ms", "CREATED"),
-        ("visible_after_ms", "VISIBLE AFTER"),
-        ("payload_bytes", "BYTES"),
-        ("pending_groups", "PENDING GROUPS"),
-    ]
-    print_table(rows, columns)
-    return 0
+    failed = [("dlq_group", "FAILED GROUP")] if is_dlq_topic(args.topic) else []
+    return emit(args, rows, [*_MESSAGE_COLUMNS[:3], *failed, *_MESSAGE_COLUMNS[3:]])
+
+
+_MESSAGE_COLUMNS = [
+    ("offset", "OFFSET"),
+    ("partition_key", "PARTITION"),
+    ("message_id", "ID"),
+    ("created_at_ms", "CREATED"),
+    ("visible_after_ms", "VISIBLE AFTER"),
+    ("payload_bytes", "BYTES"),
+    ("pending_groups", "PENDING GROUPS"),
+]
 
 
 def _inspect(args: argparse.Namespace, admin: QueueAdmin) -> int:
@@ -150,21 +157,12 @@ def _inspect(args: argparse.Namespace, admin: QueueAdmin) -> int:
 
 
 def _lag(args: argparse.Namespace, admin: QueueAdmin) -> int:
-    groups = admin.lag(args.topic)
-    if args.json:
-        common.print_json([dataclasses.asdict(g) for g in groups])
-    else:
-        print_table([dataclasses.asdict(g) for g in groups], [("group", "GROUP"), *_GROUP_COLUMNS])
-    return 0
+    groups = [dataclasses.asdict(g) for g in admin.lag(args.topic)]
+    return emit(args, groups, [("group", "GROUP"), *_GROUP_COLUMNS])
 
 
 def _leases(args: argparse.Namespace, admin: QueueAdmin) -> int:
-    rows = admin.leases(args.topic, args.group)
-    if args.json:
-        common.print_json(rows)
-    else:
-        print_table(rows, _LEASE_COLUMNS)
-    return 0
+    return emit(args, admin.leases(args.topic, args.group), _LEASE_COLUMNS)
 
 
 _LEASE_COLUMNS = [
@@ -194,7 +192,7 @@ def _stale(args: argparse.Namespace, admin: QueueAdmin) -> int:
         [
             ("id", "MEMBER"),
             ("topic", "TOPIC"),
-            ("grp", "GROUP"),
+            ("group", "GROUP"),
             ("host", "HOST"),
             ("pid", "PID"),
             ("heartbeat_at_ms", "LAST HEARTBEAT"),
@@ -254,11 +252,7 @@ def _publish(args: argparse.Namespace, admin: QueueAdmin) -> int:
     message = Message(args.id, text.encode("utf-8"), args.partition, metadata)
     result = SqlQueue(admin.db).publish_after(args.topic, message, args.delay_ms)
     data = {"topic": args.topic, **dataclasses.asdict(result)}
-    what = (
-        "duplicate: a message with this id exists, nothing written"
-        if result.duplicate
-        else ("published")
-    )
+    what = "duplicate: the id exists, nothing written" if result.duplicate else "published"
     return report(args, data, f"{what} ({args.topic} / {args.partition} / {args.id})")
 
 
@@ -393,6 +387,17 @@ def show_messages(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:
                 ("last_error", "LAST ERROR"),
             ],
         )
+    return 0
+
+
+def emit(
+    args: argparse.Namespace, rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]
+) -> int:
+    """A read's rows: as JSON with --json, else as a table."""
+    if args.json:
+        common.print_json(rows)
+    else:
+        print_table(rows, columns)
     return 0
 
 

@@ -15,6 +15,7 @@ from buildq.cli import common
 from buildq.cli.admin import (
     add_command,
     duration_ms,
+    emit,
     positive_int,
     print_table,
     report,
@@ -85,12 +86,7 @@ def _filter(args: argparse.Namespace) -> DeadLetterFilter:
 
 
 def _ls(args: argparse.Namespace, admin: QueueAdmin) -> int:
-    letters = admin.dead_letters(args.topic, _filter(args), limit=args.limit)
-    if args.json:
-        common.print_json(letters)
-    else:
-        print_table(letters, _COLUMNS)
-    return 0
+    return emit(args, admin.dead_letters(args.topic, _filter(args), limit=args.limit), _COLUMNS)
 
 
 def _inspect(args: argparse.Namespace, admin: QueueAdmin) -> int:

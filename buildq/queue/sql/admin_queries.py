@@ -205,7 +205,7 @@ select_stale_subscribers = (
     select(
         sub.c.id,
         sub.c.topic,
-        sub.c.grp,
+        sub.c.grp.label("group"),
         sub.c.host,
         sub.c.pid,
         sub.c.started_at.label("started_at_ms"),
