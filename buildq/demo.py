@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,13 +41,15 @@ from buildq.migrations import upgrade
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import Build, BuildRequest
 from buildq.orchestrator.sqlstore import SqlBuildStore
-from buildq.queue.contract import Message, message_id
+from buildq.queue.contract import Message, QueueError, message_id
 from buildq.queue.sql import SqlQueue
 
 _READY_TIMEOUT_S = 30.0
 _REFRESH_S = 0.5
 # The daemon drains for shutdown_grace_s after SIGTERM; this much more covers the rest of stop.
 _STOP_SLACK_S = 15.0
+# `buildq run` without relying on the console script being on PATH or beside sys.executable.
+_ENTRY_POINT = "import sys; from buildq.cli import main; sys.exit(main())"
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,8 @@ class DaemonProcess:
 
     def wait_ready(self, url: str, signals: StopSignals) -> bool:
         """True once /readyz answers 200; False if asked to stop first."""
-        for _ in range(int(_READY_TIMEOUT_S / 0.1)):
+        deadline = time.monotonic() + _READY_TIMEOUT_S
+        while time.monotonic() < deadline:
             self.check_alive()
             try:
                 if httpx.get(url, timeout=1.0).status_code == 200:
@@ -130,15 +134,13 @@ class DaemonProcess:
         """SIGTERM, wait for the drain; SIGKILL only past the grace or on a second Ctrl-C."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-        for _ in range(int((grace_s + _STOP_SLACK_S) / 0.1)):
-            if self.process.poll() is not None or signals.hurry.wait(0.1):
+        deadline = time.monotonic() + grace_s + _STOP_SLACK_S
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if signals.hurry.wait(0.1):
                 break
         if self.process.poll() is None:
             self.process.kill()
         return self.process.wait()
-
-
-_ENTRY_POINT = "import sys; from buildq.cli import main; sys.exit(main())"
 
 
 def free_port(host: str, wanted: int) -> int:
@@ -191,7 +193,7 @@ class Demo:
         self.builds = {rid: self.store.get_by_request(rid) for rid in self.submitted}
         for rid in sorted(self.to_cancel):
             build = self.builds[rid]
-            if build is not None and build.build_id and build.status == BuildStatus.RUNNING.value:
+            if build is not None and build.build_id and build.build_status is BuildStatus.RUNNING:
                 # What `buildq cancel` does: record the request, then poll the build now.
                 self.store.request_cancel(build.build_id)
                 self.queue.expedite(topics.BUILDSIGNAL, build.build_id)
@@ -201,12 +203,15 @@ class Demo:
 
     def summary(self) -> str:
         finished = [b for b in self.builds.values() if b is not None]
-        counts = Counter(b.status for b in finished)
-        reasons = Counter(b.failure_reason or "?" for b in finished if b.status == "FAILED")
+        counts = Counter(b.build_status for b in finished)
+        reasons = Counter(
+            b.failure_reason or "?" for b in finished if b.build_status is BuildStatus.FAILED
+        )
         failed = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
         return (
-            f"all {len(finished)} demo builds finished: {counts['SUCCEEDED']} succeeded, "
-            f"{counts['FAILED']} failed ({failed or 'none'}), {counts['CANCELLED']} cancelled"
+            f"all {len(finished)} demo builds finished: {counts[BuildStatus.SUCCEEDED]} "
+            f"succeeded, {counts[BuildStatus.FAILED]} failed ({failed or 'none'}), "
+            f"{counts[BuildStatus.CANCELLED]} cancelled"
         )
 
 
@@ -219,6 +224,7 @@ class View:
         self.live: Live | None = None
         self._seen: dict[str, str] = {}
         self._notes_shown = 0
+        self._footer_shown = ""
 
     def __enter__(self) -> View:
         self.console.print(self.header)
@@ -244,8 +250,8 @@ class View:
         for note in demo.notes[self._notes_shown :]:
             self.console.print(note)
         self._notes_shown = len(demo.notes)
-        if footer and self._seen.get("") != footer:
-            self._seen[""] = footer
+        if footer and footer != self._footer_shown:
+            self._footer_shown = footer
             self.console.print(footer)
 
 
@@ -260,10 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         return _run(config, args, console, signals)
     except ConfigError as err:
-        console.print(f"buildq.demo: {err}", markup=False, style="red")
+        print(f"buildq.demo: {err}", file=sys.stderr)
         return 2
-    except DemoError as err:
-        console.print(f"buildq.demo: {err}", markup=False, style="red")
+    except (DemoError, QueueError) as err:
+        print(f"buildq.demo: {err}", file=sys.stderr)
         return 1
 
 
@@ -302,7 +308,8 @@ def _run(config: Config, args: argparse.Namespace, console: Console, signals: St
     try:
         upgrade(url)
     except Exception as err:  # alembic and drivers raise many types; the user needs one line
-        raise DemoError(f"upgrade of {redacted_url(url)} failed: {err}") from None
+        first_line = (str(err) or type(err).__name__).splitlines()[0]
+        raise DemoError(f"upgrade of {redacted_url(url)} failed: {first_line}") from None
     if signals.stop.is_set():
         return 0
     port = args.http_port or free_port(config.http.bind, config.http.port)
