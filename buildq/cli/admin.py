@@ -130,8 +130,9 @@ def _stats(args: argparse.Namespace, admin: QueueAdmin) -> int:
         common.print_json({"topic": args.topic, **summary, **_topic_json(stats)})
         return 0
     print_fields({"topic": args.topic, **summary, "dead_letters": stats.dead_letters})
-    print()
-    print_table(_group_rows([stats]), [("group", "GROUP"), *_GROUP_COLUMNS])
+    if stats.groups:
+        print()
+        print_table(_group_rows([stats]), [("group", "GROUP"), *_GROUP_COLUMNS])
     return 0
 
 
