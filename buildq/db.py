@@ -11,9 +11,9 @@ import re
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlalchemy as sa

@@ -8,7 +8,6 @@ validated by their backend when the daemon wires them (still at start-up).
 from __future__ import annotations
 
 import os
-import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -45,7 +44,9 @@ class DatabaseConfig:
         except sa.exc.ArgumentError:
             raise ConfigError(table.key("url"), url, "a database URL") from None
         if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
-            raise ConfigError(table.key("url"), url, "sqlite:///PATH or mysql+pymysql://USER@HOST/DB")
+            raise ConfigError(
+                table.key("url"), url, "sqlite:///PATH or mysql+pymysql://USER@HOST/DB"
+            )
         if parsed.password:
             raise ConfigError(
                 table.key("url"),
@@ -53,7 +54,11 @@ class DatabaseConfig:
                 f"no password in the URL: set {table.key('password')} (mode-600 file), "
                 f"{table.key('password_env')} or {table.key('password_file')}",
             )
-        if parsed.get_backend_name() == "sqlite" and parsed.database and not os.path.isabs(parsed.database):
+        if (
+            parsed.get_backend_name() == "sqlite"
+            and parsed.database
+            and not os.path.isabs(parsed.database)
+        ):
             url = parsed.set(database=str(base_dir / parsed.database)).render_as_string()
         return cls(
             url=url,
@@ -84,7 +89,9 @@ class PollPolicy:
     def from_table(cls, table: Table, defaults: PollPolicy | None = None) -> PollPolicy:
         base = defaults or cls()
         policy = cls(
-            accepted_interval_s=table.float("accepted_interval_s", base.accepted_interval_s, min=0.01),
+            accepted_interval_s=table.float(
+                "accepted_interval_s", base.accepted_interval_s, min=0.01
+            ),
             running_interval_s=table.float("running_interval_s", base.running_interval_s, min=0.01),
             growth=table.float("growth", base.growth, min=1.0, max=10.0),
             max_interval_s=table.float("max_interval_s", base.max_interval_s, min=0.01),
@@ -111,7 +118,7 @@ class BuildQueueConfig:
 @dataclass(frozen=True)
 class ConsumerConfig:
     workers: int = 8
-    defaults: SubscriptionSettings = SubscriptionSettings()
+    defaults: SubscriptionSettings = field(default_factory=SubscriptionSettings)
     topics: Mapping[str, SubscriptionSettings] = field(default_factory=dict)
 
     def for_topic(self, topic: str) -> SubscriptionSettings:
@@ -124,7 +131,9 @@ class ConsumerConfig:
         topics = {
             name: _subscription(topics_table.table(name), defaults) for name in topics_table.data
         }
-        config = cls(workers=table.int("workers", 8, min=1, max=256), defaults=defaults, topics=topics)
+        config = cls(
+            workers=table.int("workers", 8, min=1, max=256), defaults=defaults, topics=topics
+        )
         table.reject_unknown()
         return config
 
@@ -261,7 +270,7 @@ def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: 
     database_table.reject_unknown()
     runners_table = root.table("runners")
     runners = {name: runners_table.table(name) for name in runners_table.data}
-    for name, table in runners.items():
+    for table in runners.values():
         table.choice("type", ("noop", "sim", "command", "buildkite", "github"))
     queues_table = root.table("queues")
     default_poll = PollPolicy.from_table(root.table("poll"))
@@ -271,7 +280,9 @@ def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: 
         runner = table.str("runner")
         if runner not in runners:
             raise ConfigError(table.key("runner"), runner, "the name of a [runners.NAME] table")
-        queues[name] = BuildQueueConfig(name, runner, PollPolicy.from_table(table.table("poll"), default_poll))
+        queues[name] = BuildQueueConfig(
+            name, runner, PollPolicy.from_table(table.table("poll"), default_poll)
+        )
         table.reject_unknown()
     config = Config(
         path=path,

@@ -38,7 +38,9 @@ POLL = "poll"
 
 def poll_message(build_id: str, n: int) -> Message:
     return Message(
-        id=message_id(build_id, POLL, n), payload=BuildID(build_id).to_bytes(), partition_key=build_id
+        id=message_id(build_id, POLL, n),
+        payload=BuildID(build_id).to_bytes(),
+        partition_key=build_id,
     )
 
 
@@ -125,7 +127,9 @@ class BuildSignalController:
 
     topic = topics.BUILDSIGNAL
 
-    def __init__(self, runners: Runners, builds: BuildReads, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, runners: Runners, builds: BuildReads, rng: random.Random | None = None
+    ) -> None:
         self.runners = runners
         self.builds = builds
         self.rng = rng or random.Random()
@@ -251,7 +255,9 @@ class DeadLetterReconciler:
 
     def _fail_request(self, request: BuildRequest | None, request_id: str, error: str) -> Effect:
         def effect(tx: StepTx) -> None:
-            failed = tx.builds.fail_request(request, request_id, f"build request dead-lettered: {error}")
+            failed = tx.builds.fail_request(
+                request, request_id, f"build request dead-lettered: {error}"
+            )
             if failed is not None:
                 log.warning("build_failed_infra", request_id=request_id)
                 tx.queue.publish(topics.BUILDRESULT, result_message(failed))

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from buildq.buildrunner import BuildID
 from buildq.config import Config
 from buildq.db import Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
@@ -28,10 +29,11 @@ from buildq.orchestrator.controllers import (
 from buildq.orchestrator.framework import Consumer, Controller, Effect, StepTx
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.sqlstore import SqlBuildStore, SqlBuildWrites
-from buildq.orchestrator.wiring import runners_from_config
+from buildq.orchestrator.wiring import WiredRunners, runners_from_config
 from buildq.queue.contract import Delivery
 from buildq.queue.sql import SqlQueue, SqlSubscription, SqlTransaction
 from buildq.systemd import Notifier
+from buildq.webhook import WebhookConfig, WebhookServer
 
 log = structlog.get_logger("buildq.daemon")
 
@@ -55,20 +57,32 @@ class Daemon:
         self.consumer: Consumer | None = None
         self.subscriptions: list[SqlSubscription] = []
         self.ops: OpsServer | None = None
+        self.webhooks: WebhookServer | None = None
+        self.wired: WiredRunners | None = None
+        self.store: SqlBuildStore | None = None
         self._db_ok = False
         self._db_error = "not checked yet"
 
     # --- start ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        runners = runners_from_config(self.config.runners)  # config errors before anything else
+        self.wired = runners_from_config(self.config.runners)  # config errors before anything else
+        webhook_config = WebhookConfig.from_table(self.config.webhooks)
         self._start_ops_server()
         self.db = self._wait_for_database()
         if self.db is None:
             return
         self.queue = SqlQueue(self.db, max_payload_bytes=self.config.daemon.max_payload_bytes)
         store = SqlBuildStore(self.db)
-        wired = Runners(runners, self.config.queues, now_ms=DbClock(self.db).now_ms)
+        self.store = store
+        hooked = (
+            frozenset(r.runner_name for r in self.wired.routes)
+            if webhook_config.enabled
+            else frozenset()
+        )
+        wired = Runners(
+            self.wired.runners, self.config.queues, webhooks=hooked, now_ms=DbClock(self.db).now_ms
+        )
         controllers: list[Controller] = [
             BuildController(wired, store),
             BuildSignalController(wired, store),
@@ -76,7 +90,10 @@ class Daemon:
             DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired),
         ]
         self.consumer = Consumer(
-            self._step, workers=self.config.consumer.workers, on_event=self.on_event, metrics=self.metrics
+            self._step,
+            workers=self.config.consumer.workers,
+            on_event=self.on_event,
+            metrics=self.metrics,
         )
         for controller in controllers:
             subscription = self.queue.subscribe(
@@ -85,6 +102,10 @@ class Daemon:
             self.subscriptions.append(subscription)
             self.consumer.add(controller, subscription)
         self.consumer.start()
+        if webhook_config.enabled:
+            self.webhooks = WebhookServer(webhook_config, self.wired.routes, self._on_build_event)
+            self.webhooks.start()
+            log.info("webhooks_listening", bind=webhook_config.bind, port=self.webhooks.port)
         self._spawn(self._health_loop, "health")
         self.metrics.up.set(1)
         self.notifier.ready()
@@ -124,6 +145,20 @@ class Daemon:
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         threading.Thread(target=target, name=name, daemon=True).start()
+
+    def _on_build_event(self, runner_name: str, build_id: BuildID) -> None:
+        """A signed CI event: poll that build now, through its one pending poll message.
+
+        The pending delayed poll is made due instead of publishing a second one, so a webhook
+        never forks a build's poll chain. Builds we did not trigger are ignored.
+        """
+        assert self.queue is not None and self.store is not None
+        build = self.store.get_by_build(build_id.id)
+        if build is None or build.is_terminal or build.runner != runner_name:
+            log.debug("webhook_event_ignored", build_id=build_id.id, runner=runner_name)
+            return
+        woken = self.queue.expedite(topics.BUILDSIGNAL, build_id.id)
+        log.info("webhook_event", build_id=build_id.id, runner=runner_name, expedited=woken)
 
     # --- the hand-off -----------------------------------------------------------------------
 
@@ -188,8 +223,12 @@ class Daemon:
                 self.queue.unsubscribe(subscription)
             except Exception as err:  # leases expire on their own
                 log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+        if self.webhooks is not None:
+            self.webhooks.stop()
         if self.ops is not None:
             self.ops.stop()
+        if self.wired is not None:
+            self.wired.close()
         if self.db is not None:
             self.db.dispose()
         log.info("daemon_stopped")
@@ -215,5 +254,8 @@ class Daemon:
 
 def _first_line(err: BaseException) -> str:
     orig = getattr(err, "orig", None)
-    return str(orig if orig is not None else err).splitlines()[0][:300] if str(err) else type(err).__name__
-
+    return (
+        str(orig if orig is not None else err).splitlines()[0][:300]
+        if str(err)
+        else type(err).__name__
+    )

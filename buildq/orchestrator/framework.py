@@ -28,6 +28,7 @@ import structlog
 from structlog.contextvars import bind_contextvars, clear_contextvars
 
 from buildq.buildrunner import MalformedPayload, TransientRunnerError
+from buildq.orchestrator.store import BuildWrites
 from buildq.queue.contract import (
     Delivery,
     DeliveryLost,
@@ -36,7 +37,6 @@ from buildq.queue.contract import (
     Transaction,
     TransientQueueError,
 )
-from buildq.orchestrator.store import BuildWrites
 
 log = structlog.get_logger("buildq.consumer")
 
@@ -163,7 +163,9 @@ class Consumer:
             self._inflight[id(subscription)] += len(deliveries)
         for delivery in deliveries:
             key = f"{delivery.topic}\0{delivery.message.partition_key}".encode()
-            self._queues[zlib.crc32(key) % len(self._queues)].put((controller, subscription, delivery))
+            self._queues[zlib.crc32(key) % len(self._queues)].put(
+                (controller, subscription, delivery)
+            )
 
     def _done(self, subscription: Subscription, count: int = 1) -> None:
         with self._capacity:
@@ -191,7 +193,9 @@ class Consumer:
 
     def _process(self, controller: Controller, delivery: Delivery) -> None:
         clear_contextvars()
-        bind_contextvars(topic=delivery.topic, message_id=delivery.message.id, attempt=delivery.attempt)
+        bind_contextvars(
+            topic=delivery.topic, message_id=delivery.message.id, attempt=delivery.attempt
+        )
         started = time.monotonic()
         outcome = "ack"
         try:
@@ -202,27 +206,35 @@ class Consumer:
             log.warning("delivery_lost", reason=str(err))
         except (Retry, TransientRunnerError, TransientQueueError) as err:
             outcome = "nack"
-            self._settle(delivery, outcome, err, lambda: delivery.nack(_delay(err), error=_describe(err)))
+            self._settle(delivery, outcome, err)
         except (Unprocessable, MalformedPayload, InvalidMessage) as err:
             outcome = "reject"
-            self._settle(delivery, outcome, err, lambda: delivery.reject(_describe(err)))
+            self._settle(delivery, outcome, err)
         except Exception as err:
             outcome = "reject"
             log.exception("handler_failed")
-            self._settle(delivery, outcome, err, lambda: delivery.reject(f"unexpected error: {_describe(err)}"))
+            self._settle(delivery, outcome, err, unexpected=True)
         else:
             log.debug("delivery_acked")
         finally:
             elapsed = time.monotonic() - started
             if self._metrics is not None:
                 self._metrics.observe_delivery(delivery.topic, outcome, elapsed)
-            self._emit("processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome)
+            self._emit(
+                "processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome
+            )
             clear_contextvars()
 
-    def _settle(self, delivery: Delivery, outcome: str, err: BaseException, action: Callable[[], None]) -> None:
-        log.warning(f"delivery_{outcome}ed", error=_describe(err), retry_count=delivery.retry_count)
+    def _settle(
+        self, delivery: Delivery, outcome: str, err: BaseException, *, unexpected: bool = False
+    ) -> None:
+        reason = ("unexpected error: " if unexpected else "") + _describe(err)
+        log.warning(f"delivery_{outcome}ed", error=reason, retry_count=delivery.retry_count)
         try:
-            action()
+            if outcome == "nack":
+                delivery.nack(_delay(err), error=reason)
+            else:
+                delivery.reject(reason)
         except DeliveryLost as lost:
             log.warning("delivery_lost", reason=str(lost))
         except Exception as failed:  # the visibility timeout brings it back
@@ -254,7 +266,9 @@ class Consumer:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         still_busy = [b for b in self._busy if b is not None]
         for subscription, delivery in still_busy:
-            log.warning("handback_after_grace", topic=delivery.topic, message_id=delivery.message.id)
+            log.warning(
+                "handback_after_grace", topic=delivery.topic, message_id=delivery.message.id
+            )
             self._hand_back(subscription, delivery)
 
     def healthy(self, max_age_s: float) -> bool:

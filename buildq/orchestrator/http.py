@@ -14,11 +14,13 @@ Check = Callable[[], tuple[bool, str]]
 
 
 class OpsServer:
-    def __init__(self, bind: str, port: int, metrics: Metrics, healthz: Check, readyz: Check) -> None:
+    def __init__(
+        self, bind: str, port: int, metrics: Metrics, healthz: Check, readyz: Check
+    ) -> None:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
@@ -38,7 +40,9 @@ class OpsServer:
 
         self._httpd = ThreadingHTTPServer((bind, port), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="ops-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="ops-http", daemon=True
+        )
         del server
 
     @property

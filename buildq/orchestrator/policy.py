@@ -24,7 +24,11 @@ def next_poll_delay_ms(
     if webhooks:
         base_s = policy.webhook_safety_interval_s
     else:
-        base_s = policy.accepted_interval_s if status is BuildStatus.ACCEPTED else policy.running_interval_s
+        base_s = (
+            policy.accepted_interval_s
+            if status is BuildStatus.ACCEPTED
+            else policy.running_interval_s
+        )
         base_s = min(policy.max_interval_s, base_s * policy.growth ** max(0, polls - 1))
     spread = base_s * policy.jitter
     delay_s = (rng or random).uniform(base_s - spread, base_s + spread) if spread else base_s
@@ -41,12 +45,18 @@ def deadline_passed(policy: PollPolicy, build: Build, now_ms: int) -> str | None
     age_s = (now_ms - build.created_at_ms) / 1000
     if policy.finish_by_s and age_s >= policy.finish_by_s:
         return f"not finished within finish_by_s={policy.finish_by_s:g}"
-    if policy.start_by_s and build.build_status is BuildStatus.ACCEPTED and age_s >= policy.start_by_s:
+    if (
+        policy.start_by_s
+        and build.build_status is BuildStatus.ACCEPTED
+        and age_s >= policy.start_by_s
+    ):
         return f"not started within start_by_s={policy.start_by_s:g}"
     return None
 
 
-def until_next_deadline_ms(policy: PollPolicy, build: Build, status: BuildStatus, now_ms: int) -> int | None:
+def until_next_deadline_ms(
+    policy: PollPolicy, build: Build, status: BuildStatus, now_ms: int
+) -> int | None:
     """Milliseconds to the next deadline that applies to a build in ``status``."""
     candidates = []
     if policy.finish_by_s:

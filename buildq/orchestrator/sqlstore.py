@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
 from buildq.buildrunner import BuildStatus, Change
@@ -139,7 +139,9 @@ class SqlBuildWrites:
         ).rowcount
         return self.get_by_build(build_id) if changed else None
 
-    def fail_request(self, request: BuildRequest | None, request_id: str, error: str) -> Build | None:
+    def fail_request(
+        self, request: BuildRequest | None, request_id: str, error: str
+    ) -> Build | None:
         existing = self.get_by_request(request_id)
         if existing is not None and existing.build_id is not None:
             return self.finish(

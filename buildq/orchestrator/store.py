@@ -25,7 +25,12 @@ class BuildWrites(Protocol):
         ...
 
     def record_poll(
-        self, build_id: str, status: BuildStatus, metadata: Mapping[str, str], polls: int, next_poll_ms: int
+        self,
+        build_id: str,
+        status: BuildStatus,
+        metadata: Mapping[str, str],
+        polls: int,
+        next_poll_ms: int,
     ) -> None:
         """Store a non-terminal status (only if the build is not terminal) and the poll count."""
         ...
@@ -41,7 +46,9 @@ class BuildWrites(Protocol):
         """Store the terminal status, write-once: the finished build, or None if it was already."""
         ...
 
-    def fail_request(self, request: BuildRequest | None, request_id: str, error: str) -> Build | None:
+    def fail_request(
+        self, request: BuildRequest | None, request_id: str, error: str
+    ) -> Build | None:
         """Fail a request (FAILED, infra) whether or not it got a build; None if already terminal."""
         ...
 

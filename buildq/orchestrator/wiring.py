@@ -1,52 +1,82 @@
-"""The one place config becomes backends: runners by name, queues to runners."""
+"""The one place config becomes backends: runners by name, and their webhook routes."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from buildq.buildrunner import BuildRunner
 from buildq.config import ConfigError, Table
 
+if TYPE_CHECKING:
+    from buildq.webhook import WebhookRoute
 
-def runner_from_table(table: Table) -> BuildRunner:
-    """Build the runner a ``[runners.NAME]`` table describes (validating it)."""
+
+@dataclass
+class WiredRunners:
+    runners: dict[str, BuildRunner] = field(default_factory=dict)
+    #: Routes for runners whose table names a webhook secret.
+    routes: list[WebhookRoute] = field(default_factory=list)
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+
+
+def _rest(table: Table) -> Table:
+    """The table without ``type``, which only selects the backend."""
+    return Table(table.path, {k: v for k, v in table.data.items() if k != "type"}, table.origin)
+
+
+def wire_runner(name: str, table: Table, wired: WiredRunners) -> None:
     kind = table.choice("type", ("noop", "sim", "command", "buildkite", "github"))
-    rest = Table(table.path, {k: v for k, v in table.data.items() if k != "type"}, table.origin)
+    rest = _rest(table)
+    runner: BuildRunner
     if kind == "noop":
         from buildq.buildrunner.noop import NoopConfig, NoopRunner
 
-        return NoopRunner(NoopConfig.from_table(rest))
-    if kind == "sim":
+        runner = NoopRunner(NoopConfig.from_table(rest))
+    elif kind == "sim":
         from buildq.buildrunner.sim import SimConfig, SimRunner
 
-        return SimRunner(SimConfig.from_table(rest))
-    if kind == "command":
+        runner = SimRunner(SimConfig.from_table(rest))
+    elif kind == "command":
         from buildq.buildrunner.command import CommandConfig, CommandRunner
 
-        return CommandRunner(CommandConfig.from_table(rest))
-    return _http_runner(kind, rest)
-
-
-def _http_runner(kind: str, table: Table) -> BuildRunner:
-    if kind == "buildkite":
+        runner = CommandRunner(CommandConfig.from_table(rest))
+    elif kind == "buildkite":
         from buildq.buildrunner import buildkite
+        from buildq.webhook import route_for
 
-        bk_config = buildkite.BuildkiteConfig.from_table(table)
-        return buildkite.BuildkiteRunner(bk_config, buildkite.make_client(bk_config))
-    from buildq.buildrunner import github
+        bk = buildkite.BuildkiteConfig.from_table(rest)
+        runner = buildkite.BuildkiteRunner(bk, buildkite.make_client(bk), name=name)
+        _add_route(wired, route_for(name, bk))
+    else:
+        from buildq.buildrunner import github
+        from buildq.webhook import route_for
 
-    gh_config = github.GitHubConfig.from_table(table)
-    return github.GitHubRunner(gh_config, github.make_client(gh_config))
+        gh = github.GitHubConfig.from_table(rest)
+        runner = github.GitHubRunner(gh, github.make_client(gh), name=name)
+        _add_route(wired, route_for(name, gh))
+    wired.runners[name] = runner
 
 
-def runners_from_config(tables: Mapping[str, Table]) -> dict[str, BuildRunner]:
-    runners: dict[str, Any] = {}
+def _add_route(wired: WiredRunners, route: WebhookRoute | None) -> None:
+    if route is not None:
+        wired.routes.append(route)
+
+
+def runners_from_config(tables: Mapping[str, Table]) -> WiredRunners:
+    """Build and validate every ``[runners.NAME]``: a bad one stops start-up, naming the key."""
+    wired = WiredRunners()
     for name, table in tables.items():
         try:
-            runners[name] = runner_from_table(table)
+            wire_runner(name, table, wired)
         except ConfigError:
             raise
         except (OSError, ValueError) as err:
             raise ConfigError(table.path, "(table)", f"a usable runner ({err})") from None
-    return runners
+    return wired

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,10 +15,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from buildq.buildrunner import Change
 from buildq.db import Database, create_engine
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
-from buildq.buildrunner import Change
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
 from tests.support import wait_until
@@ -50,7 +51,7 @@ def write_config(directory: Path, url: str, body: str) -> Path:
     path = directory / "buildq.toml"
     path.write_text(
         f'[database]\nurl = "{url}"\n\n[daemon]\nshutdown_grace_s = 10\nlog_format = "json"\n'
-        f"log_level = \"debug\"\n\n[http]\nport = 0\n{FAST_CONSUMER}\n{textwrap.dedent(body)}"
+        f'log_level = "debug"\n\n[http]\nport = 0\n{FAST_CONSUMER}\n{textwrap.dedent(body)}'
     )
     path.chmod(0o600)
     return path
@@ -73,7 +74,9 @@ class DaemonProcess:
             env={**os.environ, **self.env},
         )
         self.runs.append(process)
-        wait_until(lambda: self.ready() or process.poll() is not None, timeout=30, message="daemon ready")
+        wait_until(
+            lambda: self.ready() or process.poll() is not None, timeout=30, message="daemon ready"
+        )
         assert process.poll() is None, self.log_text()
         return self
 
@@ -110,15 +113,14 @@ class DaemonProcess:
                 continue
             for line in path.read_text(errors="replace").splitlines():
                 if line.startswith("{"):
-                    try:
+                    with contextlib.suppress(json.JSONDecodeError):
                         out.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass
         return out
 
     def log_text(self) -> str:
         return "\n".join(
-            (self.log_dir / f"daemon-{i}.log").read_text(errors="replace")[-5000:] for i in range(len(self.runs))
+            (self.log_dir / f"daemon-{i}.log").read_text(errors="replace")[-5000:]
+            for i in range(len(self.runs))
         )
 
 
@@ -139,7 +141,9 @@ class World:
             [
                 Message(
                     id=message_id(rid, "request"),
-                    payload=BuildRequest(rid, queue, (Change("base-1", "b1"),), (Change(f"c-{rid}", "r1"),)).to_bytes(),
+                    payload=BuildRequest(
+                        rid, queue, (Change("base-1", "b1"),), (Change(f"c-{rid}", "r1"),)
+                    ).to_bytes(),
                     partition_key=rid,
                 )
                 for rid in ids
@@ -155,7 +159,9 @@ class World:
 
     def all_terminal(self, expected: int) -> bool:
         rows = self.builds()
-        return len(rows) == expected and all(r.status in ("SUCCEEDED", "FAILED", "CANCELLED") for r in rows)
+        return len(rows) == expected and all(
+            r.status in ("SUCCEEDED", "FAILED", "CANCELLED") for r in rows
+        )
 
     def live_polls(self) -> list[Any]:
         """Per triggered build, in one consistent read: its status and its live poll messages."""
@@ -173,7 +179,9 @@ class World:
 
     def poll_numbers(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
-        for row in self.rows("SELECT partition_key, message_id FROM queue_messages WHERE topic = 'buildsignal'"):
+        for row in self.rows(
+            "SELECT partition_key, message_id FROM queue_messages WHERE topic = 'buildsignal'"
+        ):
             out.setdefault(row.partition_key, []).append(int(row.message_id.rsplit("/", 1)[1]))
         return {k: sorted(v) for k, v in out.items()}
 
@@ -185,4 +193,3 @@ class World:
 
     def dead_letters(self, topic: str) -> list[Any]:
         return self.rows("SELECT * FROM queue_messages WHERE topic = :t", t=topic)
-

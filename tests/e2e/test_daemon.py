@@ -97,8 +97,10 @@ def test_kill_9_mid_flight_then_restart_finishes_everything_once(daemon, world, 
     d = daemon(sim(tmp_path)).start()
     requests = world.submit("main", 60)
     wait_until(
-        lambda: len([b for b in world.builds() if b.build_id]) == 60
-        and any(b.status == "RUNNING" for b in world.builds()),
+        lambda: (
+            len([b for b in world.builds() if b.build_id]) == 60
+            and any(b.status == "RUNNING" for b in world.builds())
+        ),
         timeout=60,
     )
     d.kill()
@@ -117,7 +119,12 @@ def test_sigterm_drains_without_counting_retries_and_a_restart_finishes(daemon, 
     requests = world.submit("main", 80)
     wait_until(lambda: any(b.status == "RUNNING" for b in world.builds()), timeout=60)
     assert d.stop(timeout=30) == 0
-    assert world.rows("SELECT COUNT(*) AS n FROM queue_deliveries WHERE inflight = 1 OR retry_count > 0")[0].n == 0
+    assert (
+        world.rows(
+            "SELECT COUNT(*) AS n FROM queue_deliveries WHERE inflight = 1 OR retry_count > 0"
+        )[0].n
+        == 0
+    )
     assert world.rows("SELECT COUNT(*) AS n FROM queue_leases WHERE owner <> ''")[0].n == 0
     assert world.rows("SELECT COUNT(*) AS n FROM queue_subscribers")[0].n == 0
     d.start()
@@ -129,21 +136,35 @@ def test_sigterm_drains_without_counting_retries_and_a_restart_finishes(daemon, 
 def test_status_errors_back_off_then_dead_letter_into_failed_infra(daemon, world, tmp_path):
     fault = tmp_path / "fault"
     fault.touch()
-    d = daemon(sim(tmp_path, extra=f'\n[runners.sim.faults]\n').replace(
-        f'state_dir = "{tmp_path / "sim"}"', f'state_dir = "{tmp_path / "sim"}"\nstatus_fault_file = "{fault}"'
-    ).replace("\n[runners.sim.faults]\n", "")).start()
+    d = daemon(
+        sim(tmp_path, extra="\n[runners.sim.faults]\n")
+        .replace(
+            f'state_dir = "{tmp_path / "sim"}"',
+            f'state_dir = "{tmp_path / "sim"}"\nstatus_fault_file = "{fault}"',
+        )
+        .replace("\n[runners.sim.faults]\n", "")
+    ).start()
     requests = world.submit("main", 2)
     wait_until(lambda: world.all_terminal(2), timeout=60)
     builds = world.builds()
     assert {(b.status, b.failure_reason) for b in builds} == {("FAILED", "infra")}
-    assert all("poll dead-lettered" in b.error and "simulated status failure" in b.error for b in builds)
+    assert all(
+        "poll dead-lettered" in b.error and "simulated status failure" in b.error for b in builds
+    )
     assert world.results_per_request() == {r: 1 for r in requests}
     dead = world.dead_letters(topics.BUILDSIGNAL_DLQ)
     assert len(dead) == 2 and {r.failure_count for r in dead} == {3}
-    nacks = [e for e in d.events() if e["event"] == "delivery_nacked" and e.get("build_id") == builds[0].build_id]
+    nacks = [
+        e
+        for e in d.events()
+        if e["event"] == "delivery_nacked" and e.get("build_id") == builds[0].build_id
+    ]
     assert [e["retry_count"] for e in nacks] == [0, 1, 2]
     times = [datetime.fromisoformat(e["timestamp"]) for e in nacks]
-    first_gap, second_gap = (times[1] - times[0]).total_seconds(), (times[2] - times[1]).total_seconds()
+    first_gap, second_gap = (
+        (times[1] - times[0]).total_seconds(),
+        (times[2] - times[1]).total_seconds(),
+    )
     assert first_gap >= 0.2 and second_gap > first_gap * 1.3, (first_gap, second_gap)
 
 
@@ -166,23 +187,33 @@ def test_deadline_cancels_the_build_and_records_a_timeout(daemon, world, tmp_pat
 
 def test_malformed_payloads_go_to_the_dlq_and_the_daemon_keeps_going(daemon, world, tmp_path):
     d = daemon(sim(tmp_path)).start()
-    world.queue.publish(topics.BUILD, Message(id="bad/request", payload=b"{not json", partition_key="bad"))
-    world.queue.publish(topics.BUILDSIGNAL, Message(id="x/poll/1", payload=b"[1,2]", partition_key="ghost"))
     world.queue.publish(
-        topics.BUILDSIGNAL, Message(id="y/poll/1", payload=BuildID("never-stored").to_bytes(), partition_key="y")
+        topics.BUILD, Message(id="bad/request", payload=b"{not json", partition_key="bad")
+    )
+    world.queue.publish(
+        topics.BUILDSIGNAL, Message(id="x/poll/1", payload=b"[1,2]", partition_key="ghost")
+    )
+    world.queue.publish(
+        topics.BUILDSIGNAL,
+        Message(id="y/poll/1", payload=BuildID("never-stored").to_bytes(), partition_key="y"),
     )
     wait_until(
-        lambda: len(world.dead_letters(topics.BUILD_DLQ)) == 1 and len(world.dead_letters(topics.BUILDSIGNAL_DLQ)) == 2,
+        lambda: (
+            len(world.dead_letters(topics.BUILD_DLQ)) == 1
+            and len(world.dead_letters(topics.BUILDSIGNAL_DLQ)) == 2
+        ),
         timeout=30,
     )
     [bad_request] = world.dead_letters(topics.BUILD_DLQ)
     assert "not JSON" in bad_request.last_error
     reasons = sorted(r.last_error for r in world.dead_letters(topics.BUILDSIGNAL_DLQ))
-    assert "BuildID payload must be a JSON object" in reasons[0] or "JSON object" in " ".join(reasons)
+    assert "BuildID payload must be a JSON object" in reasons[0] or "JSON object" in " ".join(
+        reasons
+    )
     assert any("unknown build 'never-stored'" in r for r in reasons)
     # The reconciler recorded the unparseable request as failed (infra), with a result.
     wait_until(lambda: any(b.request_id == "bad" for b in world.builds()), timeout=30)
-    failed = [b for b in world.builds() if b.request_id == "bad"][0]
+    failed = next(b for b in world.builds() if b.request_id == "bad")
     assert (failed.status, failed.failure_reason) == ("FAILED", "infra")
     # ... and it keeps consuming.
     world.submit("main", 3, prefix="after")
@@ -197,7 +228,10 @@ def test_cancel_from_the_cli(daemon, world, tmp_path):
     wait_until(lambda: world.builds() and world.builds()[0].status == "RUNNING", timeout=30)
     build_id = world.builds()[0].build_id
     done = subprocess.run(
-        [BUILDQ, "cancel", build_id, "--config", str(d.config)], capture_output=True, text=True, timeout=30
+        [BUILDQ, "cancel", build_id, "--config", str(d.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stderr
     wait_until(lambda: world.all_terminal(1), timeout=30)
@@ -211,7 +245,18 @@ def test_submit_wait_exit_code_follows_the_result(daemon, world, tmp_path, wait_
     body = sim(tmp_path).replace("failure_probability = 0.3", "failure_probability = 0.0")
     d = daemon(body).start()
     done = subprocess.run(
-        [BUILDQ, "submit", "--config", str(d.config), "--queue", "main", "--head", "c1@abc", "--wait", "--json"],
+        [
+            BUILDQ,
+            "submit",
+            "--config",
+            str(d.config),
+            "--queue",
+            "main",
+            "--head",
+            "c1@abc",
+            "--wait",
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
