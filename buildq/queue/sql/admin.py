@@ -47,7 +47,7 @@ class GroupStats:
 @dataclass(frozen=True, slots=True)
 class TopicStats:
     topic: str
-    messages: int = 0
+    messages: int | None = 0  # None: not counted (see QueueAdmin.topic_stats)
     groups: tuple[GroupStats, ...] = ()
 
     @property
@@ -92,14 +92,19 @@ class QueueAdmin:
 
     # --- views ---------------------------------------------------------------------------
 
-    def topic_stats(self, topic: str | None = None) -> list[TopicStats]:
-        """Counts per topic and group (one aggregate query); ``topic`` narrows it to that
-        topic and its DLQ topic."""
-        if topic is None:
-            rows = self._all(aq.select_all_topic_stats, {})
-        else:
+    def topic_stats(
+        self, topic: str | None = None, *, count_messages: bool = True
+    ) -> list[TopicStats]:
+        """Counts per topic and group in one aggregate query; ``topic`` narrows it to that
+        topic and its DLQ topic. ``count_messages=False`` (for frequent refreshes) skips
+        sizing the logs, which are never pruned: ``messages`` is then None except for DLQ
+        topics."""
+        if topic is not None:
             rows = self._all(aq.select_topic_stats, {"topics": [topic, dlq_topic(topic)]})
-        return _fold_stats(rows)
+        else:
+            stmt = aq.select_all_topic_stats if count_messages else aq.select_group_stats
+            rows = self._all(stmt, {})
+        return _fold_stats(rows, counted=count_messages or topic is not None)
 
     def lag(self, topic: str) -> list[GroupStats]:
         for stats in self.topic_stats(topic):
@@ -408,13 +413,14 @@ def _int_or_none(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _fold_stats(rows: list[dict[str, Any]]) -> list[TopicStats]:
+def _fold_stats(rows: list[dict[str, Any]], *, counted: bool) -> list[TopicStats]:
     """Turn the aggregate's rows into one TopicStats per topic (see ``_topic_stats``)."""
     topics: dict[str, TopicStats] = {}
     groups: dict[tuple[str, str], GroupStats] = {}
+    empty = 0 if counted else None
 
     def group_of(topic: str, name: str) -> GroupStats:
-        topics.setdefault(topic, TopicStats(topic))
+        topics.setdefault(topic, TopicStats(topic, empty))
         return groups.setdefault((topic, name), GroupStats(name))
 
     for row in rows:
@@ -432,8 +438,8 @@ def _fold_stats(rows: list[dict[str, Any]]) -> list[TopicStats]:
                 max_retry_count=int(row["max_retry_count"]),
             )
         else:
-            current = topics.setdefault(topic, TopicStats(topic))
-            topics[topic] = replace(current, messages=current.messages + total)
+            current = topics.setdefault(topic, TopicStats(topic, empty))
+            topics[topic] = replace(current, messages=(current.messages or 0) + total)
             if is_dlq_topic(topic) and name:
                 original = topic.removesuffix(DLQ_SUFFIX)
                 failed = group_of(original, name)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 
+from buildq.queue.contract import DLQ_SUFFIX
 from buildq.queue.sql.dialect import insert_ignore
 from buildq.queue.sql.queries import NOW
 from buildq.queue.sql.schema import deliveries as d
@@ -45,11 +46,14 @@ def _count_if(condition: ColumnElement[bool]) -> ColumnElement[int]:
     return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
 
-def _topic_stats(*, of_topics: bool) -> CompoundSelect[tuple[object, ...]]:
+def _topic_stats(*, of_topics: bool, whole_log: bool) -> CompoundSelect[tuple[object, ...]]:
     """Per (topic, group): the log's rows, the pending deliveries, and the known groups.
 
-    One statement so a metrics refresh is one round trip; the ``kind`` column says which part
-    a row comes from. Log rows of a DLQ topic carry the failed group in ``grp``.
+    One statement so a refresh is one round trip; the ``kind`` column says which part a row
+    comes from. Log rows of a DLQ topic carry the failed group in ``grp``. Without
+    ``whole_log`` only the DLQ topics' rows are counted: the log is never pruned, so counting
+    all of it costs a scan that grows forever, while pending deliveries and dead letters stay
+    small.
     """
     zero = literal(0, Integer)
     log = select(
@@ -89,6 +93,8 @@ def _topic_stats(*, of_topics: bool) -> CompoundSelect[tuple[object, ...]]:
         null().label("oldest_ready_age_ms"),
         zero.label("max_retry_count"),
     )
+    if not whole_log:
+        log = log.where(m.c.topic.in_(select(g.c.topic + literal(DLQ_SUFFIX))))
     if of_topics:
         topics: BindParameter[str] = bindparam("p_topics", expanding=True)
         log = log.where(m.c.topic.in_(topics))
@@ -97,10 +103,12 @@ def _topic_stats(*, of_topics: bool) -> CompoundSelect[tuple[object, ...]]:
     return union_all(log, pending, known)
 
 
-#: Counts per topic and group over the whole queue (what ``queue topics`` and metrics show).
-select_all_topic_stats = _topic_stats(of_topics=False)
+#: Counts per topic and group over the whole queue, log sizes included (``queue topics``).
+select_all_topic_stats = _topic_stats(of_topics=False, whole_log=True)
 #: The same for the topics in ``topics`` (a topic and its DLQ topic).
-select_topic_stats = _topic_stats(of_topics=True)
+select_topic_stats = _topic_stats(of_topics=True, whole_log=True)
+#: Per group: pending deliveries and dead letters, without sizing the logs (metrics).
+select_group_stats = _topic_stats(of_topics=False, whole_log=False)
 
 #: Size and span of one topic's log.
 select_topic_summary = select(
