@@ -144,7 +144,10 @@ def backend_name(engine: Engine) -> str:
 
 def redacted_url(url: str) -> str:
     """The URL with any password masked: for logs and error messages."""
-    return sa.make_url(url).render_as_string(hide_password=True)
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable database URL>"
 
 
 T = TypeVar("T")

@@ -11,7 +11,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.deliveries = Counter(
-            "buildq_deliveries_total", "Deliveries handled, by outcome", ["topic", "outcome"], registry=r
+            "buildq_deliveries_total",
+            "Deliveries handled, by outcome",
+            ["topic", "outcome"],
+            registry=r,
         )
         self.handler_seconds = Histogram(
             "buildq_handler_duration_seconds",

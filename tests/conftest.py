@@ -112,3 +112,13 @@ def db(backend_url: str) -> Iterator[Database]:
 @pytest.fixture
 def wait() -> Callable[..., object]:
     return wait_until
+
+
+@pytest.fixture(autouse=True)
+def _default_logging() -> Iterator[None]:
+    """In-process CLI runs configure logging; every test starts from structlog's defaults."""
+    import structlog
+
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from buildq import logs
+
+    # Library logs go to stderr and only when they matter, so --json output stays parseable;
+    # `buildq run` reconfigures from its config.
+    logs.configure("warning", "auto")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -32,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `buildq ... | head`: the reader left. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

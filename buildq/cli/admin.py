@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from rich.cells import cell_len
 
 from buildq.cli import common
@@ -348,10 +347,7 @@ def with_admin(args: argparse.Namespace, handler: Handler) -> int:
     def run(db: Database) -> int:
         return handler(args, QueueAdmin(db, MessageStore(db)))
 
-    try:
-        return common.run_db(args, run)
-    except sa.exc.ArgumentError:  # common.open_database only expects ValueError
-        raise common.CliError("the database URL cannot be parsed") from None
+    return common.run_db(args, run)
 
 
 def show_messages(args: argparse.Namespace, rows: list[dict[str, Any]]) -> int:

@@ -22,13 +22,33 @@ STATUSES = [s.value for s in BuildStatus]
 def register(commands: Any) -> None:
     submit = commands.add_parser("submit", help="ask for a build of base + head changes")
     common.add_target_options(submit)
-    submit.add_argument("--queue", required=True, help="build queue (a [queues.NAME] in the config)")
-    submit.add_argument("--head", action="append", required=True, metavar="ID[@REV]", help="change under test (repeat, in order)")
-    submit.add_argument("--base", action="append", default=[], metavar="ID[@REV]", help="change assumed good (repeat, in order)")
-    submit.add_argument("--meta", action="append", default=[], metavar="K=V", help="caller metadata (repeat)")
+    submit.add_argument(
+        "--queue", required=True, help="build queue (a [queues.NAME] in the config)"
+    )
+    submit.add_argument(
+        "--head",
+        action="append",
+        required=True,
+        metavar="ID[@REV]",
+        help="change under test (repeat, in order)",
+    )
+    submit.add_argument(
+        "--base",
+        action="append",
+        default=[],
+        metavar="ID[@REV]",
+        help="change assumed good (repeat, in order)",
+    )
+    submit.add_argument(
+        "--meta", action="append", default=[], metavar="K=V", help="caller metadata (repeat)"
+    )
     submit.add_argument("--request-id", help="idempotency key (default: random)")
-    submit.add_argument("--wait", action="store_true", help="follow the build; exit 0 if it succeeds, 1 if not")
-    submit.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds")
+    submit.add_argument(
+        "--wait", action="store_true", help="follow the build; exit 0 if it succeeds, 1 if not"
+    )
+    submit.add_argument(
+        "--timeout", type=float, default=0, help="with --wait: give up after this many seconds"
+    )
     common.add_json_option(submit)
     submit.set_defaults(handler=_submit)
 
@@ -105,7 +125,10 @@ def _publish_and_follow(db: Database, request: BuildRequest, args: argparse.Name
     if args.json and not args.wait:
         common.print_json({"request_id": request.request_id, "duplicate": result.duplicate})
     elif not args.wait:
-        print(f"request {request.request_id} submitted" + (" (already submitted)" if result.duplicate else ""))
+        print(
+            f"request {request.request_id} submitted"
+            + (" (already submitted)" if result.duplicate else "")
+        )
     if not args.wait:
         return 0
     return _follow(SqlBuildStore(db), request.request_id, args)
@@ -125,7 +148,9 @@ def _follow(store: SqlBuildStore, request_id: str, args: argparse.Namespace) -> 
                 common.print_json(build.to_json())
             return 0 if build.status == BuildStatus.SUCCEEDED.value else 1
         if deadline is not None and time.monotonic() > deadline:
-            raise common.CliError(f"gave up waiting for {request_id} after {args.timeout:g}s", exit_code=3)
+            raise common.CliError(
+                f"gave up waiting for {request_id} after {args.timeout:g}s", exit_code=3
+            )
         time.sleep(0.2)
 
 
@@ -182,4 +207,3 @@ def _watch(args: argparse.Namespace) -> int:
     from buildq.cli.watch import watch
 
     return common.run_db(args, lambda db: watch(SqlBuildStore(db), args.interval, once=args.once))
-

@@ -10,8 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import ArgumentError
+
 from buildq.config import Config, ConfigError, load_config
-from buildq.db import Database, create_engine, redacted_url
+from buildq.db import Database, create_engine
 from buildq.queue.contract import QueueError
 
 DEFAULT_CONFIG = "config/buildq.toml"
@@ -71,8 +73,8 @@ def open_database(args: argparse.Namespace) -> Database:
     url = database_url(args)
     try:
         return Database(create_engine(url, pool_size=2), retry_for_s=5)
-    except ValueError as err:
-        raise CliError(f"{redacted_url(url)}: {err}") from None
+    except (ValueError, ArgumentError) as err:
+        raise CliError(f"the database URL cannot be parsed: {str(err).splitlines()[0][:200]}") from None
 
 
 def run_db(args: argparse.Namespace, fn: Callable[[Database], int]) -> int:

@@ -25,7 +25,9 @@ def _upgrade(args: argparse.Namespace) -> int:
     try:
         upgrade(url, args.revision)
     except Exception as err:  # alembic and drivers raise many types; the user needs one line
-        raise common.CliError(f"upgrade of {redacted_url(url)} failed: {_first_line(err)}", 1) from None
+        raise common.CliError(
+            f"upgrade of {redacted_url(url)} failed: {_first_line(err)}", 1
+        ) from None
     print(f"database {redacted_url(url)} is at revision {args.revision}")
     return 0
 

@@ -12,7 +12,9 @@ from buildq.cli import common
 def register(commands: Any) -> None:
     parser = commands.add_parser("run", help="run the daemon in the foreground")
     parser.add_argument(
-        "--config", metavar="PATH", help=f"config file (default: ${common.CONFIG_ENV} or {common.DEFAULT_CONFIG})"
+        "--config",
+        metavar="PATH",
+        help=f"config file (default: ${common.CONFIG_ENV} or {common.DEFAULT_CONFIG})",
     )
     parser.set_defaults(handler=_run)
 

@@ -16,7 +16,7 @@ import structlog
 
 from buildq.buildrunner import BuildID
 from buildq.config import Config
-from buildq.db import Database, DbClock, create_engine, redacted_url
+from buildq.db import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
@@ -106,7 +106,8 @@ class Daemon:
             self.webhooks = WebhookServer(webhook_config, self.wired.routes, self._on_build_event)
             self.webhooks.start()
             log.info("webhooks_listening", bind=webhook_config.bind, port=self.webhooks.port)
-        self._spawn(self._health_loop, "health")
+        self._spawn(self._database_loop, "db-probe")
+        self._spawn(self._watchdog_loop, "watchdog")
         self.metrics.up.set(1)
         self.notifier.ready()
         log.info("daemon_ready", database=redacted_url(self.config.database.url), pid=os.getpid())
@@ -174,27 +175,32 @@ class Daemon:
 
     # --- health -------------------------------------------------------------------------------
 
-    def _health_loop(self) -> None:
-        interval = self.notifier.watchdog_interval_s or _HEALTH_INTERVAL_S
-        interval = min(interval, _HEALTH_INTERVAL_S)
+    def _database_loop(self) -> None:
+        """Probe the database for /readyz; on its own thread, as a hung server blocks it."""
+        while not self.stopping.wait(_HEALTH_INTERVAL_S):
+            assert self.db is not None
+            try:
+                with self.db.read_engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+                    conn.exec_driver_sql("SELECT 1")
+                    conn.rollback()
+                self._db_ok, self._db_error = True, ""
+            except Exception as err:
+                self._db_ok, self._db_error = False, _first_line(err)
+
+    def _watchdog_loop(self) -> None:
+        interval = min(self.notifier.watchdog_interval_s or _HEALTH_INTERVAL_S, _HEALTH_INTERVAL_S)
         while not self.stopping.wait(interval):
-            self._check_database()
             if self.healthz()[0]:
                 self.notifier.watchdog()
-
-    def _check_database(self) -> None:
-        assert self.db is not None
-        try:
-            with self.db.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-            self._db_ok, self._db_error = True, ""
-        except Exception as err:
-            self._db_ok, self._db_error = False, _first_line(err)
 
     def healthz(self) -> tuple[bool, str]:
         """Alive and its loops ticking (the database may be down: that is /readyz)."""
         if self.consumer is None:
             return (not self.stopping.is_set(), "starting")
+        if not self._db_ok:
+            # The loops are waiting on the database: that is an outage for /readyz to report,
+            # not a wedged process for the watchdog to kill.
+            return True, f"alive; database unavailable: {self._db_error}"
         idle_s = max(s.settings.poll_interval_ms for s in self.subscriptions) / 1000
         ok = self.consumer.healthy(max_age_s=max(30.0, idle_s * 10))
         return ok, "ok" if ok else "consumer loops stalled"

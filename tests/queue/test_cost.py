@@ -23,11 +23,14 @@ def counted_statements(db: Database) -> Iterator[list[str]]:
         if threading.get_ident() == me:
             statements.append(statement.split(None, 1)[0].upper())
 
-    event.listen(db.engine, "before_cursor_execute", _count)
+    engines = {db.engine, db.read_engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", _count)
     try:
         yield statements
     finally:
-        event.remove(db.engine, "before_cursor_execute", _count)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", _count)
 
 
 def _idle_tick(sub) -> None:

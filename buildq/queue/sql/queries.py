@@ -37,7 +37,9 @@ from buildq.queue.sql.schema import subscribers as sub
 NOW = db_now_ms()
 
 
-def _insert_messages(visible_after: ColumnElement[int], created_at: ColumnElement[int] = NOW) -> Insert:
+def _insert_messages(
+    visible_after: ColumnElement[int], created_at: ColumnElement[int] = NOW
+) -> Insert:
     return insert_ignore(m).values(
         topic=bindparam("p_topic"),
         partition_key=bindparam("p_partition_key"),

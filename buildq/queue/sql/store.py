@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection
 
 from buildq.db import Database
 from buildq.queue.contract import (
+    DLQ_SUFFIX,
     DeadLetter,
     InvalidMessage,
     Message,
@@ -108,7 +109,8 @@ class MessageStore:
 
     def encode(self, topic: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
         """Validate and turn messages into row parameters; refuse before anything is written."""
-        _check_len("topic", topic, TOPIC_MAX)
+        # Room for the DLQ suffix: a dead letter's topic must fit the same column.
+        _check_len("topic", topic, TOPIC_MAX - len(DLQ_SUFFIX), allow_empty=False)
         token = new_publish_token()
         return [self._encode_one(topic, message, token) for message in messages]
 
