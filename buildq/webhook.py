@@ -1,8 +1,8 @@
 """Webhook receiver: CI services say "this build changed" so the daemon polls it now.
 
 A push is only a hint. The receiver verifies the delivery, turns it into the BuildID the
-runner gave that build, and hands it to ``on_build_event``; the daemon publishes a poll and
-the ordinary poll path reads the status. Nothing here decides a build's state, so a lost or
+runner gave that build, and hands it to ``on_build_event``; the daemon makes that build's one
+pending poll due now and the ordinary poll path reads the status. Nothing here decides a build's state, so a lost or
 forged-but-rejected delivery costs at most latency (GitHub never retries a failed delivery:
 the safety poll stays mandatory).
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from buildq.buildrunner import _http
+from buildq.buildrunner import _http, _ratelimit
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -116,17 +116,17 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     return build_id(match[1], match[2], int(match[3]))
 
 
-def rate_signal(response: httpx.Response) -> _http.RateSignal:
+def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """Buildkite's ``RateLimit-*`` headers; ``RateLimit-Reset`` is seconds from now."""
     headers = response.headers
-    remaining = _http.header_number(headers, "RateLimit-Remaining")
-    limit = _http.header_number(headers, "RateLimit-Limit")
-    reset = _http.header_number(headers, "RateLimit-Reset")
+    remaining = _ratelimit.header_number(headers, "RateLimit-Remaining")
+    limit = _ratelimit.header_number(headers, "RateLimit-Limit")
+    reset = _ratelimit.header_number(headers, "RateLimit-Reset")
     limited: float | None = None
     if response.status_code == 429:
-        retry_after = _http.header_number(headers, "Retry-After")
+        retry_after = _ratelimit.header_number(headers, "Retry-After")
         limited = max(reset if reset is not None else (retry_after or 60.0), 0.0)
-    return _http.RateSignal(
+    return _ratelimit.RateSignal(
         remaining=None if remaining is None else int(remaining),
         limit=None if limit is None else int(limit),
         reset_in_s=reset,
@@ -185,7 +185,7 @@ class BuildkiteRunner:
         client: httpx.Client,
         *,
         name: str = KIND,
-        budget: _http.RateBudget | None = None,
+        budget: _ratelimit.RateBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.config = config
@@ -202,8 +202,12 @@ class BuildkiteRunner:
         )
 
     @property
-    def budget(self) -> _http.RateBudget:
+    def budget(self) -> _ratelimit.RateBudget:
         return self._core.budget
+
+    def close(self) -> None:
+        """Close the HTTP client: the daemon calls this when it stops."""
+        self._core.client.close()
 
     def trigger(
         self,

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import structlog
 
-from buildq.buildrunner import _http
+from buildq.buildrunner import _http, _ratelimit
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -125,16 +125,16 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     return build_id(owner, repo, run_id, attempt)
 
 
-def rate_signal(response: httpx.Response) -> _http.RateSignal:
+def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """GitHub's ``x-ratelimit-*`` (reset is epoch seconds) and secondary limits (403/429)."""
     headers = response.headers
-    remaining = _http.header_number(headers, "x-ratelimit-remaining")
-    limit = _http.header_number(headers, "x-ratelimit-limit")
-    reset_epoch = _http.header_number(headers, "x-ratelimit-reset")
+    remaining = _ratelimit.header_number(headers, "x-ratelimit-remaining")
+    limit = _ratelimit.header_number(headers, "x-ratelimit-limit")
+    reset_epoch = _ratelimit.header_number(headers, "x-ratelimit-reset")
     reset_in = None if reset_epoch is None else max(reset_epoch - time.time(), 0.0)
     limited: float | None = None
     if response.status_code in (403, 429):
-        retry_after = _http.header_number(headers, "retry-after")
+        retry_after = _ratelimit.header_number(headers, "retry-after")
         if retry_after is not None:
             limited = retry_after
         elif remaining == 0 and reset_in is not None:
@@ -142,7 +142,7 @@ def rate_signal(response: httpx.Response) -> _http.RateSignal:
         elif response.status_code == 429 or "rate limit" in response.text.lower():
             # GitHub: with neither header, wait at least a minute.
             limited = 60.0
-    return _http.RateSignal(
+    return _ratelimit.RateSignal(
         remaining=None if remaining is None else int(remaining),
         limit=None if limit is None else int(limit),
         reset_in_s=reset_in,
@@ -210,7 +210,7 @@ class GitHubRunner:
         client: httpx.Client,
         *,
         name: str = KIND,
-        budget: _http.RateBudget | None = None,
+        budget: _ratelimit.RateBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.config = config
@@ -229,8 +229,12 @@ class GitHubRunner:
         self._ask_run_details = config.return_run_details
 
     @property
-    def budget(self) -> _http.RateBudget:
+    def budget(self) -> _ratelimit.RateBudget:
         return self._core.budget
+
+    def close(self) -> None:
+        """Close the HTTP client: the daemon calls this when it stops."""
+        self._core.client.close()
 
     def trigger(
         self,

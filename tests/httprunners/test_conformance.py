@@ -77,3 +77,13 @@ def test_hostile_changes_are_accepted(case: Case) -> None:
     build_id = conformance.check_hostile_changes_accepted(case.runner)
     case.finish(build_id)
     conformance.check_status_metadata_is_strings(case.runner, build_id)
+
+
+def test_close_releases_the_http_client(case: Case) -> None:
+    # The daemon's wiring closes every runner that has ``close`` when it stops.
+    runner = case.runner
+    assert isinstance(runner, BuildkiteRunner | GitHubRunner)
+    client = runner._core.client
+    assert not client.is_closed
+    runner.close()
+    assert client.is_closed

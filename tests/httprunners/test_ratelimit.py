@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from buildq.buildrunner._http import RateBudget, RateLimitWait, RateSignal
+from buildq.buildrunner._ratelimit import RateBudget, RateLimitWait, RateSignal
 from buildq.buildrunner.buildkite import BuildkiteRunner
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
