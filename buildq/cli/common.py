@@ -74,7 +74,9 @@ def open_database(args: argparse.Namespace) -> Database:
     try:
         return Database(create_engine(url, pool_size=2), retry_for_s=5)
     except (ValueError, ArgumentError) as err:
-        raise CliError(f"the database URL cannot be parsed: {str(err).splitlines()[0][:200]}") from None
+        raise CliError(
+            f"the database URL cannot be parsed: {str(err).splitlines()[0][:200]}"
+        ) from None
 
 
 def run_db(args: argparse.Namespace, fn: Callable[[Database], int]) -> int:

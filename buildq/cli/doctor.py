@@ -25,8 +25,9 @@ from buildq.cli import common
 from buildq.config import Config, ConfigError, Table, load_config
 from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
 
-#: The oldest servers buildq supports. On MySQL/MariaDB these are the first with
-#: ``FOR UPDATE SKIP LOCKED``, which every fetch uses.
+#: The oldest servers buildq supports: what it is designed and tested for (MySQL 8 and
+#: MariaDB 10.6+: utf8mb4 keys of 3072 bytes, millisecond NOW(3), READ COMMITTED locking
+#: reads; SQLite 3.35+ for RETURNING-era row values and WAL behaviour).
 MIN_VERSIONS = {"MySQL": (8, 0, 1), "MariaDB": (10, 6), "SQLite": (3, 35)}
 
 #: ``type`` of a ``[runners.NAME]`` table → the config class that validates it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from buildq.webhook import WebhookConfig, WebhookServer
 
 log = structlog.get_logger("buildq.daemon")
 
+#: How often builds woken while their poll was in flight are expedited again.
+_REWAKE_INTERVAL_S = 0.1
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
 _HEALTH_INTERVAL_S = 2.0
 
@@ -60,6 +63,8 @@ class Daemon:
         self.webhooks: WebhookServer | None = None
         self.wired: WiredRunners | None = None
         self.store: SqlBuildStore | None = None
+        self._rewake: dict[str, float] = {}  # build id -> give up at (monotonic s)
+        self._rewake_lock = threading.Lock()
         self._db_ok = False
         self._db_error = "not checked yet"
 
@@ -106,6 +111,7 @@ class Daemon:
             self.webhooks = WebhookServer(webhook_config, self.wired.routes, self._on_build_event)
             self.webhooks.start()
             log.info("webhooks_listening", bind=webhook_config.bind, port=self.webhooks.port)
+            self._spawn(self._rewake_loop, "webhook-rewake")
         self._spawn(self._database_loop, "db-probe")
         self._spawn(self._watchdog_loop, "watchdog")
         self.metrics.up.set(1)
@@ -160,6 +166,29 @@ class Daemon:
             return
         woken = self.queue.expedite(topics.BUILDSIGNAL, build_id.id)
         log.info("webhook_event", build_id=build_id.id, runner=runner_name, expedited=woken)
+        if not woken:
+            # The poll is in flight and may have read the state before this event: expedite
+            # the poll it schedules next, for as long as a delivery may stay in flight.
+            timeout_ms = self.config.consumer.for_topic(topics.BUILDSIGNAL).visibility_timeout_ms
+            with self._rewake_lock:
+                self._rewake[build_id.id] = time.monotonic() + timeout_ms / 1000
+
+    def _rewake_loop(self) -> None:
+        """Expedite the next poll of builds woken while their poll was in flight."""
+        assert self.queue is not None
+        while not self.stopping.wait(_REWAKE_INTERVAL_S):
+            with self._rewake_lock:
+                pending = list(self._rewake.items())
+            for build_id, give_up_at in pending:
+                try:
+                    woken = self.queue.expedite(topics.BUILDSIGNAL, build_id)
+                except Exception as err:  # the safety poll still comes
+                    log.warning("webhook_rewake_failed", build_id=build_id, error=_first_line(err))
+                    woken = 0
+                if woken or time.monotonic() >= give_up_at:
+                    with self._rewake_lock:
+                        self._rewake.pop(build_id, None)
+                    log.info("webhook_rewake", build_id=build_id, expedited=woken)
 
     # --- the hand-off -----------------------------------------------------------------------
 

@@ -296,11 +296,6 @@ def test_without_deliveries_the_safety_poll_finishes_the_build_at_its_own_cadenc
 @pytest.mark.parametrize(
     ("kind", "backend_url"), [("buildkite", "sqlite")], indirect=["backend_url"]
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon: a wake that finds the poll in flight is dropped (Daemon._on_build_event); "
-    "the build then waits for the safety poll",
-)
 def test_a_delivery_during_an_in_flight_poll_is_not_lost(
     ci: FakeCI, daemon: MakeDaemon, world: World
 ) -> None:

@@ -3,7 +3,7 @@
     python -m tests.scale.member URL TOPIC GROUP OUT.jsonl [--slots N] [--work-ms N] ...
 
 Consumes TOPIC as GROUP, acks each message after ``--work-ms`` of "work", and appends one
-JSON line per event to OUT (processed, lost, leases, stopped). SIGTERM: hand back what was
+JSON line per event to OUT (handled, acked, lost, leases, stopped). SIGTERM: hand back what was
 fetched but not processed, release leases, deregister, exit 0.
 """
 
@@ -42,7 +42,9 @@ def main() -> None:
 
     def record(event: str, **data: Any) -> None:
         with lock:
-            out.write(json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **data}) + "\n")
+            out.write(
+                json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **data}) + "\n"
+            )
 
     def on_event(event: str, **data: Any) -> None:
         if event == "leases_changed":
@@ -76,18 +78,21 @@ def main() -> None:
             record("fetched", id=delivery.message.id, key=delivery.message.partition_key)
             if args.work_ms:
                 time.sleep(args.work_ms / 1000)  # the "work" of this consumer, not a test wait
-            try:
-                delivery.ack()
-            except DeliveryLost:
-                record("lost", id=delivery.message.id)
-                continue
+            # "handled" before the ack, "acked" after: a kill between the two must not hide
+            # a message from the test's at-least-once check.
             record(
-                "processed",
+                "handled",
                 id=delivery.message.id,
                 key=delivery.message.partition_key,
                 retry_count=delivery.retry_count,
                 attempt=delivery.attempt,
             )
+            try:
+                delivery.ack()
+            except DeliveryLost:
+                record("lost", id=delivery.message.id)
+                continue
+            record("acked", id=delivery.message.id)
     sub.close()
     record("stopped")
     db.dispose()

@@ -34,7 +34,16 @@ class Member:
 
     def start(self) -> Member:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.scale.member", self.url, "t", "g", str(self.out), *self.args],
+            [
+                sys.executable,
+                "-m",
+                "tests.scale.member",
+                self.url,
+                "t",
+                "g",
+                str(self.out),
+                *self.args,
+            ],
             cwd=Path(__file__).resolve().parents[2],
         )
         wait_until(lambda: self.id(), timeout=30, message="member started")
@@ -51,8 +60,12 @@ class Member:
             return []
         return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
 
-    def processed(self) -> list[dict[str, Any]]:
-        return [e for e in self.events() if e["event"] == "processed"]
+    def handled(self) -> list[dict[str, Any]]:
+        """Messages this member worked on (acked or not)."""
+        return [e for e in self.events() if e["event"] == "handled"]
+
+    def acked(self) -> list[str]:
+        return [e["id"] for e in self.events() if e["event"] == "acked"]
 
     def signal(self, signum: int) -> None:
         assert self.process is not None
@@ -67,7 +80,9 @@ class Group:
     members: list[Member] = field(default_factory=list)
 
     def add(self, *args: str) -> Member:
-        member = Member(self.url, self.tmp / f"member-{len(self.members)}.jsonl", list(args)).start()
+        member = Member(
+            self.url, self.tmp / f"member-{len(self.members)}.jsonl", list(args)
+        ).start()
         self.members.append(member)
         return member
 
@@ -86,8 +101,11 @@ class Group:
         shares = self.shares()
         return sorted((shares.get(m.member_id, 0) for m in members), reverse=True)
 
-    def processed_ids(self) -> list[str]:
-        return [e["id"] for m in self.members for e in m.processed()]
+    def handled_ids(self) -> list[str]:
+        return [e["id"] for m in self.members for e in m.handled()]
+
+    def acked_ids(self) -> list[str]:
+        return [i for m in self.members for i in m.acked()]
 
     def stop_all(self) -> None:
         for member in self.members:
@@ -110,7 +128,11 @@ def publish(url_db: Database, count: int, partitions: int, prefix: str = "m") ->
     ids = [f"{prefix}{i}" for i in range(count)]
     for start in range(0, count, 500):
         queue.publish_many(
-            "t", [Message(id=i, payload=b"", partition_key=f"k{n % partitions}") for n, i in enumerate(ids[start : start + 500], start)]
+            "t",
+            [
+                Message(id=i, payload=b"", partition_key=f"k{n % partitions}")
+                for n, i in enumerate(ids[start : start + 500], start)
+            ],
         )
     return ids
 
@@ -133,7 +155,9 @@ def test_fair_share_follows_members_joining_and_leaving(group: Group):
     wait_until(lambda: group.live_shares(a, b) == [5, 5], timeout=settle_time())
     b.signal(signal.SIGTERM)
     wait_until(lambda: group.live_shares(a) == [10], timeout=settle_time())
-    rows = group.db.read(lambda conn: conn.execute(sa.text("SELECT COUNT(*) FROM queue_leases")).scalar())
+    rows = group.db.read(
+        lambda conn: conn.execute(sa.text("SELECT COUNT(*) FROM queue_leases")).scalar()
+    )
     assert rows == 10
 
 
@@ -142,15 +166,20 @@ def test_sigkill_takeover_within_the_lease_bound_and_nothing_lost(group: Group):
     b = group.add()
     wait_until(lambda: group.live_shares(a, b) == [6, 6], timeout=settle_time())
     ids = publish(group.db, 300, partitions=50)
-    wait_until(lambda: len(a.processed()) > 0, timeout=30)
+    wait_until(lambda: len(a.acked()) > 0, timeout=30)
     a.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     wait_until(lambda: group.live_shares(b) == [12], timeout=30)
     took = time.monotonic() - killed_at
     assert took <= LEASE_S + RENEW_S + 2.0, f"takeover took {took:.2f}s"
-    wait_until(lambda: set(ids) <= set(group.processed_ids()), timeout=60)
+    wait_until(lambda: set(ids) <= set(group.handled_ids()), timeout=60)
     # At-least-once: whatever A had claimed when it died comes again once its visibility ends.
-    assert group.db.read(lambda c: c.execute(sa.text("SELECT COUNT(*) FROM queue_deliveries")).scalar()) == 0
+    assert (
+        group.db.read(
+            lambda c: c.execute(sa.text("SELECT COUNT(*) FROM queue_deliveries")).scalar()
+        )
+        == 0
+    )
 
 
 def test_a_paused_member_is_fenced_out_and_the_new_owner_delivers(group: Group):
@@ -164,10 +193,12 @@ def test_a_paused_member_is_fenced_out_and_the_new_owner_delivers(group: Group):
         wait_until(lambda: group.live_shares(b) == [12], timeout=30)
     finally:
         a.signal(signal.SIGCONT)
-    wait_until(lambda: any(e["event"] == "lost" and e["id"] == "fenced0" for e in a.events()), timeout=30)
-    assert not [e for e in a.processed() if e["id"] == "fenced0"]
-    wait_until(lambda: [e["id"] for e in b.processed()] == ["fenced0"], timeout=30)
-    assert b.processed()[0]["retry_count"] == 1  # its visibility timed out at A: one retry
+    wait_until(
+        lambda: any(e["event"] == "lost" and e["id"] == "fenced0" for e in a.events()), timeout=30
+    )
+    assert "fenced0" not in a.acked()
+    wait_until(lambda: b.acked() == ["fenced0"], timeout=30)
+    assert b.handled()[0]["retry_count"] == 1  # its visibility timed out at A: one retry
 
 
 def test_graceful_leave_hands_back_without_retries(group: Group):
@@ -175,27 +206,27 @@ def test_graceful_leave_hands_back_without_retries(group: Group):
     b = group.add("--work-ms", "20", "--batch", "32")
     wait_until(lambda: group.live_shares(a, b) == [6, 6], timeout=settle_time())
     ids = publish(group.db, 400, partitions=40)
-    wait_until(lambda: len(a.processed()) > 20, timeout=30)
+    wait_until(lambda: len(a.acked()) > 20, timeout=30)
     a.signal(signal.SIGTERM)
     assert a.process is not None and a.process.wait(timeout=15) == 0
     left_at = time.monotonic()
     wait_until(lambda: group.live_shares(b) == [12], timeout=30)
     assert time.monotonic() - left_at <= RENEW_S + 2.0
-    wait_until(lambda: set(ids) <= set(group.processed_ids()), timeout=60)
-    assert all(e["retry_count"] == 0 for m in (a, b) for e in m.processed())
-    assert sorted(group.processed_ids()) == sorted(ids), "each message exactly once"
+    wait_until(lambda: set(ids) <= set(group.acked_ids()), timeout=60)
+    assert all(e["retry_count"] == 0 for m in (a, b) for e in m.handled())
+    assert sorted(group.acked_ids()) == sorted(ids), "each message exactly once"
 
 
 def test_partition_order_holds_across_a_handover(group: Group):
     a = group.add("--work-ms", "5", "--batch", "8")
     wait_until(lambda: group.live_shares(a) == [12], timeout=settle_time())
     ids = publish(group.db, 600, partitions=20)
-    wait_until(lambda: len(a.processed()) > 50, timeout=30)
+    wait_until(lambda: len(a.acked()) > 50, timeout=30)
     b = group.add("--work-ms", "5", "--batch", "8")
-    wait_until(lambda: len(b.processed()) > 20, timeout=30)
+    wait_until(lambda: len(b.acked()) > 20, timeout=30)
     a.signal(signal.SIGTERM)
-    wait_until(lambda: set(ids) <= set(group.processed_ids()), timeout=90)
-    events = sorted((e for m in (a, b) for e in m.processed()), key=lambda e: e["t"])
+    wait_until(lambda: set(ids) <= set(group.acked_ids()), timeout=90)
+    events = sorted((e for m in (a, b) for e in m.handled()), key=lambda e: e["t"])
     by_key: dict[str, list[int]] = {}
     for e in events:
         by_key.setdefault(e["key"], []).append(int(e["id"][1:]))
@@ -210,10 +241,12 @@ def test_ten_thousand_partitions_three_members_each_message_once(group: Group, b
     members = [group.add("--slots", "64", "--batch", "64") for _ in range(3)]
     wait_until(lambda: group.live_shares(*members) == [22, 21, 21], timeout=settle_time())
     ids = publish(group.db, 10_000, partitions=10_000)
-    wait_until(lambda: len(group.processed_ids()) >= 10_000, timeout=240, interval=0.5)
-    assert sorted(group.processed_ids()) == sorted(ids)
-    assert all(len(m.processed()) > 1000 for m in members), "every member did its share"
+    wait_until(lambda: len(group.acked_ids()) >= 10_000, timeout=240, interval=0.5)
+    assert sorted(group.acked_ids()) == sorted(ids)
+    assert all(len(m.acked()) > 1000 for m in members), "every member did its share"
     lease_rows = group.db.read(
-        lambda c: c.execute(sa.text("SELECT COUNT(*) FROM queue_leases WHERE grp = 'g' AND topic = 't'")).scalar()
+        lambda c: c.execute(
+            sa.text("SELECT COUNT(*) FROM queue_leases WHERE grp = 'g' AND topic = 't'")
+        ).scalar()
     )
     assert lease_rows == 64

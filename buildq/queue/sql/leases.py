@@ -140,7 +140,9 @@ class Membership:
         """Heartbeat, renew, rebalance. ``busy_slots`` have deliveries still being processed."""
         started = time.monotonic()
         before = self.owned()
-        owned, draining = self.db.write(lambda conn: self._tick_in(conn, busy_slots))
+        with self._lock:
+            was_draining = set(self._draining)
+        owned, draining = self.db.write(lambda conn: self._tick_in(conn, busy_slots, was_draining))
         with self._lock:
             self._owned = owned
             self._draining = draining
@@ -165,7 +167,9 @@ class Membership:
 
     # --- the rebalance ------------------------------------------------------------------------
 
-    def _tick_in(self, conn: Connection, busy: set[int]) -> tuple[dict[int, int], set[int]]:
+    def _tick_in(
+        self, conn: Connection, busy: set[int], was_draining: set[int]
+    ) -> tuple[dict[int, int], set[int]]:
         s = self.settings
         params = self._params | {
             "id": self.member_id,
@@ -187,7 +191,11 @@ class Membership:
         draining: set[int] = set()
         if len(mine) > share:
             extra = sorted(mine)[share:]
-            idle = [slot for slot in extra if slot not in busy]
+            # Two steps: a slot first stops being fetched from (draining), and is released on
+            # a later tick once nothing fetched from it is still being processed. A fetch that
+            # was already under way when draining began has finished by then, so nothing of
+            # that slot is processed here while the next owner starts on the same partitions.
+            idle = [slot for slot in extra if slot in was_draining and slot not in busy]
             if idle:
                 conn.execute(q.release_leases, q.params(params | {"slots": idle}))
                 for slot in idle:

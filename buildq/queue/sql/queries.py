@@ -111,12 +111,18 @@ _due_in_my_slots = and_(
 )
 
 #: Lock up to ``limit`` due deliveries of the member's slots, oldest due first.
+#:
+#: FOR UPDATE, deliberately not SKIP LOCKED: each slot has one leaseholder, so members never
+#: compete for the same rows, but a member's scan does lock other slots' rows for an instant
+#: on its way past them. With SKIP LOCKED the owner would skip such a row and claim the next
+#: message of that partition first (seen in tests/scale: partition order broken); waiting the
+#: moment it takes the other short transaction to move on keeps the order.
 claim_due = (
     select(d.c.seq)
     .where(_due_in_my_slots, d.c.visible_at <= NOW)
     .order_by(d.c.visible_at, d.c.seq)
     .limit(bindparam("p_limit", type_=Integer))
-    .with_for_update(skip_locked=True)
+    .with_for_update()
 )
 
 #: Mark claimed rows in flight. A row that was already in flight timed out: that is a retry.
@@ -203,7 +209,8 @@ extend_visibility: Update = (
     update(d).where(_still_owned).values(visible_at=NOW + bindparam("p_extend_ms"))
 )
 
-#: Give an unprocessed delivery back without counting a retry.
+#: Give an unprocessed delivery back without counting a retry. It returns to its original
+#: place in the fetch order (its message's visible_after), so a handover keeps partition order.
 mark_handed_back: Update = (
     update(d)
     .where(
@@ -213,7 +220,11 @@ mark_handed_back: Update = (
         d.c.inflight == 1,
         d.c.owner == bindparam("p_owner"),
     )
-    .values(inflight=0, owner="", visible_at=NOW)
+    .values(
+        inflight=0,
+        owner="",
+        visible_at=select(m.c.visible_after).where(m.c.seq == d.c.seq).scalar_subquery(),
+    )
 )
 
 #: Copy a message into its topic's DLQ, recording which group failed it and why.

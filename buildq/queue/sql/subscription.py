@@ -1,7 +1,8 @@
 """A consumer group member on one topic: claims deliveries and settles them, fenced.
 
 ``fetch`` claims due deliveries of the slots this member leases in one short transaction
-(``SELECT … FOR UPDATE SKIP LOCKED`` on the fetch index, then an update by primary key).
+(``SELECT … FOR UPDATE`` on the fetch index, then an update by primary key; see queries.claim_due
+for why not SKIP LOCKED).
 Every later write about a delivery (ack, nack, reject, extend) is conditional on the claim
 still being current *and* on the member still holding the slot's lease at the same epoch;
 otherwise it is refused with ``DeliveryLost`` and the message goes to whoever owns it now.
