@@ -39,9 +39,9 @@ from buildq.config import Config, ConfigError, load_config
 from buildq.db import Database, create_engine, redacted_url
 from buildq.migrations import upgrade
 from buildq.orchestrator import topics
-from buildq.orchestrator.model import Build, BuildRequest
+from buildq.orchestrator.model import Build, BuildRequest, request_message
 from buildq.orchestrator.sqlstore import SqlBuildStore
-from buildq.queue.contract import Message, QueueError, message_id
+from buildq.queue.contract import QueueError
 from buildq.queue.sql import SqlQueue
 
 _READY_TIMEOUT_S = 30.0
@@ -167,12 +167,7 @@ def submit(queue: SqlQueue, run_id: str, builds: Sequence[DemoBuild]) -> dict[st
             head=(Change.parse(spec.head),),
             metadata={"requested_by": "buildq.demo"},
         )
-        message = Message(
-            id=message_id(request.request_id, "request"),
-            payload=request.to_bytes(),
-            partition_key=request.request_id,
-        )
-        queue.publish(topics.BUILD, message)
+        queue.publish(topics.BUILD, request_message(request))
         submitted[request.request_id] = spec
     return submitted
 

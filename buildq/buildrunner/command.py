@@ -52,6 +52,11 @@ _ID_PATTERN = re.compile(r"cmd-[0-9]{13,16}-[0-9a-f]{12}")
 _START_TIMEOUT_MS = 60_000
 
 
+_DAEMON_ONLY_ENV = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class CommandConfig:
     """``[runners.<name>]`` with ``type = "command"``."""
@@ -187,7 +192,10 @@ class CommandRunner:
         (self._active / build_dir.name).touch()
         files.write_atomic(build_dir / files.STARTED_FILE, str(files.now_ms()))
         request = json.loads((build_dir / files.REQUEST_FILE).read_text())
-        env = os.environ | {
+        # The daemon's systemd channels are not the build's: a build that inherited them could
+        # send READY/WATCHDOG on the daemon's behalf (NotifyAccess=main ignores it, but still).
+        inherited = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
+        env = inherited | {
             "BUILDQ_BUILD_ID": build_dir.name,
             "BUILDQ_QUEUE": request["queue"],
             "BUILDQ_CHANGES_FILE": str(build_dir / files.REQUEST_FILE),

@@ -11,9 +11,8 @@ from buildq.buildrunner import BuildStatus, Change
 from buildq.cli import common
 from buildq.db import Database
 from buildq.orchestrator import topics
-from buildq.orchestrator.model import BuildRequest
+from buildq.orchestrator.model import BuildRequest, request_message
 from buildq.orchestrator.sqlstore import SqlBuildStore
-from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
 
 STATUSES = [s.value for s in BuildStatus]
@@ -116,12 +115,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _publish_and_follow(db: Database, request: BuildRequest, args: argparse.Namespace) -> int:
-    message = Message(
-        id=message_id(request.request_id, "request"),
-        payload=request.to_bytes(),
-        partition_key=request.request_id,
-    )
-    result = SqlQueue(db).publish(topics.BUILD, message)
+    result = SqlQueue(db).publish(topics.BUILD, request_message(request))
     if args.json and not args.wait:
         common.print_json({"request_id": request.request_id, "duplicate": result.duplicate})
     elif not args.wait:

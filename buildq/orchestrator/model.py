@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buildq.buildrunner import BuildStatus, Change, MalformedPayload
+from buildq.queue.contract import Message, message_id
 
 #: Most changes one request may carry (base + head): a bound on payload and runner input.
 MAX_CHANGES = 1_000
@@ -130,6 +131,15 @@ class Build:
             "cancel_requested_at_ms": self.cancel_requested_at_ms,
             "cancel_sent_at_ms": self.cancel_sent_at_ms,
         }
+
+
+def request_message(request: BuildRequest) -> Message:
+    """The ``build`` topic message for a request: idempotent on the request id."""
+    return Message(
+        id=message_id(request.request_id, "request"),
+        payload=request.to_bytes(),
+        partition_key=request.request_id,
+    )
 
 
 def result_payload(build: Build) -> bytes:
