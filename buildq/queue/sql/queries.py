@@ -419,3 +419,23 @@ def params(values: Mapping[str, Any]) -> dict[str, Any]:
 def many(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """``params`` for each row of an executemany."""
     return [params(row) for row in rows]
+
+
+# --- retention ------------------------------------------------------------------------------
+
+_done_everywhere = ~exists().where(d.c.seq == m.c.seq)
+
+#: Oldest messages past the retention cut-off that no group still has to process.
+select_expired = (
+    select(m.c.seq, m.c.created_at)
+    .where(m.c.seq > bindparam("p_after"), _done_everywhere)
+    .order_by(m.c.seq)
+    .limit(bindparam("p_limit", type_=Integer))
+)
+
+#: Delete them, checking again that no delivery appeared meanwhile (a requeue, a new group).
+delete_expired: Delete = delete(m).where(
+    m.c.seq.in_(bindparam("p_seqs", expanding=True)),
+    m.c.created_at < bindparam("p_cutoff"),
+    _done_everywhere,
+)
