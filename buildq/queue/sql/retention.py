@@ -57,6 +57,10 @@ class Retention:
             self._after = old[-1]
         return PurgeResult(deleted, scanned)
 
+    def _delete(self, seqs: list[int], cutoff: int) -> int:
+        params = q.params({"seqs": seqs, "cutoff": cutoff})
+        return int(self.db.write(lambda conn: conn.execute(q.delete_expired, params).rowcount))
+
     def _cutoff(self) -> int:
         return (
             int(self.db.read(lambda conn: conn.execute(q.select_db_now).scalar_one()))
