@@ -45,10 +45,7 @@ class Retention:
             old = [r.seq for r in rows if r.created_at < cutoff]
             scanned += len(rows)
             if old:
-                params = q.params({"seqs": old, "cutoff": cutoff})
-                deleted += self.db.write(
-                    lambda conn: conn.execute(q.delete_expired, params).rowcount
-                )
+                deleted += self._delete(old, cutoff)
             if len(rows) < BATCH or len(old) < len(rows):
                 # The end of the log, or the first message young enough to keep: start over
                 # from the oldest next time (messages still being processed stay behind).
