@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from buildq.cli import common
-from buildq.cli.admin import (
+from buildq.cli.output import (
     add_command,
     duration_ms,
     emit,
