@@ -164,6 +164,8 @@ class HttpConfig:
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = 9464
+    #: How often the queue and build gauges are read from the database (one query each).
+    metrics_refresh_s: float = 10.0
 
     @classmethod
     def from_table(cls, table: Table) -> HttpConfig:
@@ -171,6 +173,7 @@ class HttpConfig:
             enabled=table.bool("enabled", True),
             bind=table.str("bind", "127.0.0.1"),
             port=table.int("port", 9464, min=0, max=65535),
+            metrics_refresh_s=table.float("metrics_refresh_s", 10.0, min=0.1, max=3600.0),
         )
         table.reject_unknown()
         return config

@@ -29,10 +29,18 @@ from buildq.orchestrator.controllers import (
 )
 from buildq.orchestrator.framework import Consumer, Controller, Effect, StepTx
 from buildq.orchestrator.http import OpsServer
+from buildq.orchestrator.instrumented import (
+    InstrumentedRunner,
+    RecordingBuildWrites,
+    StatsRefresher,
+    observe_finished,
+)
+from buildq.orchestrator.model import Build
 from buildq.orchestrator.sqlstore import SqlBuildStore, SqlBuildWrites
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
 from buildq.queue.contract import Delivery
 from buildq.queue.sql import SqlQueue, SqlSubscription, SqlTransaction
+from buildq.queue.sql.admin import QueueAdmin
 from buildq.systemd import Notifier
 from buildq.webhook import WebhookConfig, WebhookServer
 
@@ -42,6 +50,8 @@ log = structlog.get_logger("buildq.daemon")
 _REWAKE_INTERVAL_S = 0.1
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
 _HEALTH_INTERVAL_S = 2.0
+#: /readyz fails when the database probe has not succeeded for this long (a hung server).
+_PROBE_STALE_S = 3 * _HEALTH_INTERVAL_S + 5.0
 
 
 class NotMigrated(RuntimeError):
@@ -67,6 +77,8 @@ class Daemon:
         self._rewake_lock = threading.Lock()
         self._db_ok = False
         self._db_error = "not checked yet"
+        self._db_ok_at = 0.0  # monotonic time of the last successful probe
+        self._head_revision = head_revision()
 
     # --- start ----------------------------------------------------------------------------
 
@@ -77,30 +89,19 @@ class Daemon:
         self.db = self._wait_for_database()
         if self.db is None:
             return
-        self.queue = SqlQueue(self.db, max_payload_bytes=self.config.daemon.max_payload_bytes)
-        store = SqlBuildStore(self.db)
-        self.store = store
-        hooked = (
-            frozenset(r.runner_name for r in self.wired.routes)
-            if webhook_config.enabled
-            else frozenset()
+        self.queue = SqlQueue(
+            self.db,
+            max_payload_bytes=self.config.daemon.max_payload_bytes,
+            on_published=self.metrics.observe_published,
         )
-        wired = Runners(
-            self.wired.runners, self.config.queues, webhooks=hooked, now_ms=DbClock(self.db).now_ms
-        )
-        controllers: list[Controller] = [
-            BuildController(wired, store),
-            BuildSignalController(wired, store),
-            DeadLetterReconciler(topics.BUILD_DLQ, wired),
-            DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired),
-        ]
+        self.store = SqlBuildStore(self.db)
         self.consumer = Consumer(
             self._step,
             workers=self.config.consumer.workers,
             on_event=self.on_event,
             metrics=self.metrics,
         )
-        for controller in controllers:
+        for controller in self._controllers(webhook_config.enabled):
             subscription = self.queue.subscribe(
                 controller.topic, topics.GROUP, self.config.consumer.for_topic(controller.topic)
             )
@@ -113,10 +114,29 @@ class Daemon:
             log.info("webhooks_listening", bind=webhook_config.bind, port=self.webhooks.port)
             self._spawn(self._rewake_loop, "webhook-rewake")
         self._spawn(self._database_loop, "db-probe")
+        if self.config.http.enabled:
+            self._spawn(self._stats_loop, "metrics-refresh")
         self._spawn(self._watchdog_loop, "watchdog")
         self.metrics.up.set(1)
         self.notifier.ready()
         log.info("daemon_ready", database=redacted_url(self.config.database.url), pid=os.getpid())
+
+    def _controllers(self, webhooks: bool) -> list[Controller]:
+        assert self.wired is not None and self.db is not None and self.store is not None
+        hooked = frozenset(r.runner_name for r in self.wired.routes) if webhooks else frozenset()
+        instrumented = {
+            name: InstrumentedRunner(name, runner, self.metrics)
+            for name, runner in self.wired.runners.items()
+        }
+        wired = Runners(
+            instrumented, self.config.queues, webhooks=hooked, now_ms=DbClock(self.db).now_ms
+        )
+        return [
+            BuildController(wired, self.store),
+            BuildSignalController(wired, self.store),
+            DeadLetterReconciler(topics.BUILD_DLQ, wired),
+            DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired),
+        ]
 
     def _wait_for_database(self) -> Database | None:
         url = self.config.database.connect_url()
@@ -132,13 +152,14 @@ class Daemon:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if revision != head_revision():
+            if revision != self._head_revision:
                 db.dispose()
                 raise NotMigrated(
                     f"database {redacted_url(self.config.database.url)} is at revision {revision}, "
-                    f"not {head_revision()}: run 'buildq db upgrade --config {self.config.path}'"
+                    f"not {self._head_revision}: run 'buildq db upgrade --config {self.config.path}'"
                 )
-            self._db_ok = True
+            self._db_ok, self._db_ok_at = True, time.monotonic()
+            self.metrics.database_up.set(1)
             return db
         return None
 
@@ -194,13 +215,19 @@ class Daemon:
 
     def _step(self, delivery: Delivery, effect: Effect | None) -> None:
         assert self.queue is not None
+        finished: list[Build] = []
 
         def run(tx: SqlTransaction) -> None:
+            finished.clear()  # a retried step starts over
             if effect is not None:
-                effect(StepTx(tx, SqlBuildWrites(tx.connection)))
+                builds = RecordingBuildWrites(SqlBuildWrites(tx.connection))
+                effect(StepTx(tx, builds))
+                finished.extend(builds.finished)
             tx.ack(delivery)
 
         self.queue.run_in_transaction(run)
+        for build in finished:  # committed: count each result once
+            observe_finished(self.metrics, build)
 
     # --- health -------------------------------------------------------------------------------
 
@@ -210,11 +237,25 @@ class Daemon:
             assert self.db is not None
             try:
                 with self.db.read_engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-                    conn.exec_driver_sql("SELECT 1")
+                    revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version")
+                    found = revision.scalar()
                     conn.rollback()
-                self._db_ok, self._db_error = True, ""
             except Exception as err:
                 self._db_ok, self._db_error = False, _first_line(err)
+            else:
+                self._db_ok = found == self._head_revision
+                self._db_error = (
+                    "" if self._db_ok else f"schema at revision {found}, not {self._head_revision}"
+                )
+                if self._db_ok:
+                    self._db_ok_at = time.monotonic()
+            self.metrics.database_up.set(1 if self._db_ok else 0)
+
+    def _stats_loop(self) -> None:
+        assert self.db is not None and self.queue is not None
+        admin = QueueAdmin(self.db, self.queue.store)
+        refresher = StatsRefresher(self.db, admin, self.metrics, self.config.queues)
+        refresher.run(self.config.http.metrics_refresh_s, self.stopping)
 
     def _watchdog_loop(self) -> None:
         interval = min(self.notifier.watchdog_interval_s or _HEALTH_INTERVAL_S, _HEALTH_INTERVAL_S)
@@ -226,21 +267,33 @@ class Daemon:
         """Alive and its loops ticking (the database may be down: that is /readyz)."""
         if self.consumer is None:
             return (not self.stopping.is_set(), "starting")
-        if not self._db_ok:
+        db_ok, db_error = self._database_ok()
+        if not db_ok:
             # The loops are waiting on the database: that is an outage for /readyz to report,
             # not a wedged process for the watchdog to kill.
-            return True, f"alive; database unavailable: {self._db_error}"
+            return True, f"alive; database unavailable: {db_error}"
         idle_s = max(s.settings.poll_interval_ms for s in self.subscriptions) / 1000
         ok = self.consumer.healthy(max_age_s=max(30.0, idle_s * 10))
         return ok, "ok" if ok else "consumer loops stalled"
 
+    def _database_ok(self) -> tuple[bool, str]:
+        if not self._db_ok:
+            return False, self._db_error
+        if time.monotonic() - self._db_ok_at > _PROBE_STALE_S:
+            return False, f"no answer to the probe for over {_PROBE_STALE_S:g}s"
+        return True, ""
+
     def readyz(self) -> tuple[bool, str]:
+        """Database reachable and migrated (probed every 2 s), controllers consuming."""
         if self.stopping.is_set():
             return False, "stopping"
-        if not self._db_ok:
-            return False, f"database unavailable: {self._db_error}"
+        db_ok, db_error = self._database_ok()
+        if not db_ok:
+            return False, f"database unavailable: {db_error}"
         if self.consumer is None:
             return False, "starting"
+        if not self.healthz()[0]:
+            return False, "consumer loops stalled"
         return True, "ready"
 
     # --- stop ---------------------------------------------------------------------------------

@@ -79,6 +79,14 @@ class StepRunner(Protocol):
 EventHook = Callable[..., None]
 
 
+class ConsumerMetrics(Protocol):
+    """What the consumer reports (buildq.metrics.Metrics); labels are topic and group."""
+
+    def observe_delivery(self, topic: str, group: str, outcome: str, seconds: float) -> None: ...
+
+    def observe_dispatch_lag(self, topic: str, group: str, seconds: float) -> None: ...
+
+
 class Consumer:
     """Runs controllers over their subscriptions with a shared pool of ordered workers."""
 
@@ -88,7 +96,7 @@ class Consumer:
         *,
         workers: int = 8,
         on_event: EventHook | None = None,
-        metrics: Any = None,
+        metrics: ConsumerMetrics | None = None,
     ) -> None:
         self._step = step
         self._on_event = on_event
@@ -162,6 +170,9 @@ class Consumer:
         with self._capacity:
             self._inflight[id(subscription)] += len(deliveries)
         for delivery in deliveries:
+            lag_s = _dispatch_lag_s(delivery)
+            if self._metrics is not None and lag_s is not None:
+                self._metrics.observe_dispatch_lag(delivery.topic, delivery.group, lag_s)
             key = f"{delivery.topic}\0{delivery.message.partition_key}".encode()
             self._queues[zlib.crc32(key) % len(self._queues)].put(
                 (controller, subscription, delivery)
@@ -219,7 +230,7 @@ class Consumer:
         finally:
             elapsed = time.monotonic() - started
             if self._metrics is not None:
-                self._metrics.observe_delivery(delivery.topic, outcome, elapsed)
+                self._metrics.observe_delivery(delivery.topic, delivery.group, outcome, elapsed)
             self._emit(
                 "processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome
             )
@@ -279,6 +290,13 @@ class Consumer:
     def _emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:
             self._on_event(event, **data)
+
+
+def _dispatch_lag_s(delivery: Delivery) -> float | None:
+    """Claimed minus due, for deliveries that carry both (SqlDelivery's claim fills them)."""
+    due_ms = getattr(delivery, "due_at_ms", 0)
+    delivered_ms = getattr(delivery, "delivered_at_ms", 0)
+    return (delivered_ms - due_ms) / 1000 if due_ms and delivered_ms else None
 
 
 def _delay(err: BaseException) -> int | None:

@@ -1,4 +1,9 @@
-"""The daemon's operations endpoint: /healthz, /readyz, /metrics (127.0.0.1 by default)."""
+"""The daemon's operations endpoint: /metrics, /healthz, /readyz (127.0.0.1 by default).
+
+None of them touches the database: /metrics serves the registry (its database gauges are read
+by the daemon's refresher thread), and the checks read state the daemon's loops keep. So a
+scrape or probe answers at once even while the database hangs. docs/operations.md#metrics.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,12 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from buildq.metrics import Metrics
+
+log = structlog.get_logger("buildq.http")
 
 Check = Callable[[], tuple[bool, str]]
 
@@ -17,18 +25,24 @@ class OpsServer:
     def __init__(
         self, bind: str, port: int, metrics: Metrics, healthz: Check, readyz: Check
     ) -> None:
-        server = self
+        checks = {"/healthz": healthz, "/readyz": readyz}
+
+        def respond(path: str) -> tuple[int, str, bytes]:
+            if path == "/metrics":
+                return 200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry)
+            check = checks.get(path)
+            if check is None:
+                return 404, "text/plain", b"not found\n"
+            ok, text = check()
+            return (200 if ok else 503), "text/plain", (text + "\n").encode()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
-                elif path in ("/healthz", "/readyz"):
-                    ok, text = (healthz if path == "/healthz" else readyz)()
-                    body, ctype, code = (text + "\n").encode(), "text/plain", 200 if ok else 503
-                else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
+                try:
+                    code, ctype, body = respond(self.path.split("?", 1)[0])
+                except Exception as err:  # a failing check is an unhealthy answer, not a hangup
+                    log.exception("ops_request_failed", path=self.path)
+                    code, ctype, body = 500, "text/plain", f"{type(err).__name__}\n".encode()
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -43,7 +57,6 @@ class OpsServer:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="ops-http", daemon=True
         )
-        del server
 
     @property
     def port(self) -> int:

@@ -116,9 +116,10 @@ _due_in_my_slots = and_(
 #: compete for the same rows, but a member's scan does lock other slots' rows for an instant
 #: on its way past them. With SKIP LOCKED the owner would skip such a row and claim the next
 #: message of that partition first (seen in tests/scale: partition order broken); waiting the
-#: moment it takes the other short transaction to move on keeps the order.
+#: moment it takes the other short transaction to move on keeps the order. ``visible_at``
+#: (still in the index) is when each became due, for the dispatch-lag metric.
 claim_due = (
-    select(d.c.seq)
+    select(d.c.seq, d.c.visible_at)
     .where(_due_in_my_slots, d.c.visible_at <= NOW)
     .order_by(d.c.visible_at, d.c.seq)
     .limit(bindparam("p_limit", type_=Integer))
@@ -148,11 +149,13 @@ select_claimed: Select[tuple[object, ...]] = (
         d.c.attempt,
         d.c.retry_count,
         d.c.last_error.label("delivery_error"),
+        d.c.delivered_at,
         m.c.partition_key,
         m.c.message_id,
         m.c.payload,
         m.c.metadata,
         m.c.visible_after,
+        m.c.created_at,
         m.c.dlq_group,
         m.c.original_topic,
         m.c.failed_at,

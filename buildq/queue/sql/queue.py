@@ -25,6 +25,10 @@ from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription
 
 log = structlog.get_logger("buildq.queue")
 
+#: Called after a publish commits, with the topic and one result per message (duplicates
+#: included, flagged): for metrics. Errors it raises are logged, never the publisher's.
+PublishHook = Callable[[str, Sequence[PublishResult]], None]
+
 
 class SqlTransaction:
     """Writes that commit together. ``connection`` lets other stores join the transaction."""
@@ -33,7 +37,7 @@ class SqlTransaction:
         self._queue = queue
         self.connection = conn
         self._settling: list[SqlDelivery] = []
-        self._published: set[str] = set()
+        self._published: list[tuple[str, list[PublishResult]]] = []
 
     def publish(self, topic: str, message: Message) -> PublishResult:
         return self.publish_many(topic, [message])[0]
@@ -48,7 +52,7 @@ class SqlTransaction:
         store = self._queue.store
         rows = store.encode(topic, messages)
         results = store.insert_rows_in(self.connection, topic, rows, delay_ms=delay_ms)
-        self._published.add(topic)
+        self._published.append((topic, results))
         _log_duplicates(topic, results)
         return results
 
@@ -71,7 +75,9 @@ class SqlTransaction:
     def committed(self) -> None:
         for delivery in self._settling:
             delivery._subscription.settled(delivery)
-        self._queue.notify(self._published)
+        for topic, results in self._published:
+            self._queue.published(topic, results)
+        self._queue.notify({topic for topic, _ in self._published})
 
     def rolled_back(self) -> None:
         for delivery in self._settling:
@@ -82,8 +88,15 @@ class SqlTransaction:
 class SqlQueue:
     """Publisher and subscription factory over one database."""
 
-    def __init__(self, db: Database, *, max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        on_published: PublishHook | None = None,
+    ) -> None:
         self.db = db
+        self._on_published = on_published
         self.store = MessageStore(db, max_payload_bytes=max_payload_bytes)
         self._closed = False
         self._lock = threading.Lock()
@@ -108,8 +121,18 @@ class SqlQueue:
             lambda conn: self.store.insert_rows_in(conn, topic, rows, delay_ms=delay_ms)
         )
         _log_duplicates(topic, results)
+        self.published(topic, results)
         self.notify({topic})
         return results
+
+    def published(self, topic: str, results: Sequence[PublishResult]) -> None:
+        """Tell the ``on_published`` hook about a committed publish."""
+        if self._on_published is None:
+            return
+        try:
+            self._on_published(topic, results)
+        except Exception:  # the messages are committed: a hook must not turn that into an error
+            log.exception("publish_hook_failed", topic=topic)
 
     @contextmanager
     def transaction(self) -> Iterator[SqlTransaction]:

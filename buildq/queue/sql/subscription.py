@@ -53,6 +53,10 @@ class SqlDelivery:
     last_error: str
     _subscription: SqlSubscription = field(repr=False)
     _state: _State = field(default=_State.OPEN, repr=False)
+    #: When this delivery became due and when it was claimed (database clock, epoch ms):
+    #: the difference is its dispatch lag.
+    due_at_ms: int = 0
+    delivered_at_ms: int = 0
 
     def ack(self) -> None:
         self._subscription.settle(self, lambda conn: self._subscription.ack_in(conn, self))
@@ -157,7 +161,8 @@ class SqlSubscription:
 
     def _claim_in(self, conn: Connection, slots: list[int], limit: int) -> list[Any]:
         params = {"grp": self.group, "topic": self.topic, "slots": slots, "limit": limit}
-        seqs = list(conn.execute(q.claim_due, q.params(params)).scalars())
+        due = {int(seq): int(at) for seq, at in conn.execute(q.claim_due, q.params(params))}
+        seqs = list(due)
         if not seqs:
             return []
         claim = params | {
@@ -180,7 +185,8 @@ class SqlSubscription:
                     error=error,
                 )
             else:
-                live.append(row)
+                # Due since visible_at; 0 means since published (as admin_queries._READY_SINCE).
+                live.append(dict(row, due_at=due[int(row["seq"])] or row["created_at"]))
         return live
 
     def _delivery(self, row: Any, epochs: dict[int, int]) -> SqlDelivery:
@@ -211,6 +217,8 @@ class SqlSubscription:
             epoch=epochs[int(row["slot"])],
             last_error=row["delivery_error"] or "",
             _subscription=self,
+            due_at_ms=int(row["due_at"]),
+            delivered_at_ms=int(row["delivered_at"]),
         )
 
     def next_due_ms(self) -> int | None:

@@ -1,0 +1,228 @@
+"""Instrumentation the daemon wires around its parts, so that those stay free of metrics code.
+
+- ``InstrumentedRunner``: a BuildRunner that counts and times each call of the runner it
+  wraps, by outcome.
+- ``RecordingBuildWrites``: one step's build store, noting the builds the step finished; the
+  daemon observes them after the step's transaction commits (``observe_finished``), so a step
+  that rolls back and runs again counts once.
+- ``StatsRefresher``: reads the database gauges every ``[http] metrics_refresh_s``, with one
+  aggregate query on the queue and one on the live builds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import structlog
+from sqlalchemy import func, select
+
+from buildq.buildrunner import (
+    BuildID,
+    BuildMetadata,
+    BuildNotFound,
+    BuildRunner,
+    BuildStatus,
+    Change,
+    TransientRunnerError,
+)
+from buildq.db import Database
+from buildq.metrics import BuildGauges, Metrics, QueueGauges
+from buildq.orchestrator.model import Build, BuildRequest
+from buildq.orchestrator.schema import builds as b
+from buildq.orchestrator.store import BuildWrites
+from buildq.queue.sql.admin import QueueAdmin, TopicStats
+from buildq.queue.sql.dialect import db_now_ms
+
+log = structlog.get_logger("buildq.metrics")
+
+T = TypeVar("T")
+
+
+class InstrumentedRunner:
+    """Counts and times every call to ``inner`` as ``runner``/``method``/``outcome``."""
+
+    def __init__(self, name: str, inner: BuildRunner, metrics: Metrics) -> None:
+        self.name = name
+        self.inner = inner
+        self.metrics = metrics
+
+    def trigger(
+        self,
+        queue: str,
+        base: Sequence[Change],
+        head: Sequence[Change],
+        metadata: Mapping[str, str] | None = None,
+    ) -> BuildID:
+        return self._call("trigger", lambda: self.inner.trigger(queue, base, head, metadata))
+
+    def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
+        return self._call("status", lambda: self.inner.status(build_id))
+
+    def cancel(self, build_id: BuildID) -> None:
+        self._call("cancel", lambda: self.inner.cancel(build_id))
+
+    def _call(self, method: str, call: Callable[[], T]) -> T:
+        outcome = "error"
+        started = time.monotonic()
+        try:
+            result = call()
+            outcome = "ok"
+            return result
+        except BuildNotFound:
+            outcome = "not_found"
+            raise
+        except TransientRunnerError:
+            outcome = "transient"
+            raise
+        finally:
+            elapsed = time.monotonic() - started
+            self.metrics.observe_runner_call(self.name, method, outcome, elapsed)
+
+
+class RecordingBuildWrites:
+    """A step's ``BuildWrites`` that notes every build it finished, in ``finished``."""
+
+    def __init__(self, inner: BuildWrites) -> None:
+        self.inner = inner
+        self.finished: list[Build] = []
+
+    def get_by_build(self, build_id: str) -> Build | None:
+        return self.inner.get_by_build(build_id)
+
+    def get_by_request(self, request_id: str) -> Build | None:
+        return self.inner.get_by_request(request_id)
+
+    def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> bool:
+        return self.inner.insert_triggered(request, build_id, runner)
+
+    def record_poll(
+        self,
+        build_id: str,
+        status: BuildStatus,
+        metadata: Mapping[str, str],
+        polls: int,
+        next_poll_ms: int,
+    ) -> None:
+        self.inner.record_poll(build_id, status, metadata, polls, next_poll_ms)
+
+    def finish(
+        self,
+        build_id: str,
+        status: BuildStatus,
+        metadata: Mapping[str, str],
+        failure_reason: str | None = None,
+        error: str | None = None,
+    ) -> Build | None:
+        return self._noted(self.inner.finish(build_id, status, metadata, failure_reason, error))
+
+    def fail_request(
+        self, request: BuildRequest | None, request_id: str, error: str
+    ) -> Build | None:
+        return self._noted(self.inner.fail_request(request, request_id, error))
+
+    def mark_cancel_sent(self, build_id: str) -> None:
+        self.inner.mark_cancel_sent(build_id)
+
+    def _noted(self, build: Build | None) -> Build | None:
+        if build is not None:
+            self.finished.append(build)
+        return build
+
+
+def observe_finished(metrics: Metrics, build: Build) -> None:
+    """Count a build whose result just committed: its result, duration and polls."""
+    finished_at_ms = build.finished_at_ms if build.finished_at_ms is not None else 0
+    metrics.observe_build_finished(
+        build.status,
+        build.failure_reason,
+        (finished_at_ms - build.created_at_ms) / 1000,
+        build.polls,
+        _deadline_missed(build),
+    )
+
+
+def _deadline_missed(build: Build) -> str | None:
+    """``start_by``/``finish_by`` for a build the poll loop timed out (policy.deadline_passed
+    names the key in the error it records); None otherwise, e.g. for a CI system's own
+    timeout, which also reports ``failure_reason = timeout``."""
+    if build.failure_reason != "timeout" or not build.error:
+        return None
+    for deadline in ("start_by", "finish_by"):
+        if f"{deadline}_s=" in build.error:
+            return deadline
+    return None
+
+
+# --- database gauges ---------------------------------------------------------------------------
+
+LIVE_STATUSES = tuple(s.value for s in BuildStatus if not s.is_terminal)
+
+#: Live builds per queue and status, and how old the oldest is (ms): one GROUP BY over the
+#: live statuses' range of ``ix_builds_status``; finished builds, which pile up, are not read.
+select_live_builds = (
+    select(
+        b.c.queue,
+        b.c.status,
+        func.count().label("builds"),
+        (db_now_ms() - func.min(b.c.created_at)).label("oldest_age_ms"),
+    )
+    .where(b.c.status.in_(LIVE_STATUSES))
+    .group_by(b.c.queue, b.c.status)
+)
+
+
+class StatsRefresher:
+    """Reads the queue and build gauges into ``metrics.database`` (see buildq.metrics)."""
+
+    def __init__(
+        self, db: Database, admin: QueueAdmin, metrics: Metrics, queues: Iterable[str]
+    ) -> None:
+        self.db = db
+        self.admin = admin
+        self.metrics = metrics
+        self.queues = tuple(queues)
+
+    def run(self, interval_s: float, stopping: threading.Event) -> None:
+        """Refresh now and every ``interval_s`` until ``stopping``; a failure keeps the last
+        values (``buildq_stats_refreshed_timestamp_seconds`` shows their age)."""
+        while not stopping.is_set():
+            try:
+                self.refresh()
+            except Exception as err:
+                self.metrics.stats_failures.inc()
+                log.warning("metrics_refresh_failed", error=str(err).splitlines()[0][:300])
+            stopping.wait(interval_s)
+
+    def refresh(self) -> None:
+        stats = self.admin.topic_stats(count_messages=False)
+        rows = self.db.read(lambda conn: conn.execute(select_live_builds).mappings().all())
+        self.metrics.database.update(_queue_gauges(stats), _build_gauges(rows, self.queues))
+
+
+def _queue_gauges(stats: Sequence[TopicStats]) -> list[QueueGauges]:
+    return [
+        QueueGauges(
+            topic=topic.topic,
+            group=group.group,
+            ready=group.ready,
+            delayed=group.delayed,
+            in_flight=group.in_flight,
+            dead_letters=group.dead_letters,
+            oldest_ready_age_s=max(0, group.oldest_ready_age_ms or 0) / 1000,
+        )
+        for topic in stats
+        for group in topic.groups
+    ]
+
+
+def _build_gauges(rows: Sequence[Any], queues: Sequence[str]) -> list[BuildGauges]:
+    """One gauge per (queue, live status): the configured queues always, at 0 when empty."""
+    gauges = {(q, s): BuildGauges(q, s, 0, 0.0) for q in queues for s in LIVE_STATUSES}
+    for row in rows:
+        queue, status = row["queue"], row["status"]
+        age_s = max(0, int(row["oldest_age_ms"])) / 1000
+        gauges[(queue, status)] = BuildGauges(queue, status, int(row["builds"]), age_s)
+    return [gauges[key] for key in sorted(gauges)]
