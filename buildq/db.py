@@ -146,7 +146,7 @@ def redacted_url(url: str) -> str:
     """The URL with any password masked: for logs and error messages."""
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
+    except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         return "<unparseable database URL>"
 
 

@@ -41,6 +41,7 @@ DEFAULT_API_URL = "https://api.buildkite.com"
 BLOCKED_AS = ("failed", "running")
 
 _ID = re.compile(r"^bk:([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/([0-9]+)$")
+_MAX_NUMBER_DIGITS = 18
 _API_BUILD_PATH = re.compile(r"/organizations/([^/]+)/pipelines/([^/]+)/builds/([0-9]+)/?$")
 
 _STATES: Mapping[str, BuildStatus] = {
@@ -110,10 +111,16 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     build = payload.get("build")
     if not isinstance(build, Mapping) or not isinstance(build.get("url"), str):
         return None
-    match = _API_BUILD_PATH.search(urlsplit(build["url"]).path)
-    if match is None:
+    try:
+        path = urlsplit(build["url"]).path
+    except ValueError:  # not a URL at all
         return None
-    return build_id(match[1], match[2], int(match[3]))
+    match = _API_BUILD_PATH.search(path)
+    if match is None or len(match[3]) > _MAX_NUMBER_DIGITS:
+        return None
+    found = build_id(match[1], match[2], int(match[3]))
+    # Only an id buildq could have issued (a build it did not trigger is ignored anyway).
+    return found if _ID.match(found.id) else None
 
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:

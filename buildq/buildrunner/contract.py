@@ -112,12 +112,17 @@ class Change:
 def _decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MalformedPayload(f"{what} payload is not JSON: {err}") from None
     except RecursionError:
         raise MalformedPayload(f"{what} payload is nested too deeply") from None
+    except ValueError as err:  # bad JSON, bad UTF-8, a number too long to convert
+        raise MalformedPayload(f"{what} payload is not JSON: {str(err)[:200]}") from None
     if not isinstance(document, dict):
         raise MalformedPayload(f"{what} payload must be a JSON object")
+    try:
+        # JSON may spell lone surrogates ("\ud800"); no database driver can store them.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedPayload(f"{what} payload holds a string that is not valid Unicode") from None
     return document
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 import structlog
@@ -120,9 +120,16 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
         return None
     owner, _, repo = str(repository.get("full_name", "")).partition("/")
     run_id, attempt = run.get("id"), run.get("run_attempt", 1)
-    if not (owner and repo and isinstance(run_id, int) and isinstance(attempt, int)):
+    if not (owner and repo and _count(run_id) and _count(attempt)):
         return None
-    return build_id(owner, repo, run_id, attempt)
+    found = build_id(owner, repo, run_id, attempt)
+    # Only an id buildq could have issued (a run it did not dispatch is ignored anyway).
+    return found if _ID.match(found.id) else None
+
+
+def _count(value: object) -> TypeGuard[int]:
+    """A positive JSON integer (``true`` is an int to Python, not to GitHub)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:

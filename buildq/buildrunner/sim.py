@@ -6,9 +6,14 @@ time running, outcome) is drawn at ``trigger`` and written into the build id, so
 pure arithmetic on the id and the clock: it costs nothing at 10,000+ builds and gives the same
 answer after a restart or on another replica.
 
-The one piece of state is a cancel. With ``state_dir`` each cancel is a small file there and
-survives restarts (and is seen by every replica sharing the directory); without it cancels are
-kept in this process's memory only, and a restarted daemon forgets them.
+A trigger that carries the orchestrator's correlation key (``CORRELATION_KEY``, the request
+id) is idempotent, as the HTTP runners make it by looking the build up on the CI service: a
+second trigger of the same request (the daemon died or lost its claim between ``trigger`` and
+recording the build) returns the build the first one planned instead of planning another.
+
+The state is that correlation record and cancels. With ``state_dir`` each is a small file
+there and survives restarts (and is seen by every replica sharing the directory); without it
+both are kept in this process's memory only, and a restarted daemon forgets them.
 
 For fault drills (chaos tests, alerting rehearsals), ``status_fault_file`` names a file whose
 existence makes every ``status`` call fail with a transient error, as an unreachable CI
@@ -17,6 +22,7 @@ service would; delete the file and the builds are polled normally again.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -29,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from buildq.buildrunner.contract import (
+    CORRELATION_KEY,
     BuildID,
     BuildMetadata,
     BuildNotFound,
@@ -40,6 +47,7 @@ from buildq.config.base import ConfigError, Table
 
 _ID_PATTERN = re.compile(r"sim-([0-9]{1,16})-([0-9]{1,12})-([0-9]{1,12})-([pf])-([0-9a-f]{16})")
 _CANCEL_SUFFIX = ".cancel"
+_TRIGGER_SUFFIX = ".trigger"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +168,7 @@ class SimRunner:
         # from this generator, so two runners with one seed still never share an id.
         self._rng = random.Random(config.seed)
         self._cancels: dict[str, int] = {}
+        self._triggers: dict[str, str] = {}  # correlation key -> build id, without state_dir
         if config.state_dir is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -170,15 +179,43 @@ class SimRunner:
         head: Sequence[Change],
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
+        key = (metadata or {}).get(CORRELATION_KEY)
+        known = self._triggered(key) if key else None
+        if known is not None:
+            return BuildID(known)
         profile = self.config.profile(queue)
         with self._lock:
             accepted_ms = profile.accepted.draw_ms(self._rng)
             running_ms = profile.running.draw_ms(self._rng)
             passes = self._rng.random() >= profile.failure_probability
         outcome = "p" if passes else "f"
-        return BuildID(
+        build_id = (
             f"sim-{self._now_ms()}-{accepted_ms}-{running_ms}-{outcome}-{secrets.token_hex(8)}"
         )
+        # Two triggers of one request racing (two replicas): the first record wins for both.
+        return BuildID(self._remember(key, build_id) if key else build_id)
+
+    def _triggered(self, key: str) -> str | None:
+        if self.config.state_dir is None:
+            with self._lock:
+                return self._triggers.get(key)
+        try:
+            return self._trigger_file(key).read_text() or None
+        except FileNotFoundError:
+            return None
+
+    def _remember(self, key: str, build_id: str) -> str:
+        if self.config.state_dir is None:
+            with self._lock:
+                return self._triggers.setdefault(key, build_id)
+        path = self._trigger_file(key)
+        _write_once(path, build_id)
+        return path.read_text()
+
+    def _trigger_file(self, key: str) -> Path:
+        assert self.config.state_dir is not None
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return self.config.state_dir / (digest + _TRIGGER_SUFFIX)
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         plan = _Plan.parse(build_id)

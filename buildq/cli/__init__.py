@@ -29,8 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library logs go to stderr and only when they matter, so --json output stays parseable;
     # `buildq run` reconfigures from its config.
     logs.configure("warning", "auto")
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    bad = _not_unicode(arguments)
+    if bad is not None:
+        # Bytes that are not UTF-8 (Python keeps them as lone surrogates) cannot be stored,
+        # looked up or shown: refuse them before any command sees them.
+        print(f"buildq: argument {bad} is not valid UTF-8 text", file=sys.stderr)
+        return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         code: int = args.handler(args)
     except common.CliError as err:
@@ -44,6 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     return code
+
+
+def _not_unicode(arguments: Sequence[str]) -> str | None:
+    """The first argument that is not valid Unicode, shown escaped; None if all are."""
+    for argument in arguments:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            return ascii(argument)[:200]
+    return None
 
 
 if __name__ == "__main__":

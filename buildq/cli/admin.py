@@ -251,7 +251,9 @@ def _publish(args: argparse.Namespace, admin: QueueAdmin) -> int:
     try:
         json.loads(text)
     except ValueError as err:
-        raise common.CliError(f"--payload is not JSON: {err}") from None
+        raise common.CliError(f"--payload is not JSON: {str(err)[:200]}") from None
+    except RecursionError:
+        raise common.CliError("--payload is JSON nested too deeply") from None
     metadata = dict(_key_value(item) for item in args.metadata)
     message = Message(args.id, text.encode("utf-8"), args.partition, metadata)
     result = SqlQueue(admin.db).publish_after(args.topic, message, args.delay_ms)

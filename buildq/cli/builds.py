@@ -96,6 +96,8 @@ def _parse_changes(specs: list[str], flag: str) -> tuple[Change, ...]:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    if args.request_id == "":
+        raise common.CliError("--request-id must not be empty (leave it out for a random one)")
     request = BuildRequest(
         request_id=args.request_id or f"req-{secrets.token_hex(8)}",
         queue=args.queue,

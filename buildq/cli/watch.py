@@ -7,6 +7,7 @@ import time
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from buildq.buildrunner import BuildStatus
 from buildq.orchestrator.model import Build
@@ -44,29 +45,30 @@ def render(store: SqlBuildStore, recent: int = 10) -> Group:
     for build in done:
         took = _age(build.finished_at_ms or now, build.created_at_ms)
         finished.add_row(
-            build.build_id or build.request_id,
-            build.queue,
-            f"[{_STYLE.get(build.status, '')}]{build.status}[/]",
-            build.failure_reason or "",
+            Text(build.build_id or build.request_id),
+            Text(build.queue),
+            Text(build.status, style=_STYLE.get(build.status, "")),
+            Text(build.failure_reason or ""),
             took,
             str(build.polls),
         )
     return Group(table, finished)
 
 
-def _row(build: Build, now: int) -> tuple[str, ...]:
+def _row(build: Build, now: int) -> tuple[str | Text, ...]:
+    # Values from requests and runners are Text, never markup: "[/]" in a request id is text.
     next_poll = "-"
     if build.next_poll_at_ms is not None:
         next_poll = f"in {max(0, build.next_poll_at_ms - now) / 1000:.1f}s"
     status = build.status + (" (cancelling)" if build.cancel_requested_at_ms else "")
     return (
-        build.build_id or build.request_id,
-        build.queue,
-        f"[{_STYLE.get(build.status, '')}]{status}[/]",
+        Text(build.build_id or build.request_id),
+        Text(build.queue),
+        Text(status, style=_STYLE.get(build.status, "")),
         _age(now, build.created_at_ms),
         str(build.polls),
         next_poll,
-        build.metadata.get("url", ""),
+        Text(build.metadata.get("url", "")),
     )
 
 

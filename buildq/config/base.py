@@ -9,6 +9,7 @@ leak through ``repr``, logs or ``--json`` output.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,21 @@ class ConfigError(ValueError):
         self.value = value
         self.expected = expected
         super().__init__(f"config {key} = {_show(value)}: expected {expected}")
+
+
+class Unshown:
+    """Stands for a value an error message leaves out because it may be a secret (a typo'd
+    ``pasword``, a token pasted where its variable's name belongs, a URL with a password)."""
+
+    def __init__(self, why: str = "not shown") -> None:
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"<{self.why}>"
+
+
+#: What an environment variable's name looks like; anything else is not echoed in errors.
+_ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 
 def _show(value: object) -> str:
@@ -191,9 +207,14 @@ class Table:
         if env_name:
             value = os.environ.get(env_name)
             if not value:
+                shown = (
+                    env_name
+                    if _ENV_NAME.fullmatch(env_name)
+                    else Unshown("not shown: not a variable name, maybe the secret itself")
+                )
                 raise ConfigError(
                     self.key(name + "_env"),
-                    env_name,
+                    shown,
                     "the name of a set, non-empty environment variable",
                 )
             return Secret(value, f"env:{env_name}")
@@ -229,7 +250,8 @@ class Table:
         """Fail on keys nobody read: a typo must not silently fall back to a default."""
         unknown = sorted(set(self.data) - self._read)
         if unknown:
-            raise ConfigError(self.key(unknown[0]), self.data[unknown[0]], "a known key (typo?)")
+            # The value is not shown: a misspelt secret key ("pasword") holds a secret.
+            raise ConfigError(self.key(unknown[0]), Unshown(), "a known key (typo?)")
 
 
 def _check_range(key: str, value: float, low: float | None, high: float | None) -> None:
@@ -246,6 +268,8 @@ def read_secret_file(key: str, path: Path) -> str:
         text = path.read_text().strip()
     except OSError as err:
         raise ConfigError(key, str(path), f"a readable file ({err.strerror})") from None
+    except ValueError as err:  # a NUL in the path, or a secret that is not UTF-8
+        raise ConfigError(key, str(path), f"a readable text file ({err})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(key, str(path), f"a file only its owner can read: run 'chmod 600 {path}'")
     if not text:

@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from buildq.config.base import ConfigError, Origin, Secret, Table
+from buildq.config.base import ConfigError, Origin, Secret, Table, Unshown
 from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, Backoff, SubscriptionSettings
 
 ENV_PREFIX = "BUILDQ_"
@@ -41,11 +41,17 @@ class DatabaseConfig:
         url = table.str("url")
         try:
             parsed = sa.make_url(url)
-        except sa.exc.ArgumentError:
-            raise ConfigError(table.key("url"), url, "a database URL") from None
+        except (sa.exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+            raise ConfigError(
+                table.key("url"),
+                Unshown("not shown: it may hold a password"),
+                "a database URL: sqlite:///PATH or mysql+pymysql://USER@HOST[:PORT]/DB",
+            ) from None
         if parsed.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
             raise ConfigError(
-                table.key("url"), url, "sqlite:///PATH or mysql+pymysql://USER@HOST/DB"
+                table.key("url"),
+                parsed.render_as_string(hide_password=True),
+                "sqlite:///PATH or mysql+pymysql://USER@HOST/DB",
             )
         if parsed.password:
             raise ConfigError(
@@ -237,8 +243,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("--config", str(path), f"a readable TOML file ({err.strerror})") from None
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError("--config", str(path), f"valid TOML ({err})") from None
+    except ValueError as err:  # TOMLDecodeError, or a number too long to convert
+        raise ConfigError("--config", str(path), f"valid TOML ({str(err)[:200]})") from None
 
 
 def _apply_env_overrides(document: dict[str, Any], env: Mapping[str, str]) -> frozenset[str]:
@@ -262,7 +268,7 @@ def _env_value(raw: str) -> Any:
     """Numbers and booleans as TOML reads them; anything else as the string given."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or a number too long to convert
         return raw
 
 

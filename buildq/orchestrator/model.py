@@ -13,6 +13,8 @@ from buildq.queue.contract import Message, message_id
 #: Most changes one request may carry (base + head): a bound on payload and runner input.
 MAX_CHANGES = 1_000
 MAX_FIELD_CHARS = 191
+#: A queue name is stored in ``builds.queue`` (100 characters); a longer one could never be.
+MAX_QUEUE_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class BuildRequest:
     @classmethod
     def from_bytes(cls, raw: bytes) -> BuildRequest:
         doc = _object(raw, "build request")
-        request_id = _short_str(doc, "request_id")
-        queue = _short_str(doc, "queue")
+        request_id = _short_str(doc, "request_id", MAX_FIELD_CHARS)
+        queue = _short_str(doc, "queue", MAX_QUEUE_CHARS)
         base = _changes(doc.get("base", []), "base")
         head = _changes(doc.get("head"), "head")
         if not head:
@@ -59,17 +61,24 @@ class BuildRequest:
 def _object(raw: bytes, what: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+    except RecursionError:
+        raise MalformedPayload(f"{what} is nested too deeply") from None
+    except ValueError as err:  # bad JSON, bad UTF-8, a number too long to convert
         raise MalformedPayload(f"{what} is not JSON: {str(err)[:200]}") from None
     if not isinstance(doc, dict):
         raise MalformedPayload(f"{what} must be a JSON object")
+    try:
+        # JSON may spell lone surrogates ("\ud800"); no database driver can store them.
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedPayload(f"{what} holds a string that is not valid Unicode") from None
     return doc
 
 
-def _short_str(doc: Mapping[str, Any], key: str) -> str:
+def _short_str(doc: Mapping[str, Any], key: str, limit: int) -> str:
     value = doc.get(key)
-    if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
-        raise MalformedPayload(f"'{key}' must be a string of 1 to {MAX_FIELD_CHARS} characters")
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise MalformedPayload(f"'{key}' must be a string of 1 to {limit} characters")
     return value
 
 

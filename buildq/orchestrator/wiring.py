@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING
 
 from buildq.buildrunner import BuildRunner
 from buildq.config import ConfigError, Table
+from buildq.orchestrator.schema import builds
+
+RUNNER_NAME_MAX: int = builds.c.runner.type.length  # type: ignore[attr-defined]
 
 if TYPE_CHECKING:
     from buildq.webhook import WebhookRoute
@@ -73,6 +76,11 @@ def runners_from_config(tables: Mapping[str, Table]) -> WiredRunners:
     """Build and validate every ``[runners.NAME]``: a bad one stops start-up, naming the key."""
     wired = WiredRunners()
     for name, table in tables.items():
+        if len(name) > RUNNER_NAME_MAX:
+            # builds.runner holds the name; a longer one would be cut short on MySQL.
+            raise ConfigError(
+                table.path, name, f"a runner name of 1 to {RUNNER_NAME_MAX} characters"
+            )
         try:
             wire_runner(name, table, wired)
         except ConfigError:

@@ -22,7 +22,7 @@ from buildq.db import Database
 from buildq.queue.contract import DLQ_SUFFIX, QueueError, dlq_topic, is_dlq_topic
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
-from buildq.queue.sql.store import MessageStore, new_publish_token
+from buildq.queue.sql.store import MessageStore, decode_metadata, new_publish_token
 
 BATCH = 1000
 _MAX_OFFSET = 2**62
@@ -382,11 +382,11 @@ def _message(row: dict[str, Any]) -> dict[str, Any]:
     try:
         row["payload"] = json.loads(payload.decode("utf-8"))
         row["payload_encoding"] = "json"
-    except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply
         row["payload"] = base64.b64encode(payload).decode("ascii")
         row["payload_encoding"] = "base64"
     row["payload_bytes"] = len(payload)
-    row["metadata"] = json.loads(row["metadata"] or "{}")
+    row["metadata"] = decode_metadata(row["metadata"])
     return row
 
 

@@ -277,6 +277,29 @@ def _encode_metadata(metadata: object, limit: int) -> str:
     return text
 
 
+#: Set instead of the metadata when a stored row's metadata cannot be read back.
+METADATA_ERROR_KEY = "buildq_metadata_error"
+
+
+def decode_metadata(raw: object) -> dict[str, str]:
+    """A row's metadata column as a mapping of strings, whatever the row holds.
+
+    Every row buildq writes holds a JSON object of strings. A row written around buildq (not
+    UTF-8, not JSON) decodes to a note under ``METADATA_ERROR_KEY`` instead of raising: one
+    bad row must not stop its subscription from fetching (and burn the retries of every
+    healthy message claimed in the same batch).
+    """
+    if isinstance(raw, bytes | bytearray | memoryview):
+        raw = bytes(raw).decode("utf-8", "replace")
+    try:
+        value = json.loads(raw or "{}")  # type: ignore[arg-type]
+    except (ValueError, TypeError, RecursionError):
+        return {METADATA_ERROR_KEY: "the stored metadata is not JSON"}
+    if not isinstance(value, dict):
+        return {METADATA_ERROR_KEY: "the stored metadata is not a JSON object"}
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+
+
 def check_group_name(group: str) -> None:
     _check_len("consumer group", group, GROUP_MAX, allow_empty=False)
 
@@ -298,7 +321,7 @@ def stored_message(row: Any) -> StoredMessage:
             id=row["message_id"],
             payload=bytes(row["payload"]),
             partition_key=row["partition_key"],
-            metadata=json.loads(row["metadata"] or "{}"),
+            metadata=decode_metadata(row["metadata"]),
         ),
         visible_after_ms=int(row["visible_after"]),
         created_at_ms=int(row["created_at"]),

@@ -11,7 +11,6 @@ otherwise it is refused with ``DeliveryLost`` and the message goes to whoever ow
 from __future__ import annotations
 
 import enum
-import json
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from buildq.queue.contract import (
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.leases import EventHook, Membership
-from buildq.queue.sql.store import MessageStore, check_group_name
+from buildq.queue.sql.store import MessageStore, check_group_name, decode_metadata
 
 
 class _State(enum.Enum):
@@ -203,7 +202,7 @@ class SqlSubscription:
             id=row["message_id"],
             payload=bytes(row["payload"]),
             partition_key=row["partition_key"],
-            metadata=json.loads(row["metadata"] or "{}"),
+            metadata=decode_metadata(row["metadata"]),
         )
         return SqlDelivery(
             topic=self.topic,
