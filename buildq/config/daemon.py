@@ -192,6 +192,9 @@ class DaemonConfig:
     log_level: str = "info"
     log_format: str = "auto"  # auto: console on a TTY, JSON lines otherwise
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    #: A message every consumer group is done with is deleted this long after it was written
+    #: (it is also the deduplication record of its id until then); 0 keeps everything.
+    retention_s: float = 7 * 24 * 3600.0
 
     @classmethod
     def from_table(cls, table: Table) -> DaemonConfig:
@@ -202,6 +205,7 @@ class DaemonConfig:
             max_payload_bytes=table.int(
                 "max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES, min=1024, max=64 * 1024 * 1024
             ),
+            retention_s=table.float("retention_s", 7 * 24 * 3600.0, min=0.0),
         )
         table.reject_unknown()
         return config

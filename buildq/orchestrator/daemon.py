@@ -41,6 +41,7 @@ from buildq.orchestrator.wiring import WiredRunners, runners_from_config
 from buildq.queue.contract import Delivery
 from buildq.queue.sql import SqlQueue, SqlSubscription, SqlTransaction
 from buildq.queue.sql.admin import QueueAdmin
+from buildq.queue.sql.retention import Retention
 from buildq.systemd import Notifier
 from buildq.webhook import WebhookConfig, WebhookServer
 
@@ -48,6 +49,7 @@ log = structlog.get_logger("buildq.daemon")
 
 #: How often builds woken while their poll was in flight are expedited again.
 _REWAKE_INTERVAL_S = 0.1
+_RETENTION_INTERVAL_S = 60.0
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
 _HEALTH_INTERVAL_S = 2.0
 #: /readyz fails when the database probe has not succeeded for this long (a hung server).
@@ -114,6 +116,8 @@ class Daemon:
             log.info("webhooks_listening", bind=webhook_config.bind, port=self.webhooks.port)
             self._spawn(self._rewake_loop, "webhook-rewake")
         self._spawn(self._database_loop, "db-probe")
+        if self.config.daemon.retention_s:
+            self._spawn(self._retention_loop, "retention")
         if self.config.http.enabled:
             self._spawn(self._stats_loop, "metrics-refresh")
         self._spawn(self._watchdog_loop, "watchdog")
@@ -230,6 +234,22 @@ class Daemon:
             observe_finished(self.metrics, build)
 
     # --- health -------------------------------------------------------------------------------
+
+    def _retention_loop(self) -> None:
+        """Delete messages every group is done with once they are past retention.
+
+        Every daemon runs it; the deletes are conditional, so running it twice is harmless.
+        """
+        assert self.db is not None
+        retention = Retention(self.db, int(self.config.daemon.retention_s * 1000))
+        while not self.stopping.wait(_RETENTION_INTERVAL_S):
+            try:
+                result = retention.purge()
+            except Exception as err:  # the next round tries again
+                log.warning("retention_failed", error=_first_line(err))
+                continue
+            if result.deleted:
+                log.info("retention_purged", deleted=result.deleted)
 
     def _database_loop(self) -> None:
         """Probe the database for /readyz; on its own thread, as a hung server blocks it."""

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import func, select
 
 from buildq.buildrunner import (
     BuildID,
@@ -31,10 +30,9 @@ from buildq.buildrunner import (
 from buildq.db import Database
 from buildq.metrics import BuildGauges, Metrics, QueueGauges
 from buildq.orchestrator.model import Build, BuildRequest
-from buildq.orchestrator.schema import builds as b
+from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.store import BuildWrites
 from buildq.queue.sql.admin import QueueAdmin, TopicStats
-from buildq.queue.sql.dialect import db_now_ms
 
 log = structlog.get_logger("buildq.metrics")
 
@@ -160,19 +158,6 @@ def _deadline_missed(build: Build) -> str | None:
 
 LIVE_STATUSES = tuple(s.value for s in BuildStatus if not s.is_terminal)
 
-#: Live builds per queue and status, and how old the oldest is (ms): one GROUP BY over the
-#: live statuses' range of ``ix_builds_status``; finished builds, which pile up, are not read.
-select_live_builds = (
-    select(
-        b.c.queue,
-        b.c.status,
-        func.count().label("builds"),
-        (db_now_ms() - func.min(b.c.created_at)).label("oldest_age_ms"),
-    )
-    .where(b.c.status.in_(LIVE_STATUSES))
-    .group_by(b.c.queue, b.c.status)
-)
-
 
 class StatsRefresher:
     """Reads the queue and build gauges into ``metrics.database`` (see buildq.metrics)."""
@@ -198,7 +183,7 @@ class StatsRefresher:
 
     def refresh(self) -> None:
         stats = self.admin.topic_stats(count_messages=False)
-        rows = self.db.read(lambda conn: conn.execute(select_live_builds).mappings().all())
+        rows = SqlBuildStore(self.db).live_summary()
         self.metrics.database.update(_queue_gauges(stats), _build_gauges(rows, self.queues))
 
 

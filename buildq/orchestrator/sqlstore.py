@@ -21,6 +21,20 @@ _ERROR_MAX = 10_000
 
 _insert_build = insert_ignore(b)
 _not_terminal = b.c.status.not_in(TERMINAL)
+LIVE = [s.value for s in BuildStatus if not s.is_terminal]
+
+#: One GROUP BY over the live statuses' range of ``ix_builds_status``: finished builds, which
+#: pile up, are not read.
+_live_summary = (
+    select(
+        b.c.queue,
+        b.c.status,
+        func.count().label("builds"),
+        (NOW - func.min(b.c.created_at)).label("oldest_age_ms"),
+    )
+    .where(b.c.status.in_(LIVE))
+    .group_by(b.c.queue, b.c.status)
+)
 
 
 def _dump(value: Mapping[str, str]) -> str:
@@ -207,6 +221,10 @@ class SqlBuildStore:
 
     def in_flight(self, limit: int = 200) -> list[Build]:
         return self.list_builds([s.value for s in BuildStatus if not s.is_terminal], limit)
+
+    def live_summary(self) -> list[dict[str, Any]]:
+        """Live builds per queue and status, with the oldest one's age (ms)."""
+        return [dict(r) for r in self.db.read(lambda c: c.execute(_live_summary).mappings().all())]
 
     def count_by_status(self) -> dict[str, int]:
         stmt = select(b.c.status, func.count()).group_by(b.c.status)
