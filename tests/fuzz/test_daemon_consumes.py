@@ -193,6 +193,16 @@ def test_hostile_but_valid_requests_are_stored_verbatim(
     assert json.loads(row.changes)["head"][0]["id"] == change
 
 
+def test_a_poll_of_a_build_never_stored_is_dead_lettered_with_the_reason(target: Target) -> None:
+    n = next(target.ids)
+    ghost = f"sim-1-1-1-p-{n:016x}"
+    message = Message(id=f"{ghost}/poll/1", payload=BuildID(ghost).to_bytes(), partition_key=ghost)
+    target.world.queue.publish(topics.BUILDSIGNAL, message)
+    [dead] = settle(target.world, topics.BUILDSIGNAL, message)
+    assert f"unknown build '{ghost}': no such build was stored" in dead.last_error
+    assert target.world.rows("SELECT 1 FROM builds WHERE build_id = :b", b=ghost) == []
+
+
 def test_a_poll_of_a_finished_build_is_acked_and_changes_nothing(target: Target) -> None:
     [request_id] = target.world.submit("main", 1, prefix=f"finished-{next(target.ids)}")
     wait_until(

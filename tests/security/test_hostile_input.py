@@ -16,8 +16,11 @@ import pytest
 
 from buildq.buildrunner import Change
 from buildq.db import Database
+from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.sqlstore import SqlBuildWrites
+from buildq.queue.contract import InvalidMessage, Message
+from buildq.queue.sql import SqlQueue
 from tests.e2e.harness import BUILDQ, World
 from tests.security.conftest import Cli, MakeDaemon
 from tests.support import wait_until
@@ -274,3 +277,45 @@ accepted_interval_s = 0.05
 def _key(name: str) -> str:
     """A TOML quoted key."""
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- messages the publisher refuses, and ids nobody knows ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        (Message("m", b"x" * (4 * 1024 * 1024 + 1), "p"), "limit is"),
+        (Message("m", b"{}", "p", {"k": "\udcff"}), "not valid Unicode"),
+        (Message("m", b"{}", "p", {"\udcff": "v"}), "not valid Unicode"),
+        (Message("m", b"{}", "p", {"k": "x" * 70_000}), "larger than"),
+        (Message("m\udcff", b"{}", "p"), "not valid Unicode"),
+        (Message("m", b"{}", "p\ud800"), "not valid Unicode"),
+        (Message("", b"{}", "p"), "must not be empty"),
+        (Message("m", "not bytes", "p"), "must be bytes"),  # type: ignore[arg-type]
+        (Message("m", b"{}", "p", {"k": 1}), "strings"),  # type: ignore[dict-item]
+    ],
+    ids=[
+        "oversize", "metadata-value", "metadata-key", "metadata-size", "id", "key", "empty-id",
+        "str-payload", "int-metadata",
+    ],
+)  # fmt: skip
+def test_the_publisher_refuses_what_it_cannot_store(
+    db: Database, world: World, message: Message, says: str
+) -> None:
+    before = table_counts(world)
+    with pytest.raises(InvalidMessage) as refused:
+        SqlQueue(db).publish(topics.BUILD, message)
+    assert says in str(refused.value)
+    assert table_counts(world) == before
+
+
+def test_unknown_build_ids_are_not_found(cli: Cli, db: Database) -> None:
+    store_build(db, 1, "known")
+    for argv in (
+        ("builds", "show", "sim-1-1-1-p-0000000000000000"),
+        ("cancel", "never-stored"),
+        ("queue", "inspect", "--topic", topics.BUILDSIGNAL, "--id", "never-stored/poll/1"),
+    ):
+        result = cli(*argv)
+        assert result.refused_cleanly() and result.code == 1, (argv, result)

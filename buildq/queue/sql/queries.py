@@ -119,7 +119,7 @@ _due_in_my_slots = and_(
 #: moment it takes the other short transaction to move on keeps the order. ``visible_at``
 #: (still in the index) is when each became due, for the dispatch-lag metric.
 claim_due = (
-    select(d.c.seq, d.c.visible_at)
+    select(d.c.seq, d.c.visible_at, d.c.slot)
     .where(_due_in_my_slots, d.c.visible_at <= NOW)
     .order_by(d.c.visible_at, d.c.seq)
     .limit(bindparam("p_limit", type_=Integer))
@@ -360,6 +360,14 @@ _mine = and_(
     lease.c.grp == bindparam("p_grp"),
     lease.c.topic == bindparam("p_topic"),
     lease.c.owner == bindparam("p_owner"),
+)
+
+#: The member's leases that will not expire within ``margin_ms``: what a claim may take from.
+select_held_leases = select(lease.c.slot, lease.c.epoch).where(
+    lease.c.grp == bindparam("p_grp"),
+    lease.c.topic == bindparam("p_topic"),
+    lease.c.owner == bindparam("p_owner"),
+    lease.c.expires_at >= NOW + bindparam("p_margin_ms"),
 )
 
 #: Extend every lease the member holds.

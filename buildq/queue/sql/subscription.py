@@ -95,6 +95,7 @@ class SqlSubscription:
         )
         self._lock = threading.Lock()
         self._outstanding: dict[tuple[int, int], SqlDelivery] = {}
+        self._claiming: set[int] = set()  # slots a fetch in progress claims from
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
@@ -143,7 +144,7 @@ class SqlSubscription:
 
     def _busy_slots(self) -> set[int]:
         with self._lock:
-            return {d.slot for d in self._outstanding.values()}
+            return {d.slot for d in self._outstanding.values()} | self._claiming
 
     # --- fetching ---------------------------------------------------------------------------
 
@@ -151,16 +152,36 @@ class SqlSubscription:
         slots = self.membership.usable_slots()
         if not slots or limit <= 0:
             return []
-        rows = self.db.write(lambda conn: self._claim_in(conn, sorted(slots), limit))
-        fetched = [self._delivery(row, slots) for row in rows]
-        with self._lock:
-            for delivery in fetched:
-                self._outstanding[(delivery.offset, delivery.attempt)] = delivery
+        with self._lock:  # a slot being claimed from is busy: the renewer must not release it
+            self._claiming = set(slots)
+        try:
+            rows = self.db.write(lambda conn: self._claim_in(conn, slots, limit))
+            fetched = [self._delivery(row, slots) for row in rows]
+            with self._lock:
+                for delivery in fetched:
+                    self._outstanding[(delivery.offset, delivery.attempt)] = delivery
+        finally:
+            with self._lock:
+                self._claiming = set()
         return fetched
 
-    def _claim_in(self, conn: Connection, slots: list[int], limit: int) -> list[Any]:
-        params = {"grp": self.group, "topic": self.topic, "slots": slots, "limit": limit}
-        due = {int(seq): int(at) for seq, at in conn.execute(q.claim_due, q.params(params))}
+    def _claim_in(self, conn: Connection, epochs: dict[int, int], limit: int) -> list[Any]:
+        params = {"grp": self.group, "topic": self.topic, "slots": sorted(epochs), "limit": limit}
+        due = {
+            int(seq): (int(at), int(slot))
+            for seq, at, slot in conn.execute(q.claim_due, q.params(params))
+        }
+        if due:
+            # Fenced like every later write: only from slots this member still leases at the
+            # epoch it fetched under, with a renewal's time left. A claim that waited on a lock
+            # (a paused member's, a slow transaction's) would otherwise take deliveries whose
+            # lease moved meanwhile, process them (a trigger!) and then have its ack refused.
+            fence = params | {"owner": self.member_id, "margin_ms": self.settings.renew_interval_ms}
+            held = {
+                (int(r.slot), int(r.epoch))
+                for r in conn.execute(q.select_held_leases, q.params(fence))
+            }
+            due = {seq: v for seq, v in due.items() if (v[1], epochs[v[1]]) in held}
         seqs = list(due)
         if not seqs:
             return []
@@ -185,7 +206,7 @@ class SqlSubscription:
                 )
             else:
                 # Due since visible_at; 0 means since published (as admin_queries._READY_SINCE).
-                live.append(dict(row, due_at=due[int(row["seq"])] or row["created_at"]))
+                live.append(dict(row, due_at=due[int(row["seq"])][0] or row["created_at"]))
         return live
 
     def _delivery(self, row: Any, epochs: dict[int, int]) -> SqlDelivery:
