@@ -21,6 +21,8 @@ from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, Backoff, Subscripti
 
 ENV_PREFIX = "BUILDQ_"
 ENV_NESTING = "__"
+#: builds.queue is VARCHAR(100): a longer name could never be stored.
+_QUEUE_NAME_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,12 @@ def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: 
     queues = {}
     for name in queues_table.data:
         table = queues_table.table(name)
+        if len(name) > _QUEUE_NAME_MAX:
+            raise ConfigError(
+                table.path,
+                name[:40] + "...",
+                f"a queue name of at most {_QUEUE_NAME_MAX} characters",
+            )
         runner = table.str("runner")
         if runner not in runners:
             raise ConfigError(table.key("runner"), runner, "the name of a [runners.NAME] table")

@@ -79,6 +79,8 @@ class BuildController:
     """``build``: trigger the requested build once and start its poll loop."""
 
     topic = topics.BUILD
+    #: The trigger is the one step that cannot safely run twice: renew the claim right before.
+    renew_claim_first = True
 
     def __init__(self, runners: Runners, builds: BuildReads) -> None:
         self.runners = runners
@@ -232,6 +234,9 @@ def _finish(
 
 class DeadLetterReconciler:
     """``build_dlq`` / ``buildsignal_dlq``: no build is left non-terminal with nothing polling it."""
+
+    #: It retries (with backoff) instead of dead-lettering a dead letter.
+    never_dead_letter = True
 
     def __init__(self, topic: str, runners: Runners) -> None:
         self.topic = topic

@@ -6,6 +6,7 @@ loop); SIGTERM/SIGINT drain in-flight work and release leases; a second signal e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -50,6 +51,7 @@ log = structlog.get_logger("buildq.daemon")
 #: How often builds woken while their poll was in flight are expedited again.
 _REWAKE_INTERVAL_S = 0.1
 _RETENTION_INTERVAL_S = 60.0
+_NEVER = 2**31 - 1
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
 _HEALTH_INTERVAL_S = 2.0
 #: /readyz fails when the database probe has not succeeded for this long (a hung server).
@@ -104,9 +106,11 @@ class Daemon:
             metrics=self.metrics,
         )
         for controller in self._controllers(webhook_config.enabled):
-            subscription = self.queue.subscribe(
-                controller.topic, topics.GROUP, self.config.consumer.for_topic(controller.topic)
-            )
+            settings = self.config.consumer.for_topic(controller.topic)
+            if getattr(controller, "never_dead_letter", False):
+                # A reconciler retries until it succeeds: there is nowhere further to send it.
+                settings = dataclasses.replace(settings, max_attempts=_NEVER)
+            subscription = self.queue.subscribe(controller.topic, topics.GROUP, settings)
             self.subscriptions.append(subscription)
             self.consumer.add(controller, subscription)
         self.consumer.start()
@@ -255,6 +259,7 @@ class Daemon:
         """Probe the database for /readyz; on its own thread, as a hung server blocks it."""
         while not self.stopping.wait(_HEALTH_INTERVAL_S):
             assert self.db is not None
+            was_ok = self._db_ok
             try:
                 with self.db.read_engine.connect().execution_options(**{READ_ONLY: True}) as conn:
                     revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version")
@@ -270,6 +275,11 @@ class Daemon:
                 if self._db_ok:
                     self._db_ok_at = time.monotonic()
             self.metrics.database_up.set(1 if self._db_ok else 0)
+            if was_ok != self._db_ok:  # say it once when it changes, not on every probe
+                if self._db_ok:
+                    log.info("database_available")
+                else:
+                    log.warning("database_unavailable", error=self._db_error)
 
     def _stats_loop(self) -> None:
         assert self.db is not None and self.queue is not None
@@ -285,7 +295,7 @@ class Daemon:
 
     def healthz(self) -> tuple[bool, str]:
         """Alive and its loops ticking (the database may be down: that is /readyz)."""
-        if self.consumer is None:
+        if self.consumer is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
             return (not self.stopping.is_set(), "starting")
         db_ok, db_error = self._database_ok()
         if not db_ok:

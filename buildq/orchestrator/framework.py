@@ -103,9 +103,9 @@ class Consumer:
         self._metrics = metrics
         self._stop = threading.Event()
         self._routes: list[tuple[Controller, Subscription]] = []
-        self._queues: list[queue.SimpleQueue[tuple[Controller, Subscription, Delivery] | None]] = [
-            queue.SimpleQueue() for _ in range(workers)
-        ]
+        self._queues: list[
+            queue.SimpleQueue[tuple[Controller, Subscription, Delivery, float] | None]
+        ] = [queue.SimpleQueue() for _ in range(workers)]
         self._threads: list[threading.Thread] = []
         self._busy: list[tuple[Subscription, Delivery] | None] = [None] * workers
         self._inflight: dict[int, int] = {}  # id(subscription) -> fetched, not yet settled
@@ -133,7 +133,8 @@ class Consumer:
         settings = getattr(subscription, "settings", None)
         batch = getattr(settings, "batch_size", 32)
         idle_s = getattr(settings, "poll_interval_ms", 200) / 1000
-        limit = batch * 2
+        # Claimed deliveries wait in memory only briefly: their visibility timeout runs meanwhile.
+        limit = min(batch * 2, max(2, len(self._queues) * 2))
         fetch_now = True
         while not self._stop.is_set():
             self.last_tick[subscription.topic] = time.monotonic()
@@ -175,7 +176,7 @@ class Consumer:
                 self._metrics.observe_dispatch_lag(delivery.topic, delivery.group, lag_s)
             key = f"{delivery.topic}\0{delivery.message.partition_key}".encode()
             self._queues[zlib.crc32(key) % len(self._queues)].put(
-                (controller, subscription, delivery)
+                (controller, subscription, delivery, time.monotonic())
             )
 
     def _done(self, subscription: Subscription, count: int = 1) -> None:
@@ -191,16 +192,43 @@ class Consumer:
             item = inbox.get()
             if item is None:
                 return
-            controller, subscription, delivery = item
+            controller, subscription, delivery, fetched_at = item
             if self._stop.is_set():
                 self._hand_back(subscription, delivery)
                 continue
             self._busy[index] = (subscription, delivery)
             try:
-                self._process(controller, delivery)
+                if self._still_ours(controller, subscription, delivery, fetched_at):
+                    self._process(controller, delivery)
             finally:
                 self._busy[index] = None
                 self._done(subscription)
+
+    def _still_ours(
+        self,
+        controller: Controller,
+        subscription: Subscription,
+        delivery: Delivery,
+        fetched_at: float,
+    ) -> bool:
+        """Renew the claim of a delivery that waited long in memory, or that starts a step which
+        must not run twice (a trigger): if its visibility ran out, it may be redelivered while
+        we work on it. False if the claim is already gone (someone else has it now)."""
+        settings = getattr(subscription, "settings", None)
+        timeout_ms = int(getattr(settings, "visibility_timeout_ms", 60_000))
+        waited_ms = (time.monotonic() - fetched_at) * 1000
+        if not getattr(controller, "renew_claim_first", False) and waited_ms < timeout_ms / 2:
+            return True
+        try:
+            delivery.extend_visibility(timeout_ms)
+        except DeliveryLost:
+            log.warning(
+                "delivery_expired_before_start", topic=delivery.topic, waited_ms=int(waited_ms)
+            )
+            return False
+        except Exception as err:  # the database is struggling: process anyway, as fetched
+            log.warning("claim_renewal_failed", error=str(err)[:300])
+        return True
 
     def _process(self, controller: Controller, delivery: Delivery) -> None:
         clear_contextvars()
@@ -219,10 +247,10 @@ class Consumer:
             outcome = "nack"
             self._settle(delivery, outcome, err)
         except (Unprocessable, MalformedPayload, InvalidMessage) as err:
-            outcome = "reject"
+            outcome = self._reject_or_retry(controller)
             self._settle(delivery, outcome, err)
         except Exception as err:
-            outcome = "reject"
+            outcome = self._reject_or_retry(controller)
             log.exception("handler_failed")
             self._settle(delivery, outcome, err, unexpected=True)
         else:
@@ -235,6 +263,12 @@ class Consumer:
                 "processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome
             )
             clear_contextvars()
+
+    @staticmethod
+    def _reject_or_retry(controller: Controller) -> str:
+        # A dead-letter consumer that fails must not dead-letter in turn (into a `_dlq_dlq`
+        # nobody reads, where the build would silently stay unfinished): it retries instead.
+        return "nack" if getattr(controller, "never_dead_letter", False) else "reject"
 
     def _settle(
         self, delivery: Delivery, outcome: str, err: BaseException, *, unexpected: bool = False

@@ -43,11 +43,14 @@ class OpsServer:
                 except Exception as err:  # a failing check is an unhealthy answer, not a hangup
                     log.exception("ops_request_failed", path=self.path)
                     code, ctype, body = 500, "text/plain", f"{type(err).__name__}\n".encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the prober gave up; nothing to tell it
 
             def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes every few seconds would drown the journal

@@ -38,15 +38,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 GROUP = topics.GROUP
 STATUS_FAULT_ERROR = "simulated status failure"
 #: Tracebacks already reported, whose fix is in a file this change may not edit. Each stays
-#: visible in the summary (``known_findings``); remove the entry once the fix lands.
-KNOWN_TRACEBACKS = {
-    # daemon.healthz() takes max() over the subscriptions, which are still being created
-    # while the daemon starts: /healthz and /readyz answer 500 with a ValueError then.
-    "healthz-before-subscriptions": "ValueError: max() arg is an empty sequence",
-    # The ops server writes its answer to a prober that already gave up (a busy daemon);
-    # socketserver prints the BrokenPipeError to stderr.
-    "ops-prober-gone": "in do_GET\n    self.wfile.write(body)",
-}
+#: visible in the summary (``known_findings``); remove the entry once the fix lands. (Both
+#: earlier entries, healthz before subscriptions and the ops prober gone, are fixed.)
+KNOWN_TRACEBACKS: dict[str, str] = {}
 #: After the database comes back every daemon has a backlog (polls that fell due meanwhile,
 #: requests submitted meanwhile); a claim that waits in a busy daemon's memory past its
 #: visibility timeout is redelivered. Counted as the outage's doing for this long after it.
