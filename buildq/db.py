@@ -79,7 +79,7 @@ def _sqlite_engine(url: str, pool_size: int) -> Engine:
 
 def _mysql_engine(url: sa.URL, pool_size: int, *, autocommit: bool = False) -> Engine:
     init = f"SET time_zone = '+00:00', innodb_lock_wait_timeout = {MYSQL_LOCK_WAIT_TIMEOUT_S}"
-    return sa.create_engine(
+    engine = sa.create_engine(
         url.update_query_dict({"charset": "utf8mb4"}),
         isolation_level="AUTOCOMMIT" if autocommit else "READ COMMITTED",
         pool_size=pool_size,
@@ -97,6 +97,16 @@ def _mysql_engine(url: sa.URL, pool_size: int, *, autocommit: bool = False) -> E
             "write_timeout": MYSQL_READ_TIMEOUT_S,
         },
     )
+    if autocommit:
+        # Every statement on this pool commits by itself; SQLAlchemy would still send COMMIT
+        # or ROLLBACK when a connection's block ends: one wasted round trip per read.
+        setattr(engine.dialect, "do_commit", _no_op)  # noqa: B010 (a method of this engine's own dialect)
+        setattr(engine.dialect, "do_rollback", _no_op)  # noqa: B010
+    return engine
+
+
+def _no_op(_dbapi_connection: Any) -> None:
+    pass
 
 
 def is_transient(err: BaseException) -> bool:

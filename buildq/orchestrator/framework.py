@@ -160,8 +160,11 @@ class Consumer:
                 fetch_now = False
 
     def _wait_for_room(self, subscription: Subscription, limit: int) -> int:
+        """Wait until at least half the buffer is free: under load, refilling it one delivery
+        at a time would cost a claim transaction per delivery (bench: 1.4 claimed per claim)."""
+        low_water = limit // 2
         with self._capacity:
-            while not self._stop.is_set() and self._inflight[id(subscription)] >= limit:
+            while not self._stop.is_set() and self._inflight[id(subscription)] > low_water:
                 self._capacity.wait(0.5)
             return limit - self._inflight[id(subscription)]
 

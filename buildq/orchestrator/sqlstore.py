@@ -37,6 +37,52 @@ _live_summary = (
 )
 
 
+# The poll loop's statements, built once: constructing a Core statement per call cost more
+# Python than executing it (bench: record_poll was a third of a daemon's CPU).
+_P_BUILD = bindparam("p_build_id", type_=b.c.build_id.type)
+_select_by_build = select(b).where(b.c.build_id == _P_BUILD)
+_select_by_request = select(b).where(b.c.request_id == bindparam("p_request_id"))
+_record_poll = (
+    update(b)
+    .where(b.c.build_id == _P_BUILD, _not_terminal)
+    .values(
+        status=bindparam("p_status"),
+        metadata=bindparam("p_metadata"),
+        polls=bindparam("p_polls"),
+        next_poll_at=NOW + bindparam("p_next_poll_ms"),
+        updated_at=NOW,
+    )
+)
+_finish = (
+    update(b)
+    .where(b.c.build_id == _P_BUILD, _not_terminal)
+    .values(
+        status=bindparam("p_status"),
+        metadata=bindparam("p_metadata"),
+        failure_reason=bindparam("p_failure_reason"),
+        error=bindparam("p_error"),
+        finished_at=NOW,
+        next_poll_at=None,
+        updated_at=NOW,
+        polls=b.c.polls + 1,
+    )
+)
+_insert_triggered = _insert_build.values(
+    request_id=bindparam("p_request_id"),
+    build_id=_P_BUILD,
+    queue=bindparam("p_queue"),
+    runner=bindparam("p_runner"),
+    status=BuildStatus.ACCEPTED.value,
+    metadata="{}",
+    request_metadata=bindparam("p_request_metadata"),
+    changes=bindparam("p_changes"),
+    polls=0,
+    created_at=NOW,
+    updated_at=NOW,
+)
+_mark_cancel_sent = update(b).where(b.c.build_id == _P_BUILD).values(cancel_sent_at=NOW)
+
+
 def _dump(value: Mapping[str, str]) -> str:
     return json.dumps(dict(value), ensure_ascii=False, sort_keys=True)
 
@@ -83,28 +129,23 @@ class SqlBuildWrites:
         self.conn = conn
 
     def get_by_build(self, build_id: str) -> Build | None:
-        row = self.conn.execute(select(b).where(b.c.build_id == build_id)).first()
+        row = self.conn.execute(_select_by_build, {"p_build_id": build_id}).first()
         return None if row is None else to_build(row)
 
     def get_by_request(self, request_id: str) -> Build | None:
-        row = self.conn.execute(select(b).where(b.c.request_id == request_id)).first()
+        row = self.conn.execute(_select_by_request, {"p_request_id": request_id}).first()
         return None if row is None else to_build(row)
 
     def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> bool:
-        values = {
-            "request_id": request.request_id,
-            "build_id": build_id,
-            "queue": request.queue,
-            "runner": runner,
-            "status": BuildStatus.ACCEPTED.value,
-            "metadata": "{}",
-            "request_metadata": _dump(request.metadata),
-            "changes": _changes(request),
-            "polls": 0,
-            "created_at": NOW,
-            "updated_at": NOW,
+        params = {
+            "p_request_id": request.request_id,
+            "p_build_id": build_id,
+            "p_queue": request.queue,
+            "p_runner": runner,
+            "p_request_metadata": _dump(request.metadata),
+            "p_changes": _changes(request),
         }
-        return self.conn.execute(_insert_build.values(values)).rowcount == 1
+        return self.conn.execute(_insert_triggered, params).rowcount == 1
 
     def record_poll(
         self,
@@ -117,15 +158,14 @@ class SqlBuildWrites:
         # Unconditional on "changed": the row always matches, so rowcount is never misread
         # as "not found" (the system this descends from dead-lettered healthy polls that way).
         self.conn.execute(
-            update(b)
-            .where(b.c.build_id == build_id, _not_terminal)
-            .values(
-                status=status.value,
-                metadata=_dump(metadata),
-                polls=polls,
-                next_poll_at=NOW + next_poll_ms,
-                updated_at=NOW,
-            )
+            _record_poll,
+            {
+                "p_build_id": build_id,
+                "p_status": status.value,
+                "p_metadata": _dump(metadata),
+                "p_polls": polls,
+                "p_next_poll_ms": next_poll_ms,
+            },
         )
 
     def finish(
@@ -138,18 +178,14 @@ class SqlBuildWrites:
     ) -> Build | None:
         assert status.is_terminal, status
         changed = self.conn.execute(
-            update(b)
-            .where(b.c.build_id == build_id, _not_terminal)
-            .values(
-                status=status.value,
-                metadata=_dump(metadata),
-                failure_reason=failure_reason,
-                error=None if error is None else error[:_ERROR_MAX],
-                finished_at=NOW,
-                next_poll_at=None,
-                updated_at=NOW,
-                polls=b.c.polls + 1,
-            )
+            _finish,
+            {
+                "p_build_id": build_id,
+                "p_status": status.value,
+                "p_metadata": _dump(metadata),
+                "p_failure_reason": failure_reason,
+                "p_error": None if error is None else error[:_ERROR_MAX],
+            },
         ).rowcount
         return self.get_by_build(build_id) if changed else None
 
@@ -188,7 +224,7 @@ class SqlBuildWrites:
         return self.get_by_request(request_id)
 
     def mark_cancel_sent(self, build_id: str) -> None:
-        self.conn.execute(update(b).where(b.c.build_id == build_id).values(cancel_sent_at=NOW))
+        self.conn.execute(_mark_cancel_sent, {"p_build_id": build_id})
 
 
 class SqlBuildStore:
