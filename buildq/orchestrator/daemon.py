@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -22,6 +22,7 @@ from buildq.db import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
+from buildq.orchestrator.commit import GroupCommitter
 from buildq.orchestrator.controllers import (
     BuildController,
     BuildSignalController,
@@ -72,6 +73,7 @@ class Daemon:
         self.db: Database | None = None
         self.queue: SqlQueue | None = None
         self.consumer: Consumer | None = None
+        self.committer: GroupCommitter | None = None
         self.subscriptions: list[SqlSubscription] = []
         self.ops: OpsServer | None = None
         self.webhooks: WebhookServer | None = None
@@ -99,8 +101,9 @@ class Daemon:
             on_published=self.metrics.observe_published,
         )
         self.store = SqlBuildStore(self.db)
+        self.committer = GroupCommitter(self._steps, self._step)
         self.consumer = Consumer(
-            self._step,
+            self.committer,
             workers=self.config.consumer.workers,
             on_event=self.on_event,
             metrics=self.metrics,
@@ -222,16 +225,21 @@ class Daemon:
     # --- the hand-off -----------------------------------------------------------------------
 
     def _step(self, delivery: Delivery, effect: Effect | None) -> None:
+        self._steps([(delivery, effect)])
+
+    def _steps(self, steps: Sequence[tuple[Delivery, Effect | None]]) -> None:
+        """Apply each step's effect and ack its delivery, all in one transaction."""
         assert self.queue is not None
         finished: list[Build] = []
 
         def run(tx: SqlTransaction) -> None:
-            finished.clear()  # a retried step starts over
-            if effect is not None:
-                builds = RecordingBuildWrites(SqlBuildWrites(tx.connection))
-                effect(StepTx(tx, builds))
-                finished.extend(builds.finished)
-            tx.ack(delivery)
+            finished.clear()  # a retried transaction starts over
+            for delivery, effect in steps:
+                if effect is not None:
+                    builds = RecordingBuildWrites(SqlBuildWrites(tx.connection))
+                    effect(StepTx(tx, builds))
+                    finished.extend(builds.finished)
+                tx.ack(delivery)
 
         self.queue.run_in_transaction(run)
         for build in finished:  # committed: count each result once
@@ -335,6 +343,8 @@ class Daemon:
         log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
         if self.consumer is not None:
             self.consumer.stop(self.config.daemon.shutdown_grace_s)
+        if self.committer is not None:
+            self.committer.close()
         for subscription in self.subscriptions:
             try:
                 assert self.queue is not None
