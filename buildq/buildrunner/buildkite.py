@@ -21,9 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import structlog
 
-from buildq.buildrunner import _http, _ratelimit
+from buildq.buildrunner import _http, _ratelimit, _vendor
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -179,12 +178,14 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
     request_id = (build.get("meta_data") or {}).get(CORRELATION_KEY)
     if isinstance(request_id, str):
         meta[CORRELATION_KEY] = request_id
-    meta.update(_http.time_metadata(build.get("started_at"), build.get("finished_at")))
+    meta.update(_vendor.time_metadata(build.get("started_at"), build.get("finished_at")))
     return meta
 
 
-class BuildkiteRunner:
+class BuildkiteRunner(_vendor.HttpRunner):
     """Triggers, polls and cancels builds of one Buildkite pipeline. Thread-safe."""
+
+    vendor = "Buildkite"
 
     def __init__(
         self,
@@ -195,26 +196,10 @@ class BuildkiteRunner:
         budget: _ratelimit.RateBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.config = config
-        self.name = name
-        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=name)
-        self._core = _http.HttpCore(
-            client,
-            config.http,
-            vendor="Buildkite",
-            rate_signal=rate_signal,
-            budget=budget,
-            sleep=sleep,
-            log=self._log,
+        super().__init__(
+            client, config.http, name=name, rate_signal=rate_signal, budget=budget, sleep=sleep
         )
-
-    @property
-    def budget(self) -> _ratelimit.RateBudget:
-        return self._core.budget
-
-    def close(self) -> None:
-        """Close the HTTP client: the daemon calls this when it stops."""
-        self._core.client.close()
+        self.config = config
 
     def trigger(
         self,
@@ -225,14 +210,14 @@ class BuildkiteRunner:
     ) -> BuildID:
         metadata = dict(metadata or {})
         token = metadata.get(CORRELATION_KEY) or None
-        request_id = token or _http.new_request_id()
+        request_id = token or _vendor.new_request_id()
         body = self._create_body(queue, base, head, metadata, request_id)
         path = self._builds_path(self.config.organization, self.config.pipeline)
 
         def create() -> BuildID:
             return self._id_of(self._core.write_once("POST", path, body=body).body)
 
-        result = _http.create_idempotently(
+        result = _vendor.create_idempotently(
             self._core,
             token=token,
             create=create,
@@ -283,8 +268,8 @@ class BuildkiteRunner:
             "message": f"buildq {queue}: {len(head)} change(s) [{request_id}]",
             "env": {
                 "BUILDQ_QUEUE": queue,
-                "BUILDQ_BASE": _http.changes_json(base),
-                "BUILDQ_HEAD": _http.changes_json(head),
+                "BUILDQ_BASE": _vendor.changes_json(base),
+                "BUILDQ_HEAD": _vendor.changes_json(head),
                 "BUILDQ_REQUEST_ID": request_id,
             },
             "meta_data": meta_data,

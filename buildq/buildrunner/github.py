@@ -22,9 +22,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import httpx
-import structlog
 
-from buildq.buildrunner import _http, _ratelimit
+from buildq.buildrunner import _http, _ratelimit, _vendor
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -196,7 +195,7 @@ def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
             meta["run_id" if key == "id" else key] = str(run[key])
     # A completed run is not touched again, so its last update is when it finished.
     finished = run.get("updated_at") if run.get("status") == "completed" else None
-    meta.update(_http.time_metadata(run.get("run_started_at"), finished))
+    meta.update(_vendor.time_metadata(run.get("run_started_at"), finished))
     return meta
 
 
@@ -208,8 +207,10 @@ def mentions_token(title: object, token: str) -> bool:
     return re.search(pattern, title) is not None
 
 
-class GitHubRunner:
+class GitHubRunner(_vendor.HttpRunner):
     """Dispatches, polls and cancels runs of one GitHub Actions workflow. Thread-safe."""
+
+    vendor = "GitHub"
 
     def __init__(
         self,
@@ -220,28 +221,12 @@ class GitHubRunner:
         budget: _ratelimit.RateBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.config = config
-        self.name = name
-        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=name)
-        self._core = _http.HttpCore(
-            client,
-            config.http,
-            vendor="GitHub",
-            rate_signal=rate_signal,
-            budget=budget,
-            sleep=sleep,
-            log=self._log,
+        super().__init__(
+            client, config.http, name=name, rate_signal=rate_signal, budget=budget, sleep=sleep
         )
+        self.config = config
         # Cleared for good once the server says it does not know the field (older GHES).
         self._ask_run_details = config.return_run_details
-
-    @property
-    def budget(self) -> _ratelimit.RateBudget:
-        return self._core.budget
-
-    def close(self) -> None:
-        """Close the HTTP client: the daemon calls this when it stops."""
-        self._core.client.close()
 
     def trigger(
         self,
@@ -251,7 +236,7 @@ class GitHubRunner:
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
         token = (metadata or {}).get(CORRELATION_KEY) or None
-        request_id = token or _http.new_request_id()
+        request_id = token or _vendor.new_request_id()
         inputs = _inputs(queue, base, head, request_id)
         cfg = self.config
 
@@ -262,7 +247,7 @@ class GitHubRunner:
             run_id = body.get("workflow_run_id")
             if isinstance(run_id, int):
                 return build_id(cfg.owner, cfg.repo, run_id, 1)
-            found = _http.poll_lookup(
+            found = _vendor.poll_lookup(
                 self._core, lambda: self._find_by_token(request_id, dispatched_at - _CLOCK_SLACK_S)
             )
             if found is None:
@@ -271,7 +256,7 @@ class GitHubRunner:
                 )
             return found
 
-        result = _http.create_idempotently(
+        result = _vendor.create_idempotently(
             self._core,
             token=token,
             create=create,
@@ -363,8 +348,8 @@ def _inputs(
     inputs = {
         CORRELATION_KEY: request_id,
         "queue": queue,
-        "base": _http.changes_json(base),
-        "head": _http.changes_json(head),
+        "base": _vendor.changes_json(base),
+        "head": _vendor.changes_json(head),
     }
     size = len(json.dumps(inputs, separators=(",", ":"), ensure_ascii=False))
     if size > MAX_INPUT_CHARS:

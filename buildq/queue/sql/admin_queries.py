@@ -29,7 +29,7 @@ from sqlalchemy import (
 
 from buildq.queue.contract import DLQ_SUFFIX
 from buildq.queue.sql.dialect import insert_ignore
-from buildq.queue.sql.queries import NOW
+from buildq.queue.sql.queries import COPIED_MESSAGE_COLUMNS, NOW
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
 from buildq.queue.sql.schema import leases as lease
@@ -363,18 +363,7 @@ select_original_seq = select(m.c.seq).where(
 
 #: Put a purged original back into its topic from its dead letter (no DLQ fields, visible now).
 restore_original = insert_ignore(m).from_select(
-    [
-        "topic",
-        "partition_key",
-        "message_id",
-        "dlq_group",
-        "partition_hash",
-        "payload",
-        "metadata",
-        "visible_after",
-        "created_at",
-        "publish_token",
-    ],
+    COPIED_MESSAGE_COLUMNS,
     select(
         m.c.original_topic,
         m.c.partition_key,

@@ -230,19 +230,24 @@ mark_handed_back: Update = (
     )
 )
 
+#: The columns every copy of a message writes (into its DLQ, or back out of it).
+COPIED_MESSAGE_COLUMNS = (
+    "topic",
+    "partition_key",
+    "message_id",
+    "dlq_group",
+    "partition_hash",
+    "payload",
+    "metadata",
+    "visible_after",
+    "created_at",
+    "publish_token",
+)
+
 #: Copy a message into its topic's DLQ, recording which group failed it and why.
 insert_dead_letter = insert_ignore(m).from_select(
     [
-        "topic",
-        "partition_key",
-        "message_id",
-        "dlq_group",
-        "partition_hash",
-        "payload",
-        "metadata",
-        "visible_after",
-        "created_at",
-        "publish_token",
+        *COPIED_MESSAGE_COLUMNS,
         "original_topic",
         "failed_at",
         "failure_count",

@@ -304,16 +304,21 @@ def check_group_name(group: str) -> None:
     _check_len("consumer group", group, GROUP_MAX, allow_empty=False)
 
 
+def dead_letter_of(row: Any) -> DeadLetter | None:
+    """The DLQ fields of a message row, or None for a message in its own topic."""
+    if row["original_topic"] is None:
+        return None
+    return DeadLetter(
+        original_topic=row["original_topic"],
+        failed_group=row["dlq_group"],
+        failed_at_ms=int(row["failed_at"] or 0),
+        failure_count=int(row["failure_count"] or 0),
+        last_error=row["last_error"] or "",
+    )
+
+
 def stored_message(row: Any) -> StoredMessage:
-    dead = None
-    if row["original_topic"] is not None:
-        dead = DeadLetter(
-            original_topic=row["original_topic"],
-            failed_group=row["dlq_group"],
-            failed_at_ms=int(row["failed_at"] or 0),
-            failure_count=int(row["failure_count"] or 0),
-            last_error=row["last_error"] or "",
-        )
+    dead = dead_letter_of(row)
     return StoredMessage(
         offset=int(row["seq"]),
         topic=row["topic"],

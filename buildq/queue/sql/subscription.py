@@ -29,7 +29,12 @@ from buildq.queue.contract import (
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.leases import EventHook, Membership
-from buildq.queue.sql.store import MessageStore, check_group_name, decode_metadata
+from buildq.queue.sql.store import (
+    MessageStore,
+    check_group_name,
+    dead_letter_of,
+    decode_metadata,
+)
 
 
 class _State(enum.Enum):
@@ -210,15 +215,7 @@ class SqlSubscription:
         return live
 
     def _delivery(self, row: Any, epochs: dict[int, int]) -> SqlDelivery:
-        dead = None
-        if row["original_topic"] is not None:
-            dead = DeadLetter(
-                original_topic=row["original_topic"],
-                failed_group=row["dlq_group"],
-                failed_at_ms=int(row["failed_at"] or 0),
-                failure_count=int(row["failure_count"] or 0),
-                last_error=row["last_error"] or "",
-            )
+        dead = dead_letter_of(row)
         message = Message(
             id=row["message_id"],
             payload=bytes(row["payload"]),

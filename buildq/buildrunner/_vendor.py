@@ -1,0 +1,155 @@
+"""What the Buildkite and GitHub runners share above the HTTP layer (``_http``).
+
+The runner skeleton (a name, a log bound to it, the HTTP core and its rate budget, ``close``),
+creating a build at most once per correlation token, and the wire forms both vendors use for
+change lists and timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import ClassVar, TypeVar
+
+import httpx
+import structlog
+
+from buildq.buildrunner._http import Ambiguous, HttpCore, HttpSettings, NotSent
+from buildq.buildrunner._ratelimit import RateBudget, RateSignal
+from buildq.buildrunner.contract import Change, TransientRunnerError
+
+T = TypeVar("T")
+
+
+class HttpRunner:
+    """The part of an HTTP runner that is not its vendor's vocabulary. Thread-safe."""
+
+    #: How the vendor is named in logs and errors.
+    vendor: ClassVar[str]
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        settings: HttpSettings,
+        *,
+        name: str,
+        rate_signal: Callable[[httpx.Response], RateSignal],
+        budget: RateBudget | None,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.name = name
+        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=name)
+        self._core = HttpCore(
+            client,
+            settings,
+            vendor=self.vendor,
+            rate_signal=rate_signal,
+            budget=budget,
+            sleep=sleep,
+            log=self._log,
+        )
+
+    @property
+    def budget(self) -> RateBudget:
+        return self._core.budget
+
+    def close(self) -> None:
+        """Close the HTTP client: the daemon calls this when it stops."""
+        self._core.client.close()
+
+
+def create_idempotently(
+    core: HttpCore,
+    *,
+    token: str | None,
+    create: Callable[[], T],
+    lookup: Callable[[], T | None],
+    lookup_first: bool = True,
+) -> T:
+    """Create a build at most once per token, resolving ambiguous outcomes by lookup.
+
+    With a token, an earlier attempt (this call's or a previous trigger's) is found by the
+    token before anything new is created. Without one, an ambiguous create is reported as
+    transient and never repeated: only the caller can know whether to try again.
+    """
+    settings = core.settings
+    if token and lookup_first:
+        found = lookup()
+        if found is not None:
+            core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="before")
+            return found
+    for attempt in range(1, settings.retry_attempts + 1):
+        try:
+            return create()
+        except NotSent as err:
+            reason = str(err)
+        except Ambiguous as err:
+            core.log.warning(
+                "runner_create_ambiguous", vendor=core.vendor, reason=str(err), token=bool(token)
+            )
+            if not token:
+                raise TransientRunnerError(
+                    f"{core.vendor} create outcome unknown ({err}) and no correlation token "
+                    "to look it up: not retried"
+                ) from None
+            found = poll_lookup(core, lookup)
+            if found is not None:
+                core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="after")
+                return found
+            reason = f"{err}; not found by token"
+        if attempt < settings.retry_attempts:
+            core.sleep(settings.retry_backoff_s * attempt)
+    raise TransientRunnerError(
+        f"{core.vendor} create failed after {settings.retry_attempts} attempts: {reason}"
+    )
+
+
+def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:
+    """Look a build up a bounded number of times: listings lag behind creates."""
+    for attempt in range(core.settings.lookup_attempts):
+        if attempt:
+            core.sleep(core.settings.lookup_interval_s)
+        found = lookup()
+        if found is not None:
+            return found
+    return None
+
+
+def changes_json(changes: Sequence[Change]) -> str:
+    """The documented wire form of a change list: a compact JSON list of {id, revision, extra}."""
+    return json.dumps(
+        [{"id": c.id, "revision": c.revision, "extra": dict(c.extra)} for c in changes],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def time_metadata(started: object, finished: object) -> dict[str, str]:
+    """``started_at``/``finished_at``/``duration_s`` from vendor timestamps, in buildq's format
+    (UTC, milliseconds; duration so far while the build runs)."""
+    start, end = _parse_time(started), _parse_time(finished)
+    meta: dict[str, str] = {}
+    if start is not None:
+        meta["started_at"] = start.isoformat(timespec="milliseconds")
+        duration = ((end or datetime.now(UTC)) - start).total_seconds()
+        meta["duration_s"] = f"{max(duration, 0.0):.3f}"
+    if end is not None:
+        meta["finished_at"] = end.isoformat(timespec="milliseconds")
+    return meta
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def new_request_id() -> str:
+    """A stand-in correlation token when the caller gave none (never used to retry)."""
+    return f"buildq-{uuid.uuid4().hex}"
