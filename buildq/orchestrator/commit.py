@@ -47,18 +47,35 @@ class GroupCommitter:
         self._run_one = run_one
         self._max_batch = max_batch
         self._inbox: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._closed = False
+        self._closing = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
         self._thread.start()
 
     def __call__(self, delivery: Delivery, effect: Effect | None) -> None:
         pending = _Pending(delivery, effect)
-        self._inbox.put(pending)
+        with self._closing:
+            batching = not self._closed
+            if batching:
+                self._inbox.put(pending)
+        if not batching:
+            # A worker still finishing after close(): commit it here rather than wait forever.
+            self._run_one(delivery, effect)
+            return
         pending.done.wait()
         if pending.error is not None:
             raise pending.error
 
+    @property
+    def alive(self) -> bool:
+        """False once the batching thread is gone while still open: workers would wait on it
+        forever, so the daemon reports itself unhealthy and the watchdog restarts it."""
+        return self._closed or self._thread.is_alive()
+
     def close(self) -> None:
-        self._inbox.put(None)
+        with self._closing:
+            self._closed = True
+            self._inbox.put(None)
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
@@ -82,7 +99,7 @@ class GroupCommitter:
         if len(batch) > 1:
             try:
                 self._run_batch([(p.delivery, p.effect) for p in batch])
-            except Exception as err:  # one step spoiled the batch: each on its own, below
+            except BaseException as err:  # one step spoiled the batch: each on its own, below
                 log.debug("group_commit_split", size=len(batch), error=str(err)[:200])
             else:
                 for pending in batch:

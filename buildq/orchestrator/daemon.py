@@ -311,6 +311,8 @@ class Daemon:
             # not a wedged process for the watchdog to kill.
             return True, f"alive; database unavailable: {db_error}"
         idle_s = max(s.settings.poll_interval_ms for s in self.subscriptions) / 1000
+        if self.committer is not None and not self.committer.alive:
+            return False, "group commit thread died"
         ok = self.consumer.healthy(max_age_s=max(30.0, idle_s * 10))
         return ok, "ok" if ok else "consumer loops stalled"
 

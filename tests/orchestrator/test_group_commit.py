@@ -124,3 +124,28 @@ def test_a_single_step_error_reaches_its_caller(queue, subscribe):  # noqa: F811
     committer(delivery, None)  # still open after the rollback: it can be settled afterwards
     committer.close()
     assert sub.fetch(1) == []
+
+
+def test_a_step_after_close_commits_at_once_instead_of_waiting(queue, subscribe):  # noqa: F811
+    sub = subscribe("t")
+    queue.publish("t", msg("late"))
+    [delivery] = sub.fetch(1)
+    recorder = Recorder(queue)
+    recorder.first.set()
+    committer = GroupCommitter(recorder.run_batch, recorder.run_one)
+    committer.close()
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (committer(delivery, None), done.set()))
+    worker.start()
+    worker.join(timeout=30)
+    assert done.is_set(), "a step submitted after close must not wait for the gone thread"
+    assert sub.fetch(1) == []  # and it was committed: the delivery is acked
+    assert committer.alive  # closed on purpose is not a fault
+
+
+def test_a_dead_batching_thread_shows_as_not_alive(queue):  # noqa: F811
+    recorder = Recorder(queue)
+    committer = GroupCommitter(recorder.run_batch, recorder.run_one)
+    assert committer.alive
+    committer._inbox.put(None)  # the thread ends while the committer is still open
+    wait_until(lambda: not committer.alive, timeout=10)
