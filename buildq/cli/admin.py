@@ -28,8 +28,9 @@ from buildq.cli.output import (
     topic_command,
 )
 from buildq.queue.contract import Message, is_dlq_topic
-from buildq.queue.sql.admin import QueueAdmin, TopicStats
+from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.queue import SqlQueue
+from buildq.queue.sql.stats import TopicStats
 
 _GROUP_COLUMNS = [
     ("pending", "PENDING"),

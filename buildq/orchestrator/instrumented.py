@@ -32,7 +32,8 @@ from buildq.metrics import BuildGauges, Metrics, QueueGauges
 from buildq.orchestrator.model import Build, BuildRequest
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.store import BuildWrites
-from buildq.queue.sql.admin import QueueAdmin, TopicStats
+from buildq.queue.sql.admin import QueueAdmin
+from buildq.queue.sql.stats import TopicStats
 
 log = structlog.get_logger("buildq.metrics")
 

@@ -13,46 +13,20 @@ import base64
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
 from buildq.db import Database
-from buildq.queue.contract import DLQ_SUFFIX, QueueError, dlq_topic, is_dlq_topic
+from buildq.queue.contract import DLQ_SUFFIX, QueueError, dlq_topic
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql.stats import GroupStats, TopicStats, fold_stats, int_or_none
 from buildq.queue.sql.store import MessageStore, decode_metadata, new_publish_token
 
 BATCH = 1000
 _MAX_OFFSET = 2**62
-
-
-@dataclass(frozen=True, slots=True)
-class GroupStats:
-    """One consumer group's view of a topic. ``slots`` is None for a group that is not
-    registered on the topic (it only left dead letters)."""
-
-    group: str
-    slots: int | None = None
-    pending: int = 0  # deliveries not yet acked: ready + delayed + in flight
-    ready: int = 0
-    delayed: int = 0
-    in_flight: int = 0
-    oldest_ready_age_ms: int | None = None
-    max_retry_count: int = 0
-    dead_letters: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TopicStats:
-    topic: str
-    messages: int | None = 0  # None: not counted (see QueueAdmin.topic_stats)
-    groups: tuple[GroupStats, ...] = ()
-
-    @property
-    def dead_letters(self) -> int:
-        return sum(group.dead_letters for group in self.groups)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +78,7 @@ class QueueAdmin:
         else:
             stmt = aq.select_all_topic_stats if count_messages else aq.select_group_stats
             rows = self._all(stmt, {})
-        return _fold_stats(rows, counted=count_messages or topic is not None)
+        return fold_stats(rows, counted=count_messages or topic is not None)
 
     def lag(self, topic: str) -> list[GroupStats]:
         for stats in self.topic_stats(topic):
@@ -114,7 +88,7 @@ class QueueAdmin:
 
     def topic_summary(self, topic: str) -> dict[str, Any]:
         [row] = self._all(aq.select_topic_summary, {"topic": topic})
-        return {key: _int_or_none(value) for key, value in row.items()}
+        return {key: int_or_none(value) for key, value in row.items()}
 
     def messages(
         self, topic: str, *, partition_key: str | None = None, limit: int = 50
@@ -144,7 +118,7 @@ class QueueAdmin:
         return [r["offset"] for r in rows if partition_key in (None, r["partition_key"])]
 
     def last_offset(self, topic: str) -> int | None:
-        return _int_or_none(self._scalar(aq.select_last_offset, {"topic": topic}))
+        return int_or_none(self._scalar(aq.select_last_offset, {"topic": topic}))
 
     def leases(self, topic: str | None = None, group: str | None = None) -> list[dict[str, Any]]:
         rows = self._all(aq.select_all_leases, {})
@@ -407,47 +381,6 @@ def _lease(row: dict[str, Any]) -> dict[str, Any]:
 
 def _matches(row: dict[str, Any], topic: str | None, group: str | None) -> bool:
     return topic in (None, row["topic"]) and group in (None, row["grp"])
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def _fold_stats(rows: list[dict[str, Any]], *, counted: bool) -> list[TopicStats]:
-    """Turn the aggregate's rows into one TopicStats per topic (see ``_topic_stats``)."""
-    topics: dict[str, TopicStats] = {}
-    groups: dict[tuple[str, str], GroupStats] = {}
-    empty = 0 if counted else None
-
-    def group_of(topic: str, name: str) -> GroupStats:
-        topics.setdefault(topic, TopicStats(topic, empty))
-        return groups.setdefault((topic, name), GroupStats(name))
-
-    for row in rows:
-        topic, name, total = row["topic"], row["grp"], int(row["total"])
-        if row["kind"] == "group":
-            groups[(topic, name)] = replace(group_of(topic, name), slots=total)
-        elif row["kind"] == "pending":
-            groups[(topic, name)] = replace(
-                group_of(topic, name),
-                pending=total,
-                ready=int(row["ready"]),
-                delayed=int(row["delayed"]),
-                in_flight=int(row["in_flight"]),
-                oldest_ready_age_ms=_int_or_none(row["oldest_ready_age_ms"]),
-                max_retry_count=int(row["max_retry_count"]),
-            )
-        else:
-            current = topics.setdefault(topic, TopicStats(topic, empty))
-            topics[topic] = replace(current, messages=(current.messages or 0) + total)
-            if is_dlq_topic(topic) and name:
-                original = topic.removesuffix(DLQ_SUFFIX)
-                failed = group_of(original, name)
-                groups[(original, name)] = replace(failed, dead_letters=failed.dead_letters + total)
-    by_topic: dict[str, list[GroupStats]] = {}
-    for (topic, _), stats in sorted(groups.items()):
-        by_topic.setdefault(topic, []).append(stats)
-    return [replace(topics[name], groups=tuple(by_topic.get(name, ()))) for name in sorted(topics)]
 
 
 class _Pacer:
