@@ -82,6 +82,15 @@ fan_out_messages = insert_ignore(d).from_select(
     ),
 )
 
+#: The deliveries of one message found by its offset: a single-row publish knows it from the
+#: INSERT, so it needs no IN-lists over the unique key (SQLAlchemy expands those per execution).
+fan_out_message = insert_ignore(d).from_select(
+    ["seq", "grp", "topic", "slot", "visible_at"],
+    select(m.c.seq, g.c.grp, m.c.topic, m.c.partition_hash % g.c.slots, m.c.visible_after)
+    .join(g, g.c.topic == m.c.topic)
+    .where(m.c.seq == bindparam("p_seq")),
+)
+
 #: Ids, among those given, that this publish call inserted (used only when some were dups).
 select_published_ids = select(m.c.partition_key, m.c.message_id).where(
     m.c.topic == bindparam("p_topic"),

@@ -148,6 +148,12 @@ class MessageStore:
             stmt, extra = q.insert_messages_after, {"delay_ms": delay_ms}
         else:
             stmt, extra = q.insert_messages_at, {"visible_after": max(0, at_ms)}
+        if len(rows) == 1:  # the common case (every poll): fan out by the new row's offset
+            result = conn.execute(stmt, q.params(rows[0] | extra))
+            if result.rowcount != 1:
+                return [_result(rows[0], set())]
+            conn.execute(q.fan_out_message, q.params({"seq": result.lastrowid}))
+            return [_result(rows[0], None)]
         inserted = conn.execute(stmt, q.many([row | extra for row in rows])).rowcount
         keys = {
             "topic": topic,
