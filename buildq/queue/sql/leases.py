@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection
 from buildq.db import Database
 from buildq.queue.contract import QueueError
 from buildq.queue.settings import SubscriptionSettings
+from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
 
 EventHook = Callable[..., None]
@@ -51,7 +52,7 @@ def ensure_group(db: Database, topic: str, group: str, slots: int) -> None:
         db.write(lambda conn: _backfill(conn, params))
     deadline = time.monotonic() + _GROUP_READY_WAIT_S
     while True:
-        row = db.read(lambda conn: conn.execute(q.select_group, q.params(params)).one())
+        row = db.read(lambda conn: conn.execute(lq.select_group, q.params(params)).one())
         if row.slots != slots:
             raise GroupMismatch(
                 f"consumer group {group!r} on topic {topic!r} has {row.slots} slots in the "
@@ -67,10 +68,10 @@ def ensure_group(db: Database, topic: str, group: str, slots: int) -> None:
 
 
 def _create_group(conn: Connection, params: dict[str, Any]) -> bool:
-    if conn.execute(q.insert_group, q.params(params)).rowcount == 0:
+    if conn.execute(lq.insert_group, q.params(params)).rowcount == 0:
         return False
     conn.execute(
-        q.insert_lease_rows,
+        lq.insert_lease_rows,
         q.many(
             [
                 {"grp": params["grp"], "topic": params["topic"], "slot": s}
@@ -84,9 +85,9 @@ def _create_group(conn: Connection, params: dict[str, Any]) -> bool:
 def _backfill(conn: Connection, params: dict[str, Any]) -> None:
     # A locking read of the topic's rows waits for publishers that inserted a message before
     # the group existed but have not committed; the backfill then sees their rows.
-    conn.execute(q.lock_topic_messages, q.params(params))
-    conn.execute(q.backfill_group, q.params(params))
-    conn.execute(q.mark_group_ready, q.params(params))
+    conn.execute(lq.lock_topic_messages, q.params(params))
+    conn.execute(lq.backfill_group, q.params(params))
+    conn.execute(lq.mark_group_ready, q.params(params))
 
 
 class Membership:
@@ -133,7 +134,7 @@ class Membership:
         ensure_group(self.db, self.topic, self.group, self.settings.slots)
         host = self.member_id.partition(":")[0]
         params = self._params | {"id": self.member_id, "host": host, "pid": os.getpid()}
-        self.db.write(lambda conn: conn.execute(q.insert_subscriber, q.params(params)))
+        self.db.write(lambda conn: conn.execute(lq.insert_subscriber, q.params(params)))
         self.tick(busy_slots=set())
 
     def tick(self, busy_slots: set[int]) -> None:
@@ -157,8 +158,8 @@ class Membership:
         params = self._params | {"id": self.member_id, "slots": list(range(self.settings.slots))}
 
         def _leave(conn: Connection) -> None:
-            conn.execute(q.release_leases, q.params(params))
-            conn.execute(q.delete_subscriber, q.params(params))
+            conn.execute(lq.release_leases, q.params(params))
+            conn.execute(lq.delete_subscriber, q.params(params))
 
         self.db.write(_leave)
         with self._lock:
@@ -177,15 +178,17 @@ class Membership:
             "stale_ms": s.heartbeat_stale_ms,
             "purge_after_ms": s.purge_after_ms,
         }
-        if conn.execute(q.mark_heartbeat, q.params(params)).rowcount == 0:
+        if conn.execute(lq.mark_heartbeat, q.params(params)).rowcount == 0:
             # Purged while paused for longer than purge_after_ms: register again.
             host = self.member_id.partition(":")[0]
-            conn.execute(q.insert_subscriber, q.params(params | {"host": host, "pid": os.getpid()}))
-        conn.execute(q.renew_leases, q.params(params))
-        members = [r.id for r in conn.execute(q.select_live_members, q.params(params))]
+            conn.execute(
+                lq.insert_subscriber, q.params(params | {"host": host, "pid": os.getpid()})
+            )
+        conn.execute(lq.renew_leases, q.params(params))
+        members = [r.id for r in conn.execute(lq.select_live_members, q.params(params))]
         rank = members.index(self.member_id) if self.member_id in members else len(members)
         share = _fair_share(s.slots, max(len(members), rank + 1), rank)
-        rows = conn.execute(q.select_leases, q.params(params)).all()
+        rows = conn.execute(lq.select_leases, q.params(params)).all()
         mine = {r.slot: r.epoch for r in rows if r.owner == self.member_id and r.expires_at > r.now}
         free = [r.slot for r in rows if r.owner == "" or r.expires_at < r.now]
         draining: set[int] = set()
@@ -197,18 +200,18 @@ class Membership:
             # that slot is processed here while the next owner starts on the same partitions.
             idle = [slot for slot in extra if slot in was_draining and slot not in busy]
             if idle:
-                conn.execute(q.release_leases, q.params(params | {"slots": idle}))
+                conn.execute(lq.release_leases, q.params(params | {"slots": idle}))
                 for slot in idle:
                     del mine[slot]
             draining = set(extra) - set(idle)
         elif len(mine) < share and free:
             wanted = secrets.SystemRandom().sample(free, min(len(free), share - len(mine)))
-            conn.execute(q.acquire_leases, q.params(params | {"slots": wanted}))
-            rows = conn.execute(q.select_leases, q.params(params)).all()
+            conn.execute(lq.acquire_leases, q.params(params | {"slots": wanted}))
+            rows = conn.execute(lq.select_leases, q.params(params)).all()
             mine = {r.slot: r.epoch for r in rows if r.owner == self.member_id}
         if secrets.randbelow(20) == 0:  # housekeeping, not needed on every tick
-            conn.execute(q.purge_dead_subscribers, q.params(params))
-            conn.execute(q.clear_dead_leases, q.params(params))
+            conn.execute(lq.purge_dead_subscribers, q.params(params))
+            conn.execute(lq.clear_dead_leases, q.params(params))
         return mine, draining
 
     def _emit(self, event: str, **data: Any) -> None:

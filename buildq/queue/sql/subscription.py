@@ -27,6 +27,7 @@ from buildq.queue.contract import (
     Message,
 )
 from buildq.queue.settings import SubscriptionSettings
+from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.leases import EventHook, Membership
 from buildq.queue.sql.store import (
@@ -184,7 +185,7 @@ class SqlSubscription:
             fence = params | {"owner": self.member_id, "margin_ms": self.settings.renew_interval_ms}
             held = {
                 (int(r.slot), int(r.epoch))
-                for r in conn.execute(q.select_held_leases, q.params(fence))
+                for r in conn.execute(lq.select_held_leases, q.params(fence))
             }
             due = {seq: v for seq, v in due.items() if (v[1], epochs[v[1]]) in held}
         seqs = list(due)
