@@ -185,8 +185,9 @@ def test_sigkill_takeover_within_the_lease_bound_and_nothing_lost(group: Group):
         ),
         timeout=60,
     )
+    # (Not "every id in someone's acked log": a member killed between its ack's commit and
+    # that log line acked a message no log shows. The drained table is the proof.)
     assert set(ids) <= set(group.handled_ids())
-    assert set(ids) <= set(group.acked_ids()), "every message acked by someone"
 
 
 def test_a_paused_member_is_fenced_out_and_the_new_owner_delivers(group: Group):
