@@ -33,7 +33,6 @@ from buildq.orchestrator.framework import Consumer, Controller, Effect, StepTx
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.instrumented import (
     InstrumentedRunner,
-    RecordingBuildWrites,
     StatsRefresher,
     observe_finished,
 )
@@ -233,13 +232,12 @@ class Daemon:
         finished: list[Build] = []
 
         def run(tx: SqlTransaction) -> None:
-            finished.clear()  # a retried transaction starts over
+            builds = SqlBuildWrites(tx.connection)
             for delivery, effect in steps:
                 if effect is not None:
-                    builds = RecordingBuildWrites(SqlBuildWrites(tx.connection))
                     effect(StepTx(tx, builds))
-                    finished.extend(builds.finished)
                 tx.ack(delivery)
+            finished[:] = builds.finished  # a retried transaction starts over
 
         self.queue.run_in_transaction(run)
         for build in finished:  # committed: count each result once

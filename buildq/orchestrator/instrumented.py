@@ -2,9 +2,8 @@
 
 - ``InstrumentedRunner``: a BuildRunner that counts and times each call of the runner it
   wraps, by outcome.
-- ``RecordingBuildWrites``: one step's build store, noting the builds the step finished; the
-  daemon observes them after the step's transaction commits (``observe_finished``), so a step
-  that rolls back and runs again counts once.
+- ``observe_finished``: counts a build whose result committed (the daemon calls it with the
+  builds a step's ``SqlBuildWrites`` finished, after the step's transaction commits).
 - ``StatsRefresher``: reads the database gauges every ``[http] metrics_refresh_s``, with one
   aggregate query on the queue and one on the live builds.
 """
@@ -29,9 +28,8 @@ from buildq.buildrunner import (
 )
 from buildq.db import Database
 from buildq.metrics import BuildGauges, Metrics, QueueGauges
-from buildq.orchestrator.model import Build, BuildRequest
+from buildq.orchestrator.model import Build
 from buildq.orchestrator.sqlstore import SqlBuildStore
-from buildq.orchestrator.store import BuildWrites
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.stats import TopicStats
 
@@ -79,56 +77,6 @@ class InstrumentedRunner:
         finally:
             elapsed = time.monotonic() - started
             self.metrics.observe_runner_call(self.name, method, outcome, elapsed)
-
-
-class RecordingBuildWrites:
-    """A step's ``BuildWrites`` that notes every build it finished, in ``finished``."""
-
-    def __init__(self, inner: BuildWrites) -> None:
-        self.inner = inner
-        self.finished: list[Build] = []
-
-    def get_by_build(self, build_id: str) -> Build | None:
-        return self.inner.get_by_build(build_id)
-
-    def get_by_request(self, request_id: str) -> Build | None:
-        return self.inner.get_by_request(request_id)
-
-    def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> bool:
-        return self.inner.insert_triggered(request, build_id, runner)
-
-    def record_poll(
-        self,
-        build_id: str,
-        status: BuildStatus,
-        metadata: Mapping[str, str],
-        polls: int,
-        next_poll_ms: int,
-    ) -> None:
-        self.inner.record_poll(build_id, status, metadata, polls, next_poll_ms)
-
-    def finish(
-        self,
-        build_id: str,
-        status: BuildStatus,
-        metadata: Mapping[str, str],
-        failure_reason: str | None = None,
-        error: str | None = None,
-    ) -> Build | None:
-        return self._noted(self.inner.finish(build_id, status, metadata, failure_reason, error))
-
-    def fail_request(
-        self, request: BuildRequest | None, request_id: str, error: str
-    ) -> Build | None:
-        return self._noted(self.inner.fail_request(request, request_id, error))
-
-    def mark_cancel_sent(self, build_id: str) -> None:
-        self.inner.mark_cancel_sent(build_id)
-
-    def _noted(self, build: Build | None) -> Build | None:
-        if build is not None:
-            self.finished.append(build)
-        return build
 
 
 def observe_finished(metrics: Metrics, build: Build) -> None:

@@ -123,10 +123,16 @@ def _opt_int(value: Any) -> int | None:
 
 
 class SqlBuildWrites:
-    """Build store operations bound to one connection (one transaction)."""
+    """Build store operations bound to one connection (one transaction).
+
+    ``finished`` lists the builds this transaction made terminal: the daemon counts them in
+    its metrics once the transaction commits, so a step that rolls back and runs again
+    counts once.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.finished: list[Build] = []
 
     def get_by_build(self, build_id: str) -> Build | None:
         row = self.conn.execute(_select_by_build, {"p_build_id": build_id}).first()
@@ -187,7 +193,9 @@ class SqlBuildWrites:
                 "p_error": None if error is None else error[:_ERROR_MAX],
             },
         ).rowcount
-        return self.get_by_build(build_id) if changed else None
+        if not changed:
+            return None
+        return self._noted(self.get_by_build(build_id))
 
     def fail_request(
         self, request: BuildRequest | None, request_id: str, error: str
@@ -221,10 +229,15 @@ class SqlBuildWrites:
         }
         if self.conn.execute(_insert_build.values(values)).rowcount == 0:
             return None
-        return self.get_by_request(request_id)
+        return self._noted(self.get_by_request(request_id))
 
     def mark_cancel_sent(self, build_id: str) -> None:
         self.conn.execute(_mark_cancel_sent, {"p_build_id": build_id})
+
+    def _noted(self, build: Build | None) -> Build | None:
+        if build is not None:
+            self.finished.append(build)
+        return build
 
 
 class SqlBuildStore:
