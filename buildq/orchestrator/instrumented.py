@@ -29,7 +29,7 @@ from buildq.buildrunner import (
 from buildq.db import Database
 from buildq.metrics import BuildGauges, Metrics, QueueGauges
 from buildq.orchestrator.model import Build
-from buildq.orchestrator.sqlstore import SqlBuildStore
+from buildq.orchestrator.sqlstore import LIVE, SqlBuildStore
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.stats import TopicStats
 
@@ -105,8 +105,6 @@ def _deadline_missed(build: Build) -> str | None:
 
 # --- database gauges ---------------------------------------------------------------------------
 
-LIVE_STATUSES = tuple(s.value for s in BuildStatus if not s.is_terminal)
-
 
 class StatsRefresher:
     """Reads the queue and build gauges into ``metrics.database`` (see buildq.metrics)."""
@@ -154,7 +152,7 @@ def _queue_gauges(stats: Sequence[TopicStats]) -> list[QueueGauges]:
 
 def _build_gauges(rows: Sequence[Any], queues: Sequence[str]) -> list[BuildGauges]:
     """One gauge per (queue, live status): the configured queues always, at 0 when empty."""
-    gauges = {(q, s): BuildGauges(q, s, 0, 0.0) for q in queues for s in LIVE_STATUSES}
+    gauges = {(q, s): BuildGauges(q, s, 0, 0.0) for q in queues for s in LIVE}
     for row in rows:
         queue, status = row["queue"], row["status"]
         age_s = max(0, int(row["oldest_age_ms"])) / 1000

@@ -21,6 +21,7 @@ _ERROR_MAX = 10_000
 
 _insert_build = insert_ignore(b)
 _not_terminal = b.c.status.not_in(TERMINAL)
+#: Statuses of builds still in flight (the rest are TERMINAL).
 LIVE = [s.value for s in BuildStatus if not s.is_terminal]
 
 #: One GROUP BY over the live statuses' range of ``ix_builds_status``: finished builds, which
@@ -269,7 +270,7 @@ class SqlBuildStore:
         return [to_build(r) for r in self.db.read(lambda conn: conn.execute(stmt).all())]
 
     def in_flight(self, limit: int = 200) -> list[Build]:
-        return self.list_builds([s.value for s in BuildStatus if not s.is_terminal], limit)
+        return self.list_builds(LIVE, limit)
 
     def live_summary(self) -> list[dict[str, Any]]:
         """Live builds per queue and status, with the oldest one's age (ms)."""

@@ -35,8 +35,8 @@ class Retention:
     def purge(self, max_batches: int = 20) -> PurgeResult:
         """Delete up to ``max_batches`` batches of expired messages; returns what it did."""
         deleted = scanned = 0
+        cutoff = self._cutoff()  # once: a purge is short, and an earlier cutoff keeps more
         for _ in range(max_batches):
-            cutoff = self._cutoff()
             rows = self.db.read(
                 lambda conn: conn.execute(
                     q.select_expired, q.params({"after": self._after, "limit": BATCH})
