@@ -13,13 +13,13 @@ from typing import Any
 
 from buildq.cli import common
 from buildq.cli.output import (
-    add_command,
     duration_ms,
     emit,
     positive_int,
     print_table,
     report,
     show_messages,
+    topic_command,
 )
 from buildq.queue.contract import dlq_topic
 from buildq.queue.sql.admin import DeadLetterFilter, QueueAdmin, original_topic
@@ -59,9 +59,9 @@ def register(commands: Any) -> None:
 def _command(
     sub: Any, name: str, handler: Any, help: str, confirm: bool = False
 ) -> argparse.ArgumentParser:
-    parser = add_command(sub, name, handler, help, confirm=confirm)
-    parser.add_argument("--topic", required=True, type=original_topic, help="original topic")
-    return parser
+    return topic_command(
+        sub, name, handler, help, confirm=confirm, topic=original_topic, topic_help="original topic"
+    )
 
 
 def _add_filters(parser: argparse.ArgumentParser, *, with_id: bool = True) -> None:

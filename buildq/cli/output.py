@@ -32,10 +32,18 @@ def add_command(
 
 
 def topic_command(
-    sub: Any, name: str, handler: Handler, help: str, *, confirm: bool = False
+    sub: Any,
+    name: str,
+    handler: Handler,
+    help: str,
+    *,
+    confirm: bool = False,
+    topic: Callable[[str], str] = str,
+    topic_help: str | None = None,
 ) -> argparse.ArgumentParser:
+    """``add_command`` with a required ``--topic`` (``topic`` parses it)."""
     parser = add_command(sub, name, handler, help, confirm=confirm)
-    parser.add_argument("--topic", required=True)
+    parser.add_argument("--topic", required=True, type=topic, help=topic_help)
     return parser
 
 
