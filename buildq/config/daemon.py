@@ -17,12 +17,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from buildq.config.base import ConfigError, Origin, Secret, Table, Unshown
+from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, Backoff, SubscriptionSettings
 
 ENV_PREFIX = "BUILDQ_"
 ENV_NESTING = "__"
-#: builds.queue is VARCHAR(100): a longer name could never be stored.
-_QUEUE_NAME_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -292,11 +291,11 @@ def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: 
     queues = {}
     for name in queues_table.data:
         table = queues_table.table(name)
-        if len(name) > _QUEUE_NAME_MAX:
+        if len(name) > QUEUE_NAME_MAX:
             raise ConfigError(
                 table.path,
                 name[:40] + "...",
-                f"a queue name of at most {_QUEUE_NAME_MAX} characters",
+                f"a queue name of at most {QUEUE_NAME_MAX} characters",
             )
         runner = table.str("runner")
         if runner not in runners:

@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buildq.buildrunner import BuildStatus, Change, MalformedPayload
+from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.contract import Message, message_id
 
 #: Most changes one request may carry (base + head): a bound on payload and runner input.
 MAX_CHANGES = 1_000
 MAX_FIELD_CHARS = 191
-#: A queue name is stored in ``builds.queue`` (100 characters); a longer one could never be.
-MAX_QUEUE_CHARS = 100
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class BuildRequest:
     def from_bytes(cls, raw: bytes) -> BuildRequest:
         doc = _object(raw, "build request")
         request_id = _short_str(doc, "request_id", MAX_FIELD_CHARS)
-        queue = _short_str(doc, "queue", MAX_QUEUE_CHARS)
+        queue = _short_str(doc, "queue", QUEUE_NAME_MAX)
         base = _changes(doc.get("base", []), "base")
         head = _changes(doc.get("head"), "head")
         if not head:

@@ -6,6 +6,11 @@ from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Tab
 
 from buildq.queue.sql.schema import MYSQL_TABLE_ARGS, LongText
 
+#: Longest queue and runner names the builds table can hold: config and request decoding refuse
+#: longer ones, which MySQL would otherwise cut short.
+QUEUE_NAME_MAX = 100
+RUNNER_NAME_MAX = 64
+
 metadata = MetaData()
 
 builds = Table(
@@ -13,8 +18,8 @@ builds = Table(
     metadata,
     Column("request_id", String(191), primary_key=True),
     Column("build_id", String(191), nullable=True, unique=True),
-    Column("queue", String(100), nullable=False),
-    Column("runner", String(64), nullable=False),
+    Column("queue", String(QUEUE_NAME_MAX), nullable=False),
+    Column("runner", String(RUNNER_NAME_MAX), nullable=False),
     Column("status", String(16), nullable=False),
     Column("metadata", LongText, nullable=False),
     Column("request_metadata", LongText, nullable=False),

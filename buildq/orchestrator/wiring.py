@@ -8,9 +8,7 @@ from typing import TYPE_CHECKING
 
 from buildq.buildrunner import BuildRunner
 from buildq.config import ConfigError, Table
-from buildq.orchestrator.schema import builds
-
-RUNNER_NAME_MAX: int = builds.c.runner.type.length  # type: ignore[attr-defined]
+from buildq.orchestrator.schema import RUNNER_NAME_MAX
 
 if TYPE_CHECKING:
     from buildq.webhook import WebhookRoute
