@@ -213,13 +213,21 @@ class Daemon:
             for build_id, give_up_at in pending:
                 try:
                     woken = self.queue.expedite(topics.BUILDSIGNAL, build_id)
+                    # The poll in flight may have been the last one: a finished build has no
+                    # next poll to wake, so stop now instead of trying until the timeout.
+                    done = not woken and self._finished(build_id)
                 except Exception as err:  # the safety poll still comes
                     log.warning("webhook_rewake_failed", build_id=build_id, error=_first_line(err))
-                    woken = 0
-                if woken or time.monotonic() >= give_up_at:
+                    woken, done = 0, False
+                if woken or done or time.monotonic() >= give_up_at:
                     with self._rewake_lock:
                         self._rewake.pop(build_id, None)
                     log.info("webhook_rewake", build_id=build_id, expedited=woken)
+
+    def _finished(self, build_id: str) -> bool:
+        assert self.store is not None
+        build = self.store.get_by_build(build_id)
+        return build is None or build.is_terminal
 
     # --- the hand-off -----------------------------------------------------------------------
 

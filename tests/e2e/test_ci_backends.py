@@ -322,3 +322,46 @@ def test_a_delivery_during_an_in_flight_poll_is_not_lost(
     wait_terminal(world, 1, timeout=8)
     assert build(world, request).status == "SUCCEEDED"
     assert_one_chain_each(world)
+
+
+#: The buildsignal claim outlives this test: a re-wake that only stopped at its visibility
+#: timeout would still be trying when the test ends.
+LONG_POLL_CLAIM = """
+[consumer.topics.buildsignal]
+visibility_timeout_ms = 120000
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "backend_url"), [("buildkite", "sqlite")], indirect=["backend_url"]
+)
+def test_a_wake_during_the_last_poll_stops_once_the_build_is_finished(
+    ci: FakeCI, daemon: MakeDaemon, world: World
+) -> None:
+    config = ci.runner_toml(webhooks=True) + WEBHOOKS.format(safety_s=60) + LONG_POLL_CLAIM
+    d = daemon(config, env=ci.env()).start()
+    receiver = Receiver.of(d)
+    [request] = world.submit("main", 1)
+    wait_polled(world, request, 1, "ACCEPTED")
+    build_id = build(world, request).build_id
+    wait_settled(world, build_id)
+
+    # The build finishes; the first wake's poll reads that slowly, and a second wake arrives
+    # while it is in flight. That poll is the last: no next poll will ever exist to wake.
+    ci.finish(build_id, passed=True)
+    ci.slow_next_status(2.0)
+    reads = len(ci.status_requests(build_id))
+    assert receiver.post(ci.signed_delivery(build_id)).status_code == 202
+    wait_until(lambda: len(ci.status_requests(build_id)) > reads, timeout=10)
+    assert receiver.post(ci.signed_delivery(build_id)).status_code == 202
+    wait_terminal(world, 1, timeout=8)
+
+    # The re-wake stops as soon as the build is finished, not after the claim's visibility
+    # timeout of expedite attempts every 0.1 s.
+    def rewakes() -> list[dict[str, object]]:
+        return [
+            e for e in d.events() if e["event"] == "webhook_rewake" and e["build_id"] == build_id
+        ]
+
+    wait_until(lambda: len(rewakes()) == 1, timeout=20)
+    assert rewakes()[0]["expedited"] == 0
