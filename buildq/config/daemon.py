@@ -18,7 +18,12 @@ import sqlalchemy as sa
 
 from buildq.config.base import ConfigError, Origin, Secret, Table, Unshown
 from buildq.orchestrator.schema import QUEUE_NAME_MAX
-from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, Backoff, SubscriptionSettings
+from buildq.queue.settings import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    DEFAULT_RETENTION_MS,
+    Backoff,
+    SubscriptionSettings,
+)
 
 ENV_PREFIX = "BUILDQ_"
 ENV_NESTING = "__"
@@ -195,7 +200,7 @@ class DaemonConfig:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     #: A message every consumer group is done with is deleted this long after it was written
     #: (it is also the deduplication record of its id until then); 0 keeps everything.
-    retention_s: float = 7 * 24 * 3600.0
+    retention_s: float = DEFAULT_RETENTION_MS / 1000
 
     @classmethod
     def from_table(cls, table: Table) -> DaemonConfig:
@@ -206,7 +211,7 @@ class DaemonConfig:
             max_payload_bytes=table.int(
                 "max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES, min=1024, max=64 * 1024 * 1024
             ),
-            retention_s=table.float("retention_s", 7 * 24 * 3600.0, min=0.0),
+            retention_s=table.float("retention_s", cls.retention_s, min=0.0),
         )
         table.reject_unknown()
         return config

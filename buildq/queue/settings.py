@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 DEFAULT_MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # within MySQL's default max_allowed_packet
 DEFAULT_MAX_METADATA_BYTES = 64 * 1024
+#: How long a message (and so the deduplication record of its id) outlives its processing.
+DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from buildq.db import Database
+from buildq.queue.settings import DEFAULT_RETENTION_MS
 from buildq.queue.sql import queries as q
 
-DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 BATCH = 500
 
 
