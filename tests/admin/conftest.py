@@ -8,40 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from buildq.cli import main
 from buildq.db import Database
 from buildq.queue import Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import metadata
 from tests.queue.conftest import FAST
+from tests.support import CliResult, run_cli
 
 QUEUE_TABLES = ("queue_messages", "queue_groups", "queue_deliveries", "queue_leases")
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def data(self) -> Any:
-        try:
-            return json.loads(self.out)
-        except ValueError:
-            raise AssertionError(
-                f"not JSON (exit {self.code}): {self.out!r} {self.err!r}"
-            ) from None
-
+Result = CliResult
 
 Cli = Callable[..., Result]
 
@@ -58,14 +42,7 @@ def cli(backend_url: str, capsys: pytest.CaptureFixture[str], monkeypatch) -> Cl
     def run(*argv: str, stdin: io.StringIO | None = None, url: bool = True) -> Result:
         if stdin is not None:
             monkeypatch.setattr("sys.stdin", stdin)
-        args = [*argv, "--url", backend_url] if url else list(argv)
-        capsys.readouterr()
-        try:
-            code = main(args)
-        except SystemExit as exit_:  # argparse usage errors
-            code = int(exit_.code or 0)
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
+        return run_cli([*argv, "--url", backend_url] if url else argv, capsys)
 
     return run
 

@@ -6,38 +6,15 @@ appended and returns the exit code, stdout and stderr.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from buildq.cli import main
 from tests.e2e.harness import DaemonProcess, World, write_config
+from tests.support import CliResult, run_cli
 
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def data(self) -> Any:
-        return json.loads(self.out)
-
-    def refused_cleanly(self) -> bool:
-        """Exit 1 or 2 with one ``buildq: …`` line on stderr and no traceback."""
-        lines = self.err.strip().splitlines()
-        return (
-            self.code in (1, 2)
-            and len(lines) == 1
-            and lines[0].startswith("buildq: ")
-            and "Traceback" not in self.err
-        )
-
+Result = CliResult
 
 Cli = Callable[..., Result]
 MakeDaemon = Callable[..., DaemonProcess]
@@ -46,15 +23,9 @@ MakeDaemon = Callable[..., DaemonProcess]
 @pytest.fixture
 def cli(backend_url: str, capsys: pytest.CaptureFixture[str]) -> Cli:
     def run(*argv: str, url: bool = True) -> Result:
-        args = [*argv, "--url", backend_url] if url else list(argv)
-        capsys.readouterr()
-        try:
-            code = main(args)
-        except SystemExit as exit_:  # argparse usage errors
-            code = int(exit_.code or 0)
-        captured = capsys.readouterr()
-        assert "Traceback" not in captured.err, captured.err[-3000:]
-        return Result(code, captured.out, captured.err)
+        result = run_cli([*argv, "--url", backend_url] if url else argv, capsys)
+        assert "Traceback" not in result.err, result.err[-3000:]
+        return result
 
     return run
 
