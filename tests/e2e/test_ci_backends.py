@@ -108,6 +108,20 @@ def wait_settled(world: World, build_id: str) -> PendingPoll:
     return pending
 
 
+def webhooked_build(
+    ci: FakeCI, daemon: MakeDaemon, world: World, extra_config: str = ""
+) -> tuple[DaemonProcess, Receiver, str, str, PendingPoll]:
+    """A daemon with webhooks on and one build waiting on its safety poll: the daemon, its
+    receiver, the request id, the build id and the pending poll."""
+    config = ci.runner_toml(webhooks=True) + WEBHOOKS.format(safety_s=60) + extra_config
+    d = daemon(config, env=ci.env()).start()
+    receiver = Receiver.of(d)
+    [request] = world.submit("main", 1)
+    wait_polled(world, request, 1, "ACCEPTED")
+    build_id = build(world, request).build_id
+    return d, receiver, request, build_id, wait_settled(world, build_id)
+
+
 def wait_terminal(world: World, expected: int, timeout: float = 30) -> None:
     def done() -> bool:
         world.check_one_live_poll()
@@ -201,12 +215,7 @@ def test_builds_reach_the_fakes_verdicts_and_the_token_stays_secret(
 def test_a_signed_webhook_polls_the_build_now_through_its_one_pending_poll(
     ci: FakeCI, daemon: MakeDaemon, world: World
 ) -> None:
-    d = daemon(ci.runner_toml(webhooks=True) + WEBHOOKS.format(safety_s=60), env=ci.env()).start()
-    receiver = Receiver.of(d)
-    [request] = world.submit("main", 1)
-    wait_polled(world, request, 1, "ACCEPTED")
-    build_id = build(world, request).build_id
-    waiting = wait_settled(world, build_id)
+    d, receiver, request, build_id, waiting = webhooked_build(ci, daemon, world)
     assert waiting.message_id.endswith("/poll/2")
     reads = len(ci.status_requests(build_id))
 
@@ -299,12 +308,7 @@ def test_without_deliveries_the_safety_poll_finishes_the_build_at_its_own_cadenc
 def test_a_delivery_during_an_in_flight_poll_is_not_lost(
     ci: FakeCI, daemon: MakeDaemon, world: World
 ) -> None:
-    d = daemon(ci.runner_toml(webhooks=True) + WEBHOOKS.format(safety_s=60), env=ci.env()).start()
-    receiver = Receiver.of(d)
-    [request] = world.submit("main", 1)
-    wait_polled(world, request, 1, "ACCEPTED")
-    build_id = build(world, request).build_id
-    wait_settled(world, build_id)
+    d, receiver, request, build_id, _ = webhooked_build(ci, daemon, world)
 
     # The "running" delivery wakes poll 2, whose status read sees "running" and then hangs ...
     ci.set_running(build_id)
@@ -338,13 +342,7 @@ visibility_timeout_ms = 120000
 def test_a_wake_during_the_last_poll_stops_once_the_build_is_finished(
     ci: FakeCI, daemon: MakeDaemon, world: World
 ) -> None:
-    config = ci.runner_toml(webhooks=True) + WEBHOOKS.format(safety_s=60) + LONG_POLL_CLAIM
-    d = daemon(config, env=ci.env()).start()
-    receiver = Receiver.of(d)
-    [request] = world.submit("main", 1)
-    wait_polled(world, request, 1, "ACCEPTED")
-    build_id = build(world, request).build_id
-    wait_settled(world, build_id)
+    d, receiver, _, build_id, _ = webhooked_build(ci, daemon, world, LONG_POLL_CLAIM)
 
     # The build finishes; the first wake's poll reads that slowly, and a second wake arrives
     # while it is in flight. That poll is the last: no next poll will ever exist to wake.
