@@ -61,7 +61,7 @@ class BuildID:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> BuildID:
-        document = _decode_json_object(raw, "BuildID")
+        document = decode_json_object(raw, "BuildID payload")
         value = document.get("id")
         if not isinstance(value, str) or not value:
             raise MalformedPayload("BuildID payload needs a non-empty string field 'id'")
@@ -109,20 +109,22 @@ class Change:
         return cls(id=change_id, revision=revision)
 
 
-def _decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
+def decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """``raw`` as a JSON object whose strings a database can store, or MalformedPayload
+    naming ``what``."""
     try:
         document = json.loads(raw)
     except RecursionError:
-        raise MalformedPayload(f"{what} payload is nested too deeply") from None
+        raise MalformedPayload(f"{what} is nested too deeply") from None
     except ValueError as err:  # bad JSON, bad UTF-8, a number too long to convert
-        raise MalformedPayload(f"{what} payload is not JSON: {str(err)[:200]}") from None
+        raise MalformedPayload(f"{what} is not JSON: {str(err)[:200]}") from None
     if not isinstance(document, dict):
-        raise MalformedPayload(f"{what} payload must be a JSON object")
+        raise MalformedPayload(f"{what} must be a JSON object")
     try:
         # JSON may spell lone surrogates ("\ud800"); no database driver can store them.
         json.dumps(document, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise MalformedPayload(f"{what} payload holds a string that is not valid Unicode") from None
+        raise MalformedPayload(f"{what} holds a string that is not valid Unicode") from None
     return document
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from buildq.buildrunner import BuildStatus, Change, MalformedPayload
+from buildq.buildrunner.contract import decode_json_object
 from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.contract import Message, message_id
 
@@ -40,7 +41,7 @@ class BuildRequest:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> BuildRequest:
-        doc = _object(raw, "build request")
+        doc = decode_json_object(raw, "build request")
         request_id = _short_str(doc, "request_id", MAX_FIELD_CHARS)
         queue = _short_str(doc, "queue", QUEUE_NAME_MAX)
         base = _changes(doc.get("base", []), "base")
@@ -55,23 +56,6 @@ class BuildRequest:
         ):
             raise MalformedPayload("build request 'metadata' must map strings to strings")
         return cls(request_id, queue, base, head, metadata)
-
-
-def _object(raw: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except RecursionError:
-        raise MalformedPayload(f"{what} is nested too deeply") from None
-    except ValueError as err:  # bad JSON, bad UTF-8, a number too long to convert
-        raise MalformedPayload(f"{what} is not JSON: {str(err)[:200]}") from None
-    if not isinstance(doc, dict):
-        raise MalformedPayload(f"{what} must be a JSON object")
-    try:
-        # JSON may spell lone surrogates ("\ud800"); no database driver can store them.
-        json.dumps(doc, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise MalformedPayload(f"{what} holds a string that is not valid Unicode") from None
-    return doc
 
 
 def _short_str(doc: Mapping[str, Any], key: str, limit: int) -> str:
