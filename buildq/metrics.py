@@ -154,6 +154,7 @@ class Metrics:
         )
         self._build_metrics(r)
         self._runner_metrics(r)
+        self._worker_metrics(r)
         self.up = Gauge("buildq_up", "1 while the daemon is consuming", registry=r)
         self.database_up = Gauge(
             "buildq_database_up", "1 while the daemon's database probe succeeds", registry=r
@@ -210,7 +211,51 @@ class Metrics:
             registry=r,
         )
 
+    def _worker_metrics(self, r: CollectorRegistry) -> None:
+        self.lane_wait = Histogram(
+            "buildq_lane_wait_seconds",
+            "How long a delivery waited for a free call slot of its runner's lane",
+            ["lane"],
+            buckets=_LAG_BUCKETS,
+            registry=r,
+        )
+        self.lane_running = Gauge(
+            "buildq_lane_calls_running",
+            "Runner calls in progress, by lane (a runner; a hung CI service keeps it full)",
+            ["lane"],
+            registry=r,
+        )
+        self.lane_waiting = Gauge(
+            "buildq_lane_calls_waiting",
+            "Deliveries waiting for a free call slot, by lane",
+            ["lane"],
+            registry=r,
+        )
+        self.commit_steps = Histogram(
+            "buildq_commit_batch_steps",
+            "Deliveries settled per transaction (the hand-off batches)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "buildq_commit_duration_seconds",
+            "Time to commit one batch of hand-offs",
+            buckets=_RUNNER_BUCKETS,
+            registry=r,
+        )
+
     # --- observations -----------------------------------------------------------------------
+
+    def observe_lane_wait(self, lane: str, seconds: float) -> None:
+        self.lane_wait.labels(lane).observe(max(0.0, seconds))
+
+    def set_lane_load(self, lane: str, running: int, waiting: int) -> None:
+        self.lane_running.labels(lane).set(running)
+        self.lane_waiting.labels(lane).set(waiting)
+
+    def observe_commit(self, steps: int, seconds: float) -> None:
+        self.commit_steps.observe(steps)
+        self.commit_seconds.observe(seconds)
 
     def observe_delivery(self, topic: str, group: str, outcome: str, seconds: float) -> None:
         self.deliveries.labels(topic, group, outcome).inc()

@@ -10,6 +10,7 @@ from buildq.buildrunner.contract import (
     Change,
     MalformedPayload,
     RunnerError,
+    RunnerThrottled,
     TransientRunnerError,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "Change",
     "MalformedPayload",
     "RunnerError",
+    "RunnerThrottled",
     "TransientRunnerError",
 ]

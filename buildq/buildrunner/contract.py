@@ -140,6 +140,15 @@ class TransientRunnerError(RunnerError):
     """The runner could not answer now (network, 5xx, rate limit); worth trying again later."""
 
 
+class RunnerThrottled(TransientRunnerError):
+    """The CI service's rate limit says not before ``retry_in_s``. Not a failure: the daemon
+    tries again then, without counting a retry and without holding a thread meanwhile."""
+
+    def __init__(self, message: str, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
 @runtime_checkable
 class BuildRunner(Protocol):
     """A CI system. Implementations are thread-safe, long-lived and restart-safe."""

@@ -17,7 +17,14 @@ both are kept in this process's memory only, and a restarted daemon forgets them
 
 For fault drills (chaos tests, alerting rehearsals), ``status_fault_file`` names a file whose
 existence makes every ``status`` call fail with a transient error, as an unreachable CI
-service would; delete the file and the builds are polled normally again.
+service would; delete the file and the builds are polled normally again. A slow CI service is
+``status_delay_s`` (every ``status`` call takes that long) or ``status_hang_file`` (while it
+exists, every ``status`` call waits: a CI service that stopped answering; delete it and the
+waiting calls return).
+
+Scripted by poll count: with ``polls = K`` a build answers RUNNING to its first K−1 ``status``
+calls and its outcome to the K-th, whatever the clock says, so tests and benchmarks drive
+exact poll chains. The count is kept in memory: a restarted daemon counts again from 0.
 """
 
 from __future__ import annotations
@@ -45,7 +52,11 @@ from buildq.buildrunner.contract import (
 )
 from buildq.config.base import ConfigError, Table
 
-_ID_PATTERN = re.compile(r"sim-([0-9]{1,16})-([0-9]{1,12})-([0-9]{1,12})-([pf])-([0-9a-f]{16})")
+_ID_PATTERN = re.compile(
+    r"sim-([0-9]{1,16})-([0-9]{1,12})-([0-9]{1,12})-([pf])-([0-9a-f]{16})(?:-k([0-9]{1,9}))?"
+)
+#: How often a hung status call looks whether its hang file is gone.
+_HANG_CHECK_S = 0.05
 _CANCEL_SUFFIX = ".cancel"
 _TRIGGER_SUFFIX = ".trigger"
 
@@ -68,6 +79,8 @@ class SimProfile:
     accepted: Span = Span(1.0, 1.0)
     running: Span = Span(5.0, 5.0)
     failure_probability: float = 0.1
+    #: Scripted: RUNNING for polls − 1 status calls, then the outcome (None: by the clock).
+    polls: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,13 @@ class SimConfig:
     seed: int | None = None
     state_dir: Path | None = None
     status_fault_file: Path | None = None
+    status_delay_s: float = 0.0
+    status_hang_file: Path | None = None
+
+    @property
+    def blocks(self) -> bool:
+        """Whether ``status`` may wait (then the daemon gives it a lane of threads)."""
+        return self.status_delay_s > 0 or self.status_hang_file is not None
 
     @classmethod
     def from_table(cls, table: Table) -> SimConfig:
@@ -90,6 +110,8 @@ class SimConfig:
         seed = table.int("seed") if "seed" in table.data else None
         state_dir = table.optional_str("state_dir")
         fault_file = table.optional_str("status_fault_file")
+        delay_s = table.float("status_delay_s", 0.0, min=0.0, max=3600.0)
+        hang_file = table.optional_str("status_hang_file")
         table.reject_unknown()
         return cls(
             default,
@@ -97,6 +119,8 @@ class SimConfig:
             seed,
             Path(state_dir) if state_dir else None,
             Path(fault_file) if fault_file else None,
+            delay_s,
+            Path(hang_file) if hang_file else None,
         )
 
     def profile(self, queue: str) -> SimProfile:
@@ -110,6 +134,9 @@ def _read_profile(table: Table, inherited: SimProfile) -> SimProfile:
         failure_probability=table.float(
             "failure_probability", inherited.failure_probability, min=0.0, max=1.0
         ),
+        polls=table.int("polls", inherited.polls, min=1, max=10**9)
+        if "polls" in table.data
+        else inherited.polls,
     )
 
 
@@ -139,6 +166,7 @@ class _Plan:
     accepted_ms: int
     running_ms: int
     passes: bool
+    polls: int | None
 
     @property
     def started_ms(self) -> int:
@@ -153,8 +181,10 @@ class _Plan:
         match = _ID_PATTERN.fullmatch(build_id.id)
         if match is None:
             raise BuildNotFound(f"not a sim build id: {build_id.id!r}")
-        t0, accepted, running, outcome, _ = match.groups()
-        return cls(int(t0), int(accepted), int(running), outcome == "p")
+        t0, accepted, running, outcome, _, polls = match.groups()
+        return cls(
+            int(t0), int(accepted), int(running), outcome == "p", int(polls) if polls else None
+        )
 
 
 class SimRunner:
@@ -169,6 +199,7 @@ class SimRunner:
         self._rng = random.Random(config.seed)
         self._cancels: dict[str, int] = {}
         self._triggers: dict[str, str] = {}  # correlation key -> build id, without state_dir
+        self._polled: dict[str, int] = {}  # scripted builds: status calls so far
         if config.state_dir is not None:
             config.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -192,6 +223,8 @@ class SimRunner:
         build_id = (
             f"sim-{self._now_ms()}-{accepted_ms}-{running_ms}-{outcome}-{secrets.token_hex(8)}"
         )
+        if profile.polls is not None:
+            build_id += f"-k{profile.polls}"
         # Two triggers of one request racing (two replicas): the first record wins for both.
         return BuildID(self._remember(key, build_id) if key else build_id)
 
@@ -219,12 +252,13 @@ class SimRunner:
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         plan = _Plan.parse(build_id)
+        self._be_slow()
         fault = self.config.status_fault_file
         if fault is not None and fault.exists():
             raise TransientRunnerError(f"simulated status failure ({fault} exists)")
         cancelled_ms = self._cancelled_at(build_id)
         now_ms = self._now_ms() if cancelled_ms is None else cancelled_ms
-        state = _state_at(plan, now_ms)
+        state = self._scripted(build_id, plan) if plan.polls else _state_at(plan, now_ms)
         meta: BuildMetadata = {"url": f"sim://{build_id.id}"}
         if now_ms >= plan.started_ms:
             meta["started_at"] = _iso(plan.started_ms)
@@ -240,10 +274,29 @@ class SimRunner:
             meta["failure_reason"] = "verdict"
         return state, meta
 
+    def _be_slow(self) -> None:
+        if self.config.status_delay_s:
+            time.sleep(self.config.status_delay_s)
+        hang = self.config.status_hang_file
+        while hang is not None and hang.exists():
+            time.sleep(_HANG_CHECK_S)
+
+    def _scripted(self, build_id: BuildID, plan: _Plan) -> BuildStatus:
+        assert plan.polls is not None
+        with self._lock:
+            calls = self._polled.get(build_id.id, 0) + 1
+            if calls >= plan.polls:
+                self._polled.pop(build_id.id, None)
+            else:
+                self._polled[build_id.id] = calls
+        if calls < plan.polls:
+            return BuildStatus.RUNNING
+        return BuildStatus.SUCCEEDED if plan.passes else BuildStatus.FAILED
+
     def cancel(self, build_id: BuildID) -> None:
         plan = _Plan.parse(build_id)
         now_ms = self._now_ms()
-        if _state_at(plan, now_ms).is_terminal:
+        if not plan.polls and _state_at(plan, now_ms).is_terminal:
             return
         if self.config.state_dir is None:
             with self._lock:

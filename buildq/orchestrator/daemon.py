@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -22,27 +22,25 @@ from buildq.db import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
-from buildq.orchestrator.commit import GroupCommitter
 from buildq.orchestrator.controllers import (
     BuildController,
     BuildSignalController,
     DeadLetterReconciler,
     Runners,
 )
-from buildq.orchestrator.framework import Consumer, Controller, Effect, StepTx
+from buildq.orchestrator.engine import BuildCommitter, classify
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.instrumented import (
     InstrumentedRunner,
     StatsRefresher,
     observe_finished,
 )
-from buildq.orchestrator.model import Build
-from buildq.orchestrator.sqlstore import SqlBuildStore, SqlBuildWrites
+from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
-from buildq.queue.contract import Delivery
-from buildq.queue.sql import SqlQueue, SqlSubscription, SqlTransaction
+from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.retention import Retention
+from buildq.queue.worker import Handler, Worker
 from buildq.systemd import Notifier
 from buildq.webhook import WebhookConfig, WebhookServer
 
@@ -71,8 +69,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.db: Database | None = None
         self.queue: SqlQueue | None = None
-        self.consumer: Consumer | None = None
-        self.committer: GroupCommitter | None = None
+        self.worker: Worker | None = None
         self.subscriptions: list[SqlSubscription] = []
         self.ops: OpsServer | None = None
         self.webhooks: WebhookServer | None = None
@@ -100,22 +97,22 @@ class Daemon:
             on_published=self.metrics.observe_published,
         )
         self.store = SqlBuildStore(self.db)
-        self.committer = GroupCommitter(self._steps, self._step)
-        self.consumer = Consumer(
-            self.committer,
-            workers=self.config.consumer.workers,
-            on_event=self.on_event,
+        self.worker = Worker(
+            BuildCommitter(self.queue, self.store, lambda b: observe_finished(self.metrics, b)),
+            lanes=self.wired.lanes,
+            classify=classify,
             metrics=self.metrics,
+            on_event=self.on_event,
         )
-        for controller in self._controllers(webhook_config.enabled):
-            settings = self.config.consumer.for_topic(controller.topic)
-            if getattr(controller, "never_dead_letter", False):
+        for handler in self._handlers(webhook_config.enabled):
+            settings = self.config.consumer.for_topic(handler.topic)
+            if handler.never_dead_letter:
                 # A reconciler retries until it succeeds: there is nowhere further to send it.
                 settings = dataclasses.replace(settings, max_attempts=_NEVER)
-            subscription = self.queue.subscribe(controller.topic, topics.GROUP, settings)
+            subscription = self.queue.subscribe(handler.topic, topics.GROUP, settings)
             self.subscriptions.append(subscription)
-            self.consumer.add(controller, subscription)
-        self.consumer.start()
+            self.worker.add(handler, subscription)
+        self.worker.start()
         if webhook_config.enabled:
             self.webhooks = WebhookServer(webhook_config, self.wired.routes, self._on_build_event)
             self.webhooks.start()
@@ -131,7 +128,7 @@ class Daemon:
         self.notifier.ready()
         log.info("daemon_ready", database=redacted_url(self.config.database.url), pid=os.getpid())
 
-    def _controllers(self, webhooks: bool) -> list[Controller]:
+    def _handlers(self, webhooks: bool) -> list[Handler]:
         assert self.wired is not None and self.db is not None and self.store is not None
         hooked = frozenset(r.runner_name for r in self.wired.routes) if webhooks else frozenset()
         instrumented = {
@@ -144,8 +141,8 @@ class Daemon:
         return [
             BuildController(wired, self.store),
             BuildSignalController(wired, self.store),
-            DeadLetterReconciler(topics.BUILD_DLQ, wired),
-            DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired),
+            DeadLetterReconciler(topics.BUILD_DLQ, wired, self.store),
+            DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired, self.store),
         ]
 
     def _wait_for_database(self) -> Database | None:
@@ -229,28 +226,6 @@ class Daemon:
         build = self.store.get_by_build(build_id)
         return build is None or build.is_terminal
 
-    # --- the hand-off -----------------------------------------------------------------------
-
-    def _step(self, delivery: Delivery, effect: Effect | None) -> None:
-        self._steps([(delivery, effect)])
-
-    def _steps(self, steps: Sequence[tuple[Delivery, Effect | None]]) -> None:
-        """Apply each step's effect and ack its delivery, all in one transaction."""
-        assert self.queue is not None
-        finished: list[Build] = []
-
-        def run(tx: SqlTransaction) -> None:
-            builds = SqlBuildWrites(tx.connection)
-            for delivery, effect in steps:
-                if effect is not None:
-                    effect(StepTx(tx, builds))
-                tx.ack(delivery)
-            finished[:] = builds.finished  # a retried transaction starts over
-
-        self.queue.run_in_transaction(run)
-        for build in finished:  # committed: count each result once
-            observe_finished(self.metrics, build)
-
     # --- health -------------------------------------------------------------------------------
 
     def _retention_loop(self) -> None:
@@ -308,8 +283,9 @@ class Daemon:
                 self.notifier.watchdog()
 
     def healthz(self) -> tuple[bool, str]:
-        """Alive and its loops ticking (the database may be down: that is /readyz)."""
-        if self.consumer is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
+        """Alive and its loops ticking (the database may be down: that is /readyz). A slow
+        or hung CI service is neither: its runner's lane fills, and nothing else waits."""
+        if self.worker is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
             return (not self.stopping.is_set(), "starting")
         db_ok, db_error = self._database_ok()
         if not db_ok:
@@ -317,10 +293,7 @@ class Daemon:
             # not a wedged process for the watchdog to kill.
             return True, f"alive; database unavailable: {db_error}"
         idle_s = max(s.settings.poll_interval_ms for s in self.subscriptions) / 1000
-        if self.committer is not None and not self.committer.alive:
-            return False, "group commit thread died"
-        ok = self.consumer.healthy(max_age_s=max(30.0, idle_s * 10))
-        return ok, "ok" if ok else "consumer loops stalled"
+        return self.worker.health(max_age_s=max(30.0, idle_s * 10))
 
     def _database_ok(self) -> tuple[bool, str]:
         if not self._db_ok:
@@ -336,10 +309,11 @@ class Daemon:
         db_ok, db_error = self._database_ok()
         if not db_ok:
             return False, f"database unavailable: {db_error}"
-        if self.consumer is None:
+        if self.worker is None:
             return False, "starting"
-        if not self.healthz()[0]:
-            return False, "consumer loops stalled"
+        healthy, why = self.healthz()
+        if not healthy:
+            return False, why
         return True, "ready"
 
     # --- stop ---------------------------------------------------------------------------------
@@ -349,10 +323,8 @@ class Daemon:
         self.metrics.up.set(0)
         self.notifier.stopping()
         log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
-        if self.consumer is not None:
-            self.consumer.stop(self.config.daemon.shutdown_grace_s)
-        if self.committer is not None:
-            self.committer.close()
+        if self.worker is not None:
+            self.worker.stop(self.config.daemon.shutdown_grace_s)
         for subscription in self.subscriptions:
             try:
                 assert self.queue is not None

@@ -3,7 +3,7 @@
 - ``InstrumentedRunner``: a BuildRunner that counts and times each call of the runner it
   wraps, by outcome.
 - ``observe_finished``: counts a build whose result committed (the daemon calls it with the
-  builds a step's ``SqlBuildWrites`` finished, after the step's transaction commits).
+  builds a batch's build writes finished, after the batch's transaction commits).
 - ``StatsRefresher``: reads the database gauges every ``[http] metrics_refresh_s``, with one
   aggregate query on the queue and one on the live builds.
 """
@@ -28,7 +28,7 @@ from buildq.buildrunner import (
 )
 from buildq.db import Database
 from buildq.metrics import BuildGauges, Metrics, QueueGauges
-from buildq.orchestrator.model import Build
+from buildq.orchestrator.model import FinishedBuild
 from buildq.orchestrator.sqlstore import LIVE, SqlBuildStore
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.stats import TopicStats
@@ -79,19 +79,18 @@ class InstrumentedRunner:
             self.metrics.observe_runner_call(self.name, method, outcome, elapsed)
 
 
-def observe_finished(metrics: Metrics, build: Build) -> None:
+def observe_finished(metrics: Metrics, build: FinishedBuild) -> None:
     """Count a build whose result just committed: its result, duration and polls."""
-    finished_at_ms = build.finished_at_ms if build.finished_at_ms is not None else 0
     metrics.observe_build_finished(
         build.status,
         build.failure_reason,
-        (finished_at_ms - build.created_at_ms) / 1000,
+        (build.finished_at_ms - build.created_at_ms) / 1000,
         build.polls,
         _deadline_missed(build),
     )
 
 
-def _deadline_missed(build: Build) -> str | None:
+def _deadline_missed(build: FinishedBuild) -> str | None:
     """``start_by``/``finish_by`` for a build the poll loop timed out (policy.deadline_passed
     names the key in the error it records); None otherwise, e.g. for a CI system's own
     timeout, which also reports ``failure_reason = timeout``."""

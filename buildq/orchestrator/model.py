@@ -102,6 +102,21 @@ class Build:
     def is_terminal(self) -> bool:
         return self.build_status.is_terminal
 
+    def finished(self) -> FinishedBuild:
+        """What a result says of this (terminal) build."""
+        return FinishedBuild(
+            request_id=self.request_id,
+            build_id=self.build_id,
+            queue=self.queue,
+            status=self.status,
+            failure_reason=self.failure_reason,
+            error=self.error,
+            metadata=self.metadata,
+            polls=self.polls,
+            created_at_ms=self.created_at_ms,
+            finished_at_ms=self.finished_at_ms or 0,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,
@@ -125,6 +140,43 @@ class Build:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class BuildState:
+    """What the poll loop needs of a stored build: read for a whole batch in one query,
+    without the request body (its changes and metadata)."""
+
+    request_id: str
+    build_id: str
+    queue: str
+    runner: str
+    status: BuildStatus
+    metadata: Mapping[str, str]
+    polls: int
+    created_at_ms: int
+    cancel_requested_at_ms: int | None
+    cancel_sent_at_ms: int | None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedBuild:
+    """A build as its result reports it."""
+
+    request_id: str
+    build_id: str | None
+    queue: str
+    status: str
+    failure_reason: str | None
+    error: str | None
+    metadata: Mapping[str, str]
+    polls: int
+    created_at_ms: int
+    finished_at_ms: int
+
+
 def request_message(request: BuildRequest) -> Message:
     """The ``build`` topic message for a request: idempotent on the request id."""
     return Message(
@@ -134,7 +186,7 @@ def request_message(request: BuildRequest) -> Message:
     )
 
 
-def result_payload(build: Build) -> bytes:
+def result_payload(build: FinishedBuild) -> bytes:
     """The ``buildresult`` message for a finished build."""
     return json.dumps(
         {

@@ -6,7 +6,6 @@ import random
 
 from buildq.buildrunner import BuildStatus
 from buildq.config import PollPolicy
-from buildq.orchestrator.model import Build
 
 
 def next_poll_delay_ms(
@@ -40,27 +39,26 @@ def first_poll_delay_ms(policy: PollPolicy) -> int:
     return max(1, int(policy.accepted_interval_s * 1000))
 
 
-def deadline_passed(policy: PollPolicy, build: Build, now_ms: int) -> str | None:
-    """Which deadline the build has missed at ``now_ms`` (database clock), if any."""
-    age_s = (now_ms - build.created_at_ms) / 1000
+def deadline_passed(
+    policy: PollPolicy, created_at_ms: int, status: BuildStatus, now_ms: int
+) -> str | None:
+    """Which deadline a build triggered at ``created_at_ms`` and now in ``status`` has missed
+    at ``now_ms`` (database clock), if any."""
+    age_s = (now_ms - created_at_ms) / 1000
     if policy.finish_by_s and age_s >= policy.finish_by_s:
         return f"not finished within finish_by_s={policy.finish_by_s:g}"
-    if (
-        policy.start_by_s
-        and build.build_status is BuildStatus.ACCEPTED
-        and age_s >= policy.start_by_s
-    ):
+    if policy.start_by_s and status is BuildStatus.ACCEPTED and age_s >= policy.start_by_s:
         return f"not started within start_by_s={policy.start_by_s:g}"
     return None
 
 
 def until_next_deadline_ms(
-    policy: PollPolicy, build: Build, status: BuildStatus, now_ms: int
+    policy: PollPolicy, created_at_ms: int, status: BuildStatus, now_ms: int
 ) -> int | None:
     """Milliseconds to the next deadline that applies to a build in ``status``."""
     candidates = []
     if policy.finish_by_s:
-        candidates.append(build.created_at_ms + int(policy.finish_by_s * 1000))
+        candidates.append(created_at_ms + int(policy.finish_by_s * 1000))
     if policy.start_by_s and status is BuildStatus.ACCEPTED:
-        candidates.append(build.created_at_ms + int(policy.start_by_s * 1000))
+        candidates.append(created_at_ms + int(policy.start_by_s * 1000))
     return max(1, min(candidates) - now_ms) if candidates else None

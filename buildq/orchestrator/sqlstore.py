@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.engine import Connection
 
 from buildq.buildrunner import BuildStatus, Change
 from buildq.db import Database
-from buildq.orchestrator.model import Build, BuildRequest
+from buildq.orchestrator.model import Build, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
-from buildq.queue.sql.dialect import db_now_ms, insert_ignore
+from buildq.orchestrator.sqlbatch import SELECT_STATE, SqlBuildBatch, to_state
+from buildq.orchestrator.store import StepTx
+from buildq.queue.sql.batch import AckedStep, SqlSession
+from buildq.queue.sql.dialect import db_now_ms
 
 NOW = db_now_ms()
 TERMINAL = [s.value for s in BuildStatus if s.is_terminal]
-_ERROR_MAX = 10_000
-
-_insert_build = insert_ignore(b)
 _not_terminal = b.c.status.not_in(TERMINAL)
 #: Statuses of builds still in flight (the rest are TERMINAL).
 LIVE = [s.value for s in BuildStatus if not s.is_terminal]
@@ -38,61 +37,10 @@ _live_summary = (
 )
 
 
-# The poll loop's statements, built once: constructing a Core statement per call cost more
-# Python than executing it (bench: record_poll was a third of a daemon's CPU).
-_P_BUILD = bindparam("p_build_id", type_=b.c.build_id.type)
-_select_by_build = select(b).where(b.c.build_id == _P_BUILD)
+_select_by_build = select(b).where(b.c.build_id == bindparam("p_build_id"))
 _select_by_request = select(b).where(b.c.request_id == bindparam("p_request_id"))
-_record_poll = (
-    update(b)
-    .where(b.c.build_id == _P_BUILD, _not_terminal)
-    .values(
-        status=bindparam("p_status"),
-        metadata=bindparam("p_metadata"),
-        polls=bindparam("p_polls"),
-        next_poll_at=NOW + bindparam("p_next_poll_ms"),
-        updated_at=NOW,
-    )
-)
-_finish = (
-    update(b)
-    .where(b.c.build_id == _P_BUILD, _not_terminal)
-    .values(
-        status=bindparam("p_status"),
-        metadata=bindparam("p_metadata"),
-        failure_reason=bindparam("p_failure_reason"),
-        error=bindparam("p_error"),
-        finished_at=NOW,
-        next_poll_at=None,
-        updated_at=NOW,
-        polls=b.c.polls + 1,
-    )
-)
-_insert_triggered = _insert_build.values(
-    request_id=bindparam("p_request_id"),
-    build_id=_P_BUILD,
-    queue=bindparam("p_queue"),
-    runner=bindparam("p_runner"),
-    status=BuildStatus.ACCEPTED.value,
-    metadata="{}",
-    request_metadata=bindparam("p_request_metadata"),
-    changes=bindparam("p_changes"),
-    polls=0,
-    created_at=NOW,
-    updated_at=NOW,
-)
-_mark_cancel_sent = update(b).where(b.c.build_id == _P_BUILD).values(cancel_sent_at=NOW)
-
-
-def _dump(value: Mapping[str, str]) -> str:
-    return json.dumps(dict(value), ensure_ascii=False, sort_keys=True)
-
-
-def _changes(request: BuildRequest) -> str:
-    return json.dumps(
-        {"base": [c.to_json() for c in request.base], "head": [c.to_json() for c in request.head]},
-        ensure_ascii=False,
-    )
+_states_by_build = SELECT_STATE.where(b.c.build_id.in_(bindparam("p_ids", expanding=True)))
+_states_by_request = SELECT_STATE.where(b.c.request_id.in_(bindparam("p_ids", expanding=True)))
 
 
 def to_build(row: Any) -> Build:
@@ -123,124 +71,6 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-class SqlBuildWrites:
-    """Build store operations bound to one connection (one transaction).
-
-    ``finished`` lists the builds this transaction made terminal: the daemon counts them in
-    its metrics once the transaction commits, so a step that rolls back and runs again
-    counts once.
-    """
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.finished: list[Build] = []
-
-    def get_by_build(self, build_id: str) -> Build | None:
-        row = self.conn.execute(_select_by_build, {"p_build_id": build_id}).first()
-        return None if row is None else to_build(row)
-
-    def get_by_request(self, request_id: str) -> Build | None:
-        row = self.conn.execute(_select_by_request, {"p_request_id": request_id}).first()
-        return None if row is None else to_build(row)
-
-    def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> bool:
-        params = {
-            "p_request_id": request.request_id,
-            "p_build_id": build_id,
-            "p_queue": request.queue,
-            "p_runner": runner,
-            "p_request_metadata": _dump(request.metadata),
-            "p_changes": _changes(request),
-        }
-        return self.conn.execute(_insert_triggered, params).rowcount == 1
-
-    def record_poll(
-        self,
-        build_id: str,
-        status: BuildStatus,
-        metadata: Mapping[str, str],
-        polls: int,
-        next_poll_ms: int,
-    ) -> None:
-        # Unconditional on "changed": the row always matches, so rowcount is never misread
-        # as "not found" (the system this descends from dead-lettered healthy polls that way).
-        self.conn.execute(
-            _record_poll,
-            {
-                "p_build_id": build_id,
-                "p_status": status.value,
-                "p_metadata": _dump(metadata),
-                "p_polls": polls,
-                "p_next_poll_ms": next_poll_ms,
-            },
-        )
-
-    def finish(
-        self,
-        build_id: str,
-        status: BuildStatus,
-        metadata: Mapping[str, str],
-        failure_reason: str | None = None,
-        error: str | None = None,
-    ) -> Build | None:
-        assert status.is_terminal, status
-        changed = self.conn.execute(
-            _finish,
-            {
-                "p_build_id": build_id,
-                "p_status": status.value,
-                "p_metadata": _dump(metadata),
-                "p_failure_reason": failure_reason,
-                "p_error": None if error is None else error[:_ERROR_MAX],
-            },
-        ).rowcount
-        if not changed:
-            return None
-        return self._noted(self.get_by_build(build_id))
-
-    def fail_request(
-        self, request: BuildRequest | None, request_id: str, error: str
-    ) -> Build | None:
-        existing = self.get_by_request(request_id)
-        if existing is not None and existing.build_id is not None:
-            return self.finish(
-                existing.build_id,
-                BuildStatus.FAILED,
-                {**existing.metadata, "failure_reason": "infra"},
-                failure_reason="infra",
-                error=error,
-            )
-        if existing is not None:
-            return None  # a request that never triggered is only ever recorded failed
-        values = {
-            "request_id": request_id,
-            "build_id": None,
-            "queue": request.queue if request else "",
-            "runner": "",
-            "status": BuildStatus.FAILED.value,
-            "metadata": _dump({"failure_reason": "infra"}),
-            "request_metadata": _dump(request.metadata if request else {}),
-            "changes": _changes(request) if request else "{}",
-            "failure_reason": "infra",
-            "error": error[:_ERROR_MAX],
-            "polls": 0,
-            "created_at": NOW,
-            "updated_at": NOW,
-            "finished_at": NOW,
-        }
-        if self.conn.execute(_insert_build.values(values)).rowcount == 0:
-            return None
-        return self._noted(self.get_by_request(request_id))
-
-    def mark_cancel_sent(self, build_id: str) -> None:
-        self.conn.execute(_mark_cancel_sent, {"p_build_id": build_id})
-
-    def _noted(self, build: Build | None) -> Build | None:
-        if build is not None:
-            self.finished.append(build)
-        return build
-
-
 class SqlBuildStore:
     """Reads and single-statement writes outside a queue transaction (CLI, daemon)."""
 
@@ -254,10 +84,38 @@ class SqlBuildStore:
         return None if row is None else to_build(row)
 
     def get_by_build(self, build_id: str) -> Build | None:
-        return self.db.read(lambda conn: SqlBuildWrites(conn).get_by_build(build_id))
+        return self._one(_select_by_build, {"p_build_id": build_id})
 
     def get_by_request(self, request_id: str) -> Build | None:
-        return self.db.read(lambda conn: SqlBuildWrites(conn).get_by_request(request_id))
+        return self._one(_select_by_request, {"p_request_id": request_id})
+
+    def _one(self, stmt: Any, params: dict[str, Any]) -> Build | None:
+        row = self.db.read(lambda conn: conn.execute(stmt, params).first())
+        return None if row is None else to_build(row)
+
+    def states_by_build(self, build_ids: Sequence[str]) -> dict[str, BuildState]:
+        """The poll loop's view of these builds, in one query."""
+        states = self._states(_states_by_build, build_ids)
+        return {s.build_id: s for s in states}
+
+    def states_by_request(self, request_ids: Sequence[str]) -> dict[str, BuildState]:
+        return {s.request_id: s for s in self._states(_states_by_request, request_ids)}
+
+    def _states(self, stmt: Any, ids: Sequence[str]) -> list[BuildState]:
+        if not ids:
+            return []
+        rows = self.db.read(lambda conn: conn.execute(stmt, {"p_ids": list(ids)}).all())
+        return [to_state(row) for row in rows]
+
+    def apply(self, session: SqlSession, steps: Sequence[AckedStep]) -> list[FinishedBuild]:
+        """Run the steps' effects in the batch's transaction (``SqlCommitter``'s hook) and
+        write their build rows; the builds it finished. A batch of one writes at once."""
+        writes = SqlBuildBatch(session.connection, session.now_ms, immediate=len(steps) == 1)
+        for step in steps:
+            if step.effect is not None:
+                step.effect(StepTx(step.outbox, writes))
+        writes.flush()
+        return writes.finished
 
     def list_builds(
         self, statuses: Sequence[str] | None = None, limit: int = 100, queue: str | None = None

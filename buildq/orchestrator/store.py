@@ -1,27 +1,31 @@
 """The build store contract: what controllers may read and write about builds.
 
-Writes happen inside the queue transaction that also acks the delivery (and publishes the
-next step), so a build's record and its place in the poll loop never disagree.
+Reads happen when a batch of deliveries is planned (one query for the batch). Writes happen
+inside the transaction that also settles the step's delivery (and publishes its next step), so
+a build's record and its place in the poll loop never disagree. ``buildq.orchestrator.sqlstore``
+and ``sqlbatch`` implement it on SQL, ``memstore`` in memory for tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from buildq.buildrunner import BuildStatus
-from buildq.orchestrator.model import Build, BuildRequest
+from buildq.orchestrator.model import Build, BuildRequest, BuildState, FinishedBuild
+from buildq.queue.contract import Outbox
 
 
 class BuildWrites(Protocol):
-    """Writes bound to one open transaction."""
+    """The writes of one step, in its batch's transaction."""
 
-    def get_by_build(self, build_id: str) -> Build | None: ...
+    def state(self, build_id: str) -> BuildState | None:
+        """The build as this transaction sees it now."""
+        ...
 
-    def get_by_request(self, request_id: str) -> Build | None: ...
-
-    def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> bool:
-        """Record that ``request`` became ``build_id`` (ACCEPTED). False if already recorded."""
+    def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> None:
+        """Record that ``request`` became ``build_id`` (ACCEPTED); a no-op if it already did."""
         ...
 
     def record_poll(
@@ -37,18 +41,20 @@ class BuildWrites(Protocol):
 
     def finish(
         self,
-        build_id: str,
+        build: BuildState,
         status: BuildStatus,
         metadata: Mapping[str, str],
-        failure_reason: str | None = None,
-        error: str | None = None,
-    ) -> Build | None:
-        """Store the terminal status, write-once: the finished build, or None if it was already."""
+        failure_reason: str | None,
+        error: str | None,
+        polls: int,
+    ) -> FinishedBuild | None:
+        """Store the terminal status, write-once: the finished build to publish, or None if
+        it was finished already (then nothing may be published for it)."""
         ...
 
     def fail_request(
         self, request: BuildRequest | None, request_id: str, error: str
-    ) -> Build | None:
+    ) -> FinishedBuild | None:
         """Fail a request (FAILED, infra) whether or not it got a build; None if already terminal."""
         ...
 
@@ -56,6 +62,27 @@ class BuildWrites(Protocol):
 
 
 class BuildReads(Protocol):
+    """What planning reads: one query per batch."""
+
+    def states_by_build(self, build_ids: Sequence[str]) -> dict[str, BuildState]: ...
+
+    def states_by_request(self, request_ids: Sequence[str]) -> dict[str, BuildState]:
+        """Stored requests among these (a request that failed before it got a build has
+        ``build_id`` '')."""
+        ...
+
     def get_by_build(self, build_id: str) -> Build | None: ...
 
-    def get_by_request(self, request_id: str) -> Build | None: ...
+
+@dataclass(slots=True)
+class StepTx:
+    """What an effect may touch: the step's outbox and the build store, in one transaction."""
+
+    queue: Outbox
+    builds: BuildWrites
+
+
+class BatchConflict(Exception):
+    """A batched write found the database other than the batch's reads said (a build
+    finished meanwhile): nothing is written, and the batch is split so that each step
+    decides again on its own."""

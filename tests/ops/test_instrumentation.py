@@ -172,8 +172,12 @@ def test_build_results_are_bounded_labels_and_deadlines_are_told_apart():
     poll = PollPolicy(start_by_s=10, finish_by_s=100)
     accepted = finished_build("ACCEPTED", None, None)
     running = finished_build("RUNNING", None, None)
-    start_missed = policy.deadline_passed(poll, accepted, accepted.created_at_ms + 10_000)
-    finish_missed = policy.deadline_passed(poll, running, running.created_at_ms + 100_000)
+    start_missed = policy.deadline_passed(
+        poll, accepted.created_at_ms, accepted.build_status, accepted.created_at_ms + 10_000
+    )
+    finish_missed = policy.deadline_passed(
+        poll, running.created_at_ms, running.build_status, running.created_at_ms + 100_000
+    )
     for build in [
         finished_build("FAILED", "timeout", start_missed),
         finished_build("FAILED", "timeout", finish_missed),
@@ -181,7 +185,7 @@ def test_build_results_are_bounded_labels_and_deadlines_are_told_apart():
         finished_build("FAILED", "a-vendor-said-something", None),
         finished_build("SUCCEEDED", None, None),
     ]:
-        observe_finished(metrics, build)
+        observe_finished(metrics, build.finished())
     s = scraped(metrics)
     assert s.series("buildq_build_deadline_timeouts_total") == {
         (("deadline", "start_by"),): 1,

@@ -78,7 +78,11 @@ def test_redelivery_after_visibility_timeout_counts_and_can_reach_the_dlq(queue,
     sub = subscribe("t", settings=settings)
     queue.publish("t", msg("stuck"))
     [first] = sub.fetch(1)
+    # A live member keeps its claims alive; one it gives up on (as a crashed one would) runs
+    # out after the visibility timeout.
+    sub.abandon([first])
     [second] = wait_until(lambda: sub.fetch(1), timeout=5)
+    sub.abandon([second])
     assert (second.attempt, second.retry_count) == (2, 1)
     with pytest.raises(DeliveryLost):
         first.ack()  # the first claim is stale: its ack must not land

@@ -18,7 +18,7 @@ from buildq.buildrunner import Change
 from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
-from buildq.orchestrator.sqlstore import SqlBuildWrites
+from buildq.orchestrator.sqlbatch import SqlBuildBatch
 from buildq.queue.contract import InvalidMessage, Message
 from buildq.queue.sql import SqlQueue
 from tests.e2e.harness import BUILDQ, World
@@ -57,7 +57,11 @@ def store_build(db: Database, n: int, value: str) -> str:
         (Change(f"{value}#head", value, {value or "k": value}),),
         {value or "k": value, "requester": value},
     )
-    db.write(lambda c: SqlBuildWrites(c).insert_triggered(request, f"build-{n}", "sim"))
+    db.write(
+        lambda c: SqlBuildBatch(c, 1_000, immediate=True).insert_triggered(
+            request, f"build-{n}", "sim"
+        )
+    )
     return request_id
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Insert, Table, insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import FunctionElement
@@ -45,3 +46,33 @@ def insert_ignore(table: Table) -> Insert:
         .prefix_with("IGNORE", dialect="mariadb")
         .prefix_with("OR IGNORE", dialect="sqlite")
     )
+
+
+# --- hand-rendered statements of the batched hot path ------------------------------------------
+#
+# Statements whose shape depends on the batch size (a CASE per row, a VALUES row per message)
+# are rendered as text once per (dialect, size) by ``batch_queries``; these are the pieces of
+# that text that differ between the dialects.
+
+
+def placeholder(dialect: Dialect) -> str:
+    """The DBAPI's positional parameter marker: ``?`` for sqlite3, ``%s`` for the MySQL
+    drivers (whose format style also makes a literal ``%`` in such text ``%%``)."""
+    return "?" if dialect.name == "sqlite" else "%s"
+
+
+def now_ms_sql(dialect: Dialect) -> str:
+    """``db_now_ms()`` as SQL text for ``dialect``."""
+    return str(db_now_ms().compile(dialect=dialect))
+
+
+def insert_ignore_sql(dialect: Dialect) -> str:
+    """The words that start an INSERT that skips rows whose unique key exists."""
+    return "INSERT OR IGNORE" if dialect.name == "sqlite" else "INSERT IGNORE"
+
+
+def first_inserted_seq(dialect: Dialect, lastrowid: int, inserted: int) -> int:
+    """The offset of the first row a multi-row INSERT wrote. MySQL's ``lastrowid`` is the
+    first AUTO_INCREMENT value of the statement; SQLite's is the last rowid, and a single
+    writer's new rowids are consecutive."""
+    return lastrowid - inserted + 1 if dialect.name == "sqlite" else lastrowid

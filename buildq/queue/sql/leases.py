@@ -6,7 +6,7 @@ and N live members (ordered by id) the first ``P mod N`` members hold ``ceil(P/N
 rest ``floor(P/N)``, so the shares sum to exactly P and nobody is starved. A member that holds
 more than its share first drains in-flight work of the extra slots, then releases them; a
 member below its share takes free or stale leases. Taking a lease bumps its epoch, which fences
-the previous owner's writes out (see ``queries._still_owned``). Leasing costs a handful of
+the previous owner's writes out (see ``SqlSubscription._fence_in`` and ``batch._fence``). Leasing costs a handful of
 queries per renewal interval whatever the number of partition keys.
 """
 
@@ -114,6 +114,8 @@ class Membership:
         self._draining: set[int] = set()
         self._valid_until = 0.0  # monotonic
         self._params = {"grp": group, "topic": topic, "owner": self.member_id}
+        #: Set while the member holds its fair share of the slots (it can fetch them all).
+        self.settled = threading.Event()
 
     # --- what the fetcher may use ---------------------------------------------------------
 
@@ -143,11 +145,17 @@ class Membership:
         before = self.owned()
         with self._lock:
             was_draining = set(self._draining)
-        owned, draining = self.db.write(lambda conn: self._tick_in(conn, busy_slots, was_draining))
+        owned, draining, share = self.db.write(
+            lambda conn: self._tick_in(conn, busy_slots, was_draining)
+        )
         with self._lock:
             self._owned = owned
             self._draining = draining
             self._valid_until = started + self.settings.lease_duration_ms / 1000 * _LOCAL_SAFETY
+        if len(owned) - len(draining) == share:
+            self.settled.set()
+        else:
+            self.settled.clear()
         if owned != before:
             self._emit("leases_changed", slots=sorted(owned), lost=sorted(set(before) - set(owned)))
 
@@ -155,6 +163,7 @@ class Membership:
         """Release every lease and deregister: the others take over on their next tick."""
         with self._lock:
             self._valid_until = 0.0
+        self.settled.clear()
         params = self._params | {"id": self.member_id, "slots": list(range(self.settings.slots))}
 
         def _leave(conn: Connection) -> None:
@@ -170,7 +179,7 @@ class Membership:
 
     def _tick_in(
         self, conn: Connection, busy: set[int], was_draining: set[int]
-    ) -> tuple[dict[int, int], set[int]]:
+    ) -> tuple[dict[int, int], set[int], int]:
         s = self.settings
         params = self._params | {
             "id": self.member_id,
@@ -212,7 +221,7 @@ class Membership:
         if secrets.randbelow(20) == 0:  # housekeeping, not needed on every tick
             conn.execute(lq.purge_dead_subscribers, q.params(params))
             conn.execute(lq.clear_dead_leases, q.params(params))
-        return mine, draining
+        return mine, draining, share
 
     def _emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:

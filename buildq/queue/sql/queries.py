@@ -28,7 +28,6 @@ from sqlalchemy import (
 from buildq.queue.sql.dialect import db_now_ms, insert_ignore
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
-from buildq.queue.sql.schema import leases as lease
 from buildq.queue.sql.schema import messages as m
 
 NOW = db_now_ms()
@@ -179,43 +178,6 @@ select_next_due = (
     .where(_due_in_my_slots)
     .order_by(d.c.visible_at, d.c.seq)
     .limit(1)
-)
-
-# A delivery's writes only land while its claim is current (same attempt, still in flight)
-# and its member still holds the slot's lease at the epoch it was fetched under: fencing.
-_still_owned = and_(
-    d.c.seq == bindparam("p_seq"),
-    d.c.grp == bindparam("p_grp"),
-    d.c.attempt == bindparam("p_attempt"),
-    d.c.inflight == 1,
-    exists().where(
-        lease.c.grp == bindparam("p_grp"),
-        lease.c.topic == bindparam("p_topic"),
-        lease.c.slot == bindparam("p_slot"),
-        lease.c.owner == bindparam("p_owner"),
-        lease.c.epoch == bindparam("p_epoch"),
-    ),
-)
-
-#: Ack: the group is done with this message.
-delete_acked: Delete = delete(d).where(_still_owned)
-
-#: Nack: deliver again after a delay, counting one more failure.
-mark_nacked: Update = (
-    update(d)
-    .where(_still_owned)
-    .values(
-        inflight=0,
-        owner="",
-        visible_at=NOW + bindparam("p_delay_ms"),
-        retry_count=d.c.retry_count + 1,
-        last_error=bindparam("p_error"),
-    )
-)
-
-#: Push the visibility timeout of an in-flight delivery further out.
-extend_visibility: Update = (
-    update(d).where(_still_owned).values(visible_at=NOW + bindparam("p_extend_ms"))
 )
 
 #: Give an unprocessed delivery back without counting a retry. It returns to its original

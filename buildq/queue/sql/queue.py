@@ -16,12 +16,12 @@ from buildq.queue.contract import (
     Message,
     PublisherClosed,
     PublishResult,
-    QueueError,
 )
 from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, SubscriptionSettings
+from buildq.queue.sql.batch import Apply, SqlCommitter, run_effects
 from buildq.queue.sql.leases import EventHook
 from buildq.queue.sql.store import MessageStore
-from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription
+from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription, sql_delivery
 
 log = structlog.get_logger("buildq.queue")
 
@@ -57,20 +57,24 @@ class SqlTransaction:
         return results
 
     def ack(self, delivery: Delivery) -> None:
-        sql_delivery = _sql(delivery)
-        subscription = sql_delivery._subscription
-        subscription.begin_settle(sql_delivery)
-        self._settling.append(sql_delivery)
-        subscription.ack_in(self.connection, sql_delivery)
+        claim = self._settling_one(delivery)
+        claim._subscription.ack_in(self.connection, claim)
 
     def nack(
         self, delivery: Delivery, requeue_after_ms: int | None = None, error: str = ""
     ) -> None:
-        sql_delivery = _sql(delivery)
-        subscription = sql_delivery._subscription
-        subscription.begin_settle(sql_delivery)
-        self._settling.append(sql_delivery)
-        subscription.nack_in(self.connection, sql_delivery, requeue_after_ms, error)
+        claim = self._settling_one(delivery)
+        claim._subscription.nack_in(self.connection, claim, requeue_after_ms, error)
+
+    def reject(self, delivery: Delivery, reason: str) -> None:
+        claim = self._settling_one(delivery)
+        claim._subscription.reject_in(self.connection, claim, reason)
+
+    def _settling_one(self, delivery: Delivery) -> SqlDelivery:
+        claim = sql_delivery(delivery)
+        claim._subscription.begin_settle(claim)
+        self._settling.append(claim)
+        return claim
 
     def committed(self) -> None:
         for delivery in self._settling:
@@ -81,8 +85,7 @@ class SqlTransaction:
 
     def rolled_back(self) -> None:
         for delivery in self._settling:
-            if delivery._state.value == "pending":
-                delivery._subscription.reopen(delivery)
+            delivery._subscription.reopen(delivery)
 
 
 class SqlQueue:
@@ -161,6 +164,12 @@ class SqlQueue:
         with self.transaction() as tx:
             return step(tx)
 
+    def committer(self, apply: Apply = run_effects) -> SqlCommitter:
+        """The worker's hand-off: settles a batch of steps in one transaction. ``apply`` runs
+        the acked steps' effects; the default gives each its outbox, and a store that writes in
+        the same transaction passes its own (the orchestrator's build store does)."""
+        return SqlCommitter(self, apply)
+
     def subscribe(
         self,
         topic: str,
@@ -207,12 +216,6 @@ class SqlQueue:
     def close(self) -> None:
         """Stop publishing. Subscriptions are closed by whoever opened them."""
         self._closed = True
-
-
-def _sql(delivery: Delivery) -> SqlDelivery:
-    if not isinstance(delivery, SqlDelivery):
-        raise QueueError(f"not a delivery of this queue: {type(delivery).__name__}")
-    return delivery
 
 
 def _log_duplicates(topic: str, results: list[PublishResult]) -> None:

@@ -109,8 +109,7 @@ class MessageStore:
 
     def encode(self, topic: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
         """Validate and turn messages into row parameters; refuse before anything is written."""
-        # Room for the DLQ suffix: a dead letter's topic must fit the same column.
-        _check_len("topic", topic, TOPIC_MAX - len(DLQ_SUFFIX), allow_empty=False)
+        check_topic(topic)
         token = new_publish_token()
         return [self._encode_one(topic, message, token) for message in messages]
 
@@ -219,6 +218,20 @@ class MessageStore:
         return bool(written)
 
     def _encode_one(self, topic: str, message: Message, token: int) -> dict[str, Any]:
+        partition_key, message_id, hashed, payload, metadata = self.encode_message(message)
+        return {
+            "topic": topic,
+            "partition_key": partition_key,
+            "message_id": message_id,
+            "partition_hash": hashed,
+            "payload": payload,
+            "metadata": metadata,
+            "publish_token": token,
+        }
+
+    def encode_message(self, message: Message) -> tuple[str, str, int, bytes, str]:
+        """Validate ``message`` and give its row values: partition key, id, partition hash,
+        payload, metadata JSON. Refuses (InvalidMessage) before anything is written."""
         if not isinstance(message, Message):
             raise InvalidMessage(f"expected a Message, got {type(message).__name__}")
         _check_len("message id", message.id, MESSAGE_ID_MAX, allow_empty=False)
@@ -230,16 +243,18 @@ class MessageStore:
                 f"payload of message {message.id!r} is {len(message.payload)} bytes; "
                 f"the limit is {self.max_payload_bytes} (queue.max_payload_bytes)"
             )
-        metadata = _encode_metadata(message.metadata, self.max_metadata_bytes)
-        return {
-            "topic": topic,
-            "partition_key": message.partition_key,
-            "message_id": message.id,
-            "partition_hash": partition_hash(message.partition_key),
-            "payload": bytes(message.payload),
-            "metadata": metadata,
-            "publish_token": token,
-        }
+        metadata = (
+            "{}"  # the common case, without a JSON round
+            if isinstance(message.metadata, dict) and not message.metadata
+            else _encode_metadata(message.metadata, self.max_metadata_bytes)
+        )
+        return (
+            message.partition_key,
+            message.id,
+            partition_hash(message.partition_key),
+            bytes(message.payload),
+            metadata,
+        )
 
 
 def _result(row: dict[str, Any], fresh: set[tuple[Any, ...]] | None) -> PublishResult:
@@ -304,6 +319,11 @@ def decode_metadata(raw: object) -> dict[str, str]:
     if not isinstance(value, dict):
         return {METADATA_ERROR_KEY: "the stored metadata is not a JSON object"}
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
+
+
+def check_topic(topic: str) -> None:
+    # Room for the DLQ suffix: a dead letter's topic must fit the same column.
+    _check_len("topic", topic, TOPIC_MAX - len(DLQ_SUFFIX), allow_empty=False)
 
 
 def check_group_name(group: str) -> None:

@@ -1,17 +1,24 @@
-"""A consumer group member on one topic: claims deliveries and settles them, fenced.
+"""A consumer group member on one topic: claims deliveries, keeps the claims alive, settles.
 
 ``fetch`` claims due deliveries of the slots this member leases in one short transaction
 (``SELECT … FOR UPDATE`` on the fetch index, then an update by primary key; see queries.claim_due
 for why not SKIP LOCKED).
 Every later write about a delivery (ack, nack, reject, extend) is conditional on the claim
-still being current *and* on the member still holding the slot's lease at the same epoch;
-otherwise it is refused with ``DeliveryLost`` and the message goes to whoever owns it now.
+still being current (same attempt, in flight) *and* on the member still holding the slot's
+lease at the same epoch (read without a lock); otherwise it is refused with ``DeliveryLost``
+and the message goes to whoever owns it now.
+
+Until a delivery is settled, the lease thread keeps its claim alive: a claim with less than
+half its visibility timeout left is extended, in one statement for all of them, so a delivery
+whose work takes longer than the timeout (a slow CI call) is not delivered again meanwhile.
+A claim that cannot be extended any more (its lease moved) is marked lost.
 """
 
 from __future__ import annotations
 
 import enum
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +32,10 @@ from buildq.queue.contract import (
     Delivery,
     DeliveryLost,
     Message,
+    QueueError,
 )
 from buildq.queue.settings import SubscriptionSettings
+from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.leases import EventHook, Membership
@@ -42,6 +51,7 @@ class _State(enum.Enum):
     OPEN = "open"
     PENDING = "pending"  # settled inside a transaction that has not committed yet
     SETTLED = "settled"
+    LOST = "lost"  # the claim is gone: fenced out, or given up (abandon)
 
 
 @dataclass(eq=False)
@@ -62,6 +72,12 @@ class SqlDelivery:
     #: the difference is its dispatch lag.
     due_at_ms: int = 0
     delivered_at_ms: int = 0
+    #: When the claim runs out, as far as this process knows (time.monotonic()).
+    claimed_until: float = 0.0
+
+    @property
+    def lost(self) -> bool:
+        return self._state is _State.LOST
 
     def ack(self) -> None:
         self._subscription.settle(self, lambda conn: self._subscription.ack_in(conn, self))
@@ -100,7 +116,7 @@ class SqlSubscription:
             store.db, topic, group, settings, member_id=member_id, on_event=on_event
         )
         self._lock = threading.Lock()
-        self._outstanding: dict[tuple[int, int], SqlDelivery] = {}
+        self._outstanding: dict[int, SqlDelivery] = {}  # offset -> its current claim
         self._claiming: set[int] = set()  # slots a fetch in progress claims from
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -141,16 +157,70 @@ class SqlSubscription:
         self.membership.leave()
 
     def _renew_loop(self) -> None:
-        interval = self.settings.renew_interval_ms / 1000
-        while not self._stop.wait(interval):
+        """Lease renewal and claim keeping, on one thread: neither waits on the other's locks.
+
+        Claims are looked at four times per visibility timeout (at most), leases every
+        ``renew_interval_ms``."""
+        renew_s = self.settings.renew_interval_ms / 1000
+        tick_s = min(renew_s, self.settings.visibility_timeout_ms / 4000)
+        next_renewal = time.monotonic() + renew_s
+        while not self._stop.wait(tick_s):
+            if time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + renew_s
+                try:
+                    self.membership.tick(busy_slots=self._busy_slots())
+                except Exception as err:  # the next tick tries again; leases expire meanwhile
+                    self._emit("lease_renewal_failed", error=str(err))
             try:
-                self.membership.tick(busy_slots=self._busy_slots())
-            except Exception as err:  # the next tick tries again; leases expire meanwhile
-                self._emit("lease_renewal_failed", error=str(err))
+                self.keep_claims_alive()
+            except Exception as err:  # the next tick tries again
+                self._emit("claim_keeping_failed", error=str(err))
+
+    def keep_claims_alive(self) -> int:
+        """Extend every claim with less than half its visibility timeout left; returns how
+        many were extended. One whose lease this member no longer holds is marked lost."""
+        timeout_ms = self.settings.visibility_timeout_ms
+        now = time.monotonic()
+        owned = self.membership.owned()
+        with self._lock:
+            due = [
+                d
+                for d in self._outstanding.values()
+                if d.claimed_until - now < timeout_ms / 2000 and d._state is not _State.LOST
+            ]
+        fenced = [d for d in due if owned.get(d.slot) != d.epoch]
+        for delivery in fenced:
+            self.forget(delivery)
+        keep = [d for d in due if owned.get(d.slot) == d.epoch]
+        if not keep:
+            return 0
+        lost = self.db.write(lambda conn: self._extend_in(conn, keep, timeout_ms))
+        for delivery in keep:
+            if delivery.offset in lost:
+                self.forget(delivery)
+            else:
+                delivery.claimed_until = now + timeout_ms / 1000
+        return len(keep) - len(lost)
+
+    def _extend_in(self, conn: Connection, claims: list[SqlDelivery], ms: int) -> set[int]:
+        """Extend ``claims`` by ``ms``; the offsets of those no longer ours."""
+        sql = bq.BatchSql.of(conn.dialect)
+        params: list[Any] = [ms, self.group, *(d.offset for d in claims)]
+        for delivery in claims:
+            params += (delivery.offset, delivery.attempt)
+        extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
+        if extended == len(claims):
+            return set()
+        held = inflight_attempts(conn, self.group, [d.offset for d in claims])
+        return {d.offset for d in claims if held.get(d.offset) != d.attempt}
 
     def _busy_slots(self) -> set[int]:
         with self._lock:
             return {d.slot for d in self._outstanding.values()} | self._claiming
+
+    def wait_for_leases(self, timeout_s: float) -> bool:
+        """Wait until this member holds its fair share of the topic's slots."""
+        return self.membership.settled.wait(timeout_s)
 
     # --- fetching ---------------------------------------------------------------------------
 
@@ -162,10 +232,17 @@ class SqlSubscription:
             self._claiming = set(slots)
         try:
             rows = self.db.write(lambda conn: self._claim_in(conn, slots, limit))
-            fetched = [self._delivery(row, slots) for row in rows]
+            claimed_until = time.monotonic() + self.settings.visibility_timeout_ms / 1000
+            fetched = [self._delivery(row, slots, claimed_until) for row in rows]
             with self._lock:
                 for delivery in fetched:
-                    self._outstanding[(delivery.offset, delivery.attempt)] = delivery
+                    earlier = self._outstanding.get(delivery.offset)
+                    if earlier is not None:
+                        # Our own claim timed out (the database was unreachable for longer
+                        # than the visibility timeout) and we claimed it again: the earlier
+                        # claim is gone, whatever its work still does.
+                        earlier.mark(_State.LOST)
+                    self._outstanding[delivery.offset] = delivery
         finally:
             with self._lock:
                 self._claiming = set()
@@ -215,7 +292,7 @@ class SqlSubscription:
                 live.append(dict(row, due_at=due[int(row["seq"])][0] or row["created_at"]))
         return live
 
-    def _delivery(self, row: Any, epochs: dict[int, int]) -> SqlDelivery:
+    def _delivery(self, row: Any, epochs: dict[int, int], claimed_until: float) -> SqlDelivery:
         dead = dead_letter_of(row)
         message = Message(
             id=row["message_id"],
@@ -237,6 +314,7 @@ class SqlSubscription:
             _subscription=self,
             due_at_ms=int(row["due_at"]),
             delivered_at_ms=int(row["delivered_at"]),
+            claimed_until=claimed_until,
         )
 
     def next_due_ms(self) -> int | None:
@@ -268,6 +346,8 @@ class SqlSubscription:
         self.settled(delivery)
 
     def _check_open(self, delivery: SqlDelivery) -> None:
+        if delivery._state is _State.LOST:
+            raise DeliveryLost(f"the claim of {delivery.message.id!r} is no longer ours")
         if delivery._state is not _State.OPEN:
             raise AlreadyAcknowledged(
                 f"delivery of {delivery.message.id!r} (attempt {delivery.attempt}) "
@@ -281,27 +361,39 @@ class SqlSubscription:
 
     def settled(self, delivery: SqlDelivery) -> None:
         delivery.mark(_State.SETTLED)
-        with self._lock:
-            self._outstanding.pop((delivery.offset, delivery.attempt), None)
+        self._drop(delivery)
 
     def reopen(self, delivery: SqlDelivery) -> None:
         """The transaction that would have settled it rolled back."""
-        delivery.mark(_State.OPEN)
+        if delivery._state is _State.PENDING:
+            delivery.mark(_State.OPEN)
 
     def forget(self, delivery: SqlDelivery) -> None:
         """The delivery is lost to this member (fenced): stop tracking it."""
-        self.settled(delivery)
+        delivery.mark(_State.LOST)
+        self._drop(delivery)
 
-    def _fence(self, delivery: SqlDelivery) -> dict[str, Any]:
-        return {
-            "seq": delivery.offset,
-            "grp": self.group,
-            "topic": self.topic,
-            "attempt": delivery.attempt,
-            "slot": delivery.slot,
-            "owner": self.member_id,
-            "epoch": delivery.epoch,
-        }
+    def abandon(self, deliveries: Sequence[Delivery]) -> None:
+        """Stop keeping these claims alive; the visibility timeout brings them back."""
+        for delivery in deliveries:
+            if isinstance(delivery, SqlDelivery) and delivery._state is not _State.SETTLED:
+                self.forget(delivery)
+
+    def _drop(self, delivery: SqlDelivery) -> None:
+        with self._lock:
+            if self._outstanding.get(delivery.offset) is delivery:
+                del self._outstanding[delivery.offset]
+
+    def _claim(self, delivery: SqlDelivery) -> dict[str, Any]:
+        return {"seq": delivery.offset, "grp": self.group, "attempt": delivery.attempt}
+
+    def _fence_in(self, conn: Connection, delivery: SqlDelivery, action: str) -> None:
+        """Refuse if the slot's lease moved since the delivery was fetched (a plain read: the
+        lease row is not locked, so this cannot deadlock with the renewal)."""
+        params = {"grp": self.group, "topic": self.topic, "slot": delivery.slot}
+        holder = conn.execute(bq.select_lease_holder, q.params(params)).first()
+        if holder is None or holder.owner != self.member_id or holder.epoch != delivery.epoch:
+            raise self._refused(delivery, action)
 
     def _refused(self, delivery: SqlDelivery, action: str) -> DeliveryLost:
         self.forget(delivery)
@@ -311,49 +403,76 @@ class SqlSubscription:
         )
 
     def ack_in(self, conn: Connection, delivery: SqlDelivery) -> None:
-        if conn.execute(q.delete_acked, q.params(self._fence(delivery))).rowcount == 0:
+        self._fence_in(conn, delivery, "ack")
+        if conn.execute(bq.settle_ack, q.params(self._claim(delivery))).rowcount == 0:
             raise self._refused(delivery, "ack")
 
     def nack_in(
         self, conn: Connection, delivery: SqlDelivery, requeue_after_ms: int | None, error: str
     ) -> None:
+        self._fence_in(conn, delivery, "nack")
+        if not self.nack_claim_in(conn, delivery, requeue_after_ms, error):
+            raise self._refused(delivery, "nack")
+
+    def nack_claim_in(
+        self, conn: Connection, delivery: SqlDelivery, requeue_after_ms: int | None, error: str
+    ) -> bool:
+        """Nack (dead-lettering at max_attempts) if the claim is still ours; False if not."""
         delay = requeue_after_ms
         if delay is None:
             delay = self.settings.backoff.delay_ms(delivery.retry_count)
-        params = self._fence(delivery) | {"delay_ms": max(0, delay), "error": error[:10_000]}
-        if conn.execute(q.mark_nacked, q.params(params)).rowcount == 0:
-            raise self._refused(delivery, "nack")
+        params = self._claim(delivery) | {"delay_ms": max(0, delay), "error": error[:10_000]}
+        if conn.execute(bq.settle_nack, q.params(params)).rowcount == 0:
+            return False
         if delivery.retry_count + 1 >= self.settings.max_attempts:
-            self.store.move_to_dlq_in(
-                conn,
-                topic=self.topic,
-                group=self.group,
-                offset=delivery.offset,
-                failure_count=delivery.retry_count + 1,
-                error=error or "failed",
-            )
+            self._dead_letter_in(conn, delivery, delivery.retry_count + 1, error or "failed")
+        return True
 
     def reject_in(self, conn: Connection, delivery: SqlDelivery, reason: str) -> None:
-        params = self._fence(delivery) | {"delay_ms": 0, "error": reason[:10_000]}
-        if conn.execute(q.mark_nacked, q.params(params)).rowcount == 0:
+        self._fence_in(conn, delivery, "reject")
+        if not self.reject_claim_in(conn, delivery, reason):
             raise self._refused(delivery, "reject")
+
+    def reject_claim_in(self, conn: Connection, delivery: SqlDelivery, reason: str) -> bool:
+        """Move to the DLQ now if the claim is still ours; False if not."""
+        params = self._claim(delivery) | {"delay_ms": 0, "error": reason[:10_000]}
+        if conn.execute(bq.settle_nack, q.params(params)).rowcount == 0:
+            return False
+        self._dead_letter_in(conn, delivery, delivery.retry_count + 1, reason or "rejected")
+        return True
+
+    def defer_claim_in(self, conn: Connection, delivery: SqlDelivery, delay_ms: int) -> bool:
+        """Deliver again after ``delay_ms`` without counting a retry; False if not ours."""
+        params = self._claim(delivery) | {"delay_ms": max(0, delay_ms)}
+        return bool(conn.execute(bq.settle_defer, q.params(params)).rowcount)
+
+    def hand_back_claim_in(self, conn: Connection, delivery: SqlDelivery) -> bool:
+        """Back to its place in the fetch order, no retry counted; False if not ours."""
+        return bool(conn.execute(bq.settle_hand_back, q.params(self._claim(delivery))).rowcount)
+
+    def _dead_letter_in(
+        self, conn: Connection, delivery: SqlDelivery, failures: int, error: str
+    ) -> None:
         self.store.move_to_dlq_in(
             conn,
             topic=self.topic,
             group=self.group,
             offset=delivery.offset,
-            failure_count=delivery.retry_count + 1,
-            error=reason or "rejected",
+            failure_count=failures,
+            error=error,
         )
 
     def extend(self, delivery: SqlDelivery, ms: int) -> None:
         self._check_open(delivery)
-        params = self._fence(delivery) | {"extend_ms": max(0, ms)}
-        if (
-            self.db.write(lambda conn: conn.execute(q.extend_visibility, q.params(params)).rowcount)
-            == 0
-        ):
+
+        def extend_in(conn: Connection) -> int:
+            self._fence_in(conn, delivery, "extend_visibility")
+            params = self._claim(delivery) | {"extend_ms": max(0, ms)}
+            return int(conn.execute(bq.extend_claim, q.params(params)).rowcount)
+
+        if self.db.write(extend_in) == 0:
             raise self._refused(delivery, "extend_visibility")
+        delivery.claimed_until = time.monotonic() + max(0, ms) / 1000
 
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         """Return unprocessed deliveries without counting a retry (shutdown, rebalance)."""
@@ -368,10 +487,21 @@ class SqlSubscription:
         for delivery in mine:
             self.settled(delivery)
 
-    def outstanding(self) -> int:
-        with self._lock:
-            return len(self._outstanding)
-
     def _emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:
             self._on_event(event, topic=self.topic, group=self.group, member=self.member_id, **data)
+
+
+def sql_delivery(delivery: Delivery) -> SqlDelivery:
+    if not isinstance(delivery, SqlDelivery):
+        raise QueueError(f"not a delivery of this queue: {type(delivery).__name__}")
+    return delivery
+
+
+def inflight_attempts(conn: Connection, group: str, offsets: list[int]) -> dict[int, int]:
+    """The attempt of each of these offsets' deliveries that is in flight now."""
+    params = {"grp": group, "seqs": offsets}
+    return {
+        int(r.seq): int(r.attempt)
+        for r in conn.execute(bq.select_inflight_attempts, q.params(params))
+    }
