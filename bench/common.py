@@ -48,7 +48,6 @@ class Profile:
     ceiling_s: float  # per ceiling measurement (one statement shape, one connection count)
     p1_s: float  # per (mode, threads) measurement
     p1_threads: tuple[int, ...]
-    p1_groups: tuple[int, ...]  # cycles per commit in the batched mode
     p1_builds: int  # partitions (builds) cycling through the topic
     p2_s: float
     p2_threads: tuple[int, ...]
@@ -74,7 +73,6 @@ PROFILES = {
         ceiling_s=1.0,
         p1_s=1.2,
         p1_threads=(1, 4, 16),
-        p1_groups=(16,),
         p1_builds=3_000,
         p2_s=1.0,
         p2_threads=(1,),
@@ -96,7 +94,6 @@ PROFILES = {
         ceiling_s=3.0,
         p1_s=4.0,
         p1_threads=(1, 4, 16),
-        p1_groups=(4, 16, 64),
         p1_builds=5_000,
         p2_s=3.0,
         p2_threads=(1, 4),

@@ -12,7 +12,6 @@ benchmark and reads those stats.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -253,11 +252,6 @@ def main() -> int:
         if event == "processed":
             counts.add_processed(f"{data.get('topic')}:{data.get('outcome')}")
 
-    patches = contextlib.ExitStack()
-    if os.environ.get("BUILDQ_BENCH_PATCHES"):  # bench.experiments: proposed changes, measured
-        from bench.experiments import apply_from_environment
-
-        apply_from_environment(patches)
     daemon = Daemon(config, on_event=on_event)
     ready = threading.Event()
     threading.Thread(

@@ -5,9 +5,9 @@ its own delay drawn uniformly from 0–2,000 ms, one transaction per 10 ms tick 
 MariaDB they run in another process (``python -m bench.p4_delay publish …``: another daemon or
 a client, not sharing the consumer's GIL); on SQLite in the consumer's process, as one process
 per database file is how SQLite is deployed. The consumer is the
-daemon's consumer framework (8 workers, default settings) in this process; its handler notes
-the delivery's ``delivered_at`` (the claim, database clock) and when it starts work, and the
-framework acks it. Lateness = ``delivered_at`` − due (the message's ``visible_after``, or its
+daemon's engine (``buildq.queue.worker.Worker``, default settings) in this process; its handler
+notes the delivery's ``delivered_at`` (the claim, database clock) and when it starts work, and
+the worker acks it. Lateness = ``delivered_at`` − due (the message's ``visible_after``, or its
 ``created_at`` for a delay of 0), both from the database's clock; ``start_*`` is the handler's
 start instead of the claim (local clock moved onto the database's with an offset measured as
 ``DbClock`` does): what a poll's lateness looks like to the poll loop. Each rate of the profile
@@ -24,17 +24,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select, text
 
 from bench.common import ROOT, Backend, Profile, Result, log, percentile, wait_for
 from buildq.db import Database, create_engine
-from buildq.orchestrator.framework import Consumer
 from buildq.queue.contract import Delivery, Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.dialect import db_now_ms
+from buildq.queue.worker import Job, Worker
 
 TOPIC = "bench_delay"
 MAX_DELAY_MS = 2_000
@@ -99,16 +100,21 @@ def _publisher_process(url: str, topic: str, rate: int, seconds: float) -> dict[
 class _Recorder:
     """The handler: notes when the database claimed each message and when work started."""
 
+    renew_claim_first = False
+    never_dead_letter = False
+
     def __init__(self, topic: str) -> None:
         self.topic = topic
         self.lock = threading.Lock()
         self.seen: dict[str, tuple[int, float]] = {}
 
+    def plan(self, deliveries: Sequence[Delivery]) -> list[Job]:
+        return [Job(d, lambda d=d: self.handle(d)) for d in deliveries]
+
     def handle(self, delivery: Delivery) -> Any:
         now = time.time() * 1000
-        claimed = int(getattr(delivery, "delivered_at_ms", 0))
         with self.lock:
-            self.seen.setdefault(delivery.message.id, (claimed, now))
+            self.seen.setdefault(delivery.message.id, (delivery.delivered_at_ms, now))
         return None
 
     def count(self) -> int:
@@ -134,11 +140,7 @@ def measure(backend: Backend, rate: int, seconds: float) -> dict[str, Any]:
     queue = SqlQueue(db)
     sub = queue.subscribe(topic, "bench", SubscriptionSettings(visibility_timeout_ms=120_000))
     recorder = _Recorder(topic)
-
-    def step(delivery: Delivery, effect: Any) -> None:
-        queue.run_in_transaction(lambda tx: tx.ack(delivery))
-
-    consumer = Consumer(step, workers=8)
+    consumer = Worker(queue.committer())
     consumer.add(recorder, sub)
     consumer.start()
     try:

@@ -32,14 +32,17 @@ RATE_HZ = 200
 #: Steps of a cycle, by a function that is on the stack while the step runs.
 STEPS = {
     "fetch (claim transaction)": "SqlSubscription.fetch",
-    "handler (runner call, build read)": ".handle (",
-    "hand-off transaction": "run_in_transaction",
-    "  publish (INSERT + fan-out)": "MessageStore.insert_rows_in",
-    "  ack (DELETE)": "SqlSubscription.ack_in",
-    "  build store writes": "SqlBuildWrites.",
+    "plan (build reads, decoding)": ".plan (",
+    "jobs (runner calls, decisions)": "Worker._run",
+    "hand-off (batch commit)": "SqlCommitter.commit",
+    "  fence (lease read)": "_fence (",
+    "  publish (INSERT + fan-out)": "_publish",
+    "  ack (DELETE)": "_delete_acked",
+    "  build store writes": "SqlBuildBatch.",
     "  Database.begin: write lock, checkout, BEGIN, COMMIT": "Database.begin",
     "  COMMIT": "Transaction.commit",
-    "idle (waiting for work)": "SimpleQueue.get",
+    "keeping claims alive": "keep_claims_alive",
+    "idle (waiting for work)": "Condition.wait",
 }
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]*)(?::\d+)?\)$")
 

@@ -343,10 +343,10 @@ def _finish(
 class DeadLetterReconciler:
     """``build_dlq`` / ``buildsignal_dlq``: no build is left non-terminal with nothing polling it.
 
-    It acts only on a letter of the build's own chain (the request's own message, or the poll
-    the build is due next): a stray message that shares the key (a typo'd ``buildq queue
-    publish``) is not the build's, and the build goes on. A result it publishes for a build
-    that was triggered cancels the CI build first."""
+    It acts only on a letter of the build's own chain: the poll the build is due next, or a
+    request that was never recorded. A stray message that shares the key (a typo'd ``buildq
+    queue publish``) is not the build's, and the build goes on. A result it publishes for a
+    build that was triggered cancels the CI build first."""
 
     renew_claim_first = False
     #: It retries (with backoff) instead of dead-lettering a dead letter.
@@ -359,28 +359,33 @@ class DeadLetterReconciler:
 
     def plan(self, deliveries: Sequence[Delivery]) -> list[Job]:
         if self.topic == topics.BUILD_DLQ:
-            keys = [d.message.partition_key for d in deliveries]
-            states = self.builds.states_by_request(keys)
-            return [self._request_job(d, states.get(d.message.partition_key)) for d in deliveries]
+            requests = [_request_of(d) for d in deliveries]
+            states = self.builds.states_by_request([request_id for _, request_id in requests])
+            return [
+                self._request_job(d, request, request_id, states.get(request_id))
+                for d, (request, request_id) in zip(deliveries, requests, strict=True)
+            ]
         states = self.builds.states_by_build([d.message.partition_key for d in deliveries])
         return [self._poll_job(d, states.get(d.message.partition_key)) for d in deliveries]
 
-    def _request_job(self, delivery: Delivery, existing: BuildState | None) -> Job:
-        request_id = delivery.message.partition_key
-        if delivery.message.id != message_id(request_id, "request"):
-            log.warning(
-                "dead_letter_not_of_chain", request_id=request_id, message_id=delivery.message.id
-            )
+    def _request_job(
+        self,
+        delivery: Delivery,
+        request: BuildRequest | None,
+        request_id: str,
+        existing: BuildState | None,
+    ) -> Job:
+        if existing is not None:
+            # The request is recorded (its build runs, or it failed already): what happens to
+            # the build is its poll chain's to say, not a request letter's.
+            log.warning("dead_letter_for_recorded_request", request_id=request_id)
             return _done(delivery)
-        try:
-            request: BuildRequest | None = BuildRequest.from_bytes(delivery.message.payload)
-        except MalformedPayload:
-            request = None
         error = f"build request dead-lettered: {_letter_error(delivery)}"
-        effect = _fail_request(request, request_id, error)
-        if existing is None or not existing.build_id or existing.is_terminal:
-            return Job(delivery, lambda: effect)
-        return self._cancel_then(delivery, existing, effect)
+        return Job(
+            delivery,
+            lambda: _fail_request(request, request_id, error),
+            context=_request(request_id),
+        )
 
     def _poll_job(self, delivery: Delivery, build: BuildState | None) -> Job:
         build_id = delivery.message.partition_key
@@ -411,6 +416,16 @@ class DeadLetterReconciler:
 
         lane = config.runner if config else build.runner or INLINE
         return Job(delivery, run, lane=lane, context=_build(build))
+
+
+def _request_of(delivery: Delivery) -> tuple[BuildRequest | None, str]:
+    """The request a dead request letter holds (None if unreadable), and its id (else the
+    letter's key)."""
+    try:
+        request = BuildRequest.from_bytes(delivery.message.payload)
+    except MalformedPayload:
+        return None, delivery.message.partition_key
+    return request, request.request_id
 
 
 def _letter_error(delivery: Delivery) -> str:
