@@ -65,13 +65,22 @@ class SecurityHeaders:
 
 
 def create_app(
-    config: Config, web: WebConfig, db: Database, *, on_ready: Callable[[], Any] | None = None
+    config: Config,
+    web: WebConfig,
+    db: Database,
+    *,
+    on_ready: Callable[[], Any] | None = None,
+    on_stopping: Callable[[], Any] | None = None,
 ) -> Starlette:
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         if on_ready is not None:
             on_ready()
         yield
+        # Here, not after the server returns: uvicorn ends by re-raising the SIGTERM it
+        # caught, so nothing after it runs.
+        if on_stopping is not None:
+            on_stopping()
 
     app = Starlette(
         routes=[

@@ -32,7 +32,12 @@ def serve(config: Config, web: WebConfig) -> int:
     # known and logged, and connections made meanwhile wait in the backlog.
     sock = _listen(web.bind, web.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(config, web, db, on_ready=notifier.ready)
+    def stopping() -> None:
+        notifier.stopping()
+        log.info("web_stopping")
+        db.dispose()
+
+    app = create_app(config, web, db, on_ready=notifier.ready, on_stopping=stopping)
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -51,12 +56,9 @@ def serve(config: Config, web: WebConfig) -> int:
         actions=web.actions_enabled,
         database=redacted_url(config.database.url),
     )
-    try:
-        server.run(sockets=[sock])
-    finally:
-        notifier.stopping()
-        db.dispose()
-        log.info("web_stopped")
+    # On SIGTERM uvicorn drains requests, runs the shutdown above, then re-raises the signal:
+    # the process ends "killed by SIGTERM", which systemd counts as a clean stop.
+    server.run(sockets=[sock])
     return 0
 
 
