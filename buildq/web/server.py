@@ -32,6 +32,7 @@ def serve(config: Config, web: WebConfig) -> int:
     # known and logged, and connections made meanwhile wait in the backlog.
     sock = _listen(web.bind, web.port)
     host, port = sock.getsockname()[:2]
+
     def stopping() -> None:
         notifier.stopping()
         log.info("web_stopping")
