@@ -63,7 +63,7 @@ def _limit(request: Request, default: int) -> int:
 
 def overview(request: Request) -> Response:
     st = state(request)
-    return JsonResponse(Overview(st.db, st.config, st.cache).read())
+    return JsonResponse(Overview(st.db, st.config, st.lateness).read())
 
 
 def builds(request: Request) -> Response:

@@ -1,9 +1,9 @@
 """The overview: per queue and per runner, the last hour at a glance, from the database only.
 
 Every figure comes from a handful of aggregate queries (``BuildViews``, ``admin_queries``), so
-the cost of a page does not grow with the number of finished builds; the poll-lateness query,
-the only one that reads the message log, is cached for one refresh interval so that many open
-pages cost the database what one does.
+the cost of a page does not grow with the number of finished builds. Poll lateness, the only
+figure that reads the message log, is kept per minute (``LatenessMinutes``): a finished minute
+never changes, so each refresh reads only the polls done since the last one it kept.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from buildq.buildrunner import BuildStatus
 from buildq.config import Config
@@ -26,8 +26,6 @@ from buildq.queue.sql import queries as q
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.store import MessageStore
 
-T = TypeVar("T")
-
 HOUR_MS = 3_600_000
 #: A live build whose next poll is this much past due counts as overdue (a poll takes a runner
 #: call and a commit, so a few seconds late is normal).
@@ -39,31 +37,53 @@ RUNNER_TROUBLE = ("infra", "lost", "timeout")
 _RETRYING_SHOWN = 200
 
 
-class TtlCache:
-    """One value per key, recomputed when older than ``ttl_s``; safe across request threads."""
+class LatenessMinutes:
+    """Poll lateness per minute, each finished minute read from the database once.
+
+    A poll done in minute m is committed with ``created_at`` (database clock) in m, so once m
+    is over its row is final. A refresh asks only for the minutes since the newest one kept
+    (the builds polled since, not the hour's), and at most once per ``ttl_s``: many open
+    pages cost the database what one does.
+    """
 
     def __init__(self, ttl_s: float) -> None:
         self._ttl_s = ttl_s
-        self._values: dict[str, tuple[float, Any]] = {}
+        self._done: dict[int, dict[str, Any]] = {}
+        self._last: tuple[float, int, list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
 
-    def get(self, key: str, compute: Callable[[], T]) -> T:
+    def read(self, views: BuildViews, since: int, now: int) -> list[dict[str, Any]]:
         with self._lock:
-            hit = self._values.get(key)
-            if hit is not None and time.monotonic() - hit[0] < self._ttl_s:
-                value: T = hit[1]
-                return value
-        value = compute()
+            last = self._last
+        if last is not None and last[1] == since and time.monotonic() - last[0] < self._ttl_s:
+            return last[2]
+        found = self._read(views, since, now)
         with self._lock:
-            self._values[key] = (time.monotonic(), value)
-        return value
+            self._last = (time.monotonic(), since, found)
+        return found
+
+    def _read(self, views: BuildViews, since: int, now: int) -> list[dict[str, Any]]:
+        current = _minute(now)
+        with self._lock:
+            kept = {m: row for m, row in self._done.items() if m >= since}
+            first_missing = max((m + MINUTE_MS for m in kept), default=since)
+        rows = views.poll_lateness(first_missing)
+        fresh = {
+            int(row["minute_ms"]): row for row in rows if int(row["minute_ms"]) >= first_missing
+        }
+        with self._lock:
+            # Minutes with no polls are final too: remember them as empty.
+            for minute in range(first_missing, current, MINUTE_MS):
+                self._done[minute] = fresh.get(minute, {"minute_ms": minute, "polls": 0})
+            self._done = {m: row for m, row in self._done.items() if m >= since}
+        return [row for m, row in sorted({**kept, **fresh}.items()) if row["polls"]]
 
 
 @dataclass
 class Overview:
     db: Database
     config: Config
-    cache: TtlCache
+    lateness: LatenessMinutes
 
     def read(self) -> dict[str, Any]:
         views = BuildViews(self.db)
@@ -72,7 +92,7 @@ class Overview:
         since = _minute(now) - HOUR_MS + MINUTE_MS
         live = views.live_polls(OVERDUE_GRACE_MS)
         finished = views.finished_since(since)
-        lateness = self.cache.get("lateness", lambda: views.poll_lateness(since))
+        lateness = self.lateness.read(views, since, now)
         retrying = _rows(
             self.db, aq.select_retrying_deliveries, topic=topics.BUILDSIGNAL, limit=_RETRYING_SHOWN
         )

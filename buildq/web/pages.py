@@ -74,7 +74,7 @@ def _fragment_url(request: Request, name: str) -> str:
 
 def overview(request: Request) -> Response:
     st = state(request)
-    data = Overview(st.db, st.config, st.cache).read()
+    data = Overview(st.db, st.config, st.lateness).read()
     if request.query_params.get("fragment") == "body":
         return render(request, "_overview.html", {"o": data})
     refresh = _fragment_url(request, "body")

@@ -11,7 +11,7 @@ from buildq.config import Config
 from buildq.db import Database
 from buildq.web.auth import COOKIE, Guard, LoginThrottle, Session
 from buildq.web.config import WebConfig
-from buildq.web.overview import TtlCache
+from buildq.web.overview import LatenessMinutes
 from buildq.web.templating import environment
 
 
@@ -21,7 +21,7 @@ class WebState:
     web: WebConfig
     db: Database
     guard: Guard
-    cache: TtlCache
+    lateness: LatenessMinutes
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     templates: Environment = field(default_factory=environment)
 
@@ -32,7 +32,7 @@ class WebState:
             web=web,
             db=db,
             guard=Guard(web.token, web.session_ttl_s),
-            cache=TtlCache(web.refresh_s),
+            lateness=LatenessMinutes(web.refresh_s),
         )
 
     def session(self, request: Request) -> Session | None:

@@ -7,6 +7,7 @@ Where the CLI has a ``--json`` for the same thing, the shape is the CLI's (``Bui
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,24 +97,20 @@ def build_detail(db: Database, ident: str) -> dict[str, Any] | None:
 
 
 def _result_message(admin: QueueAdmin, build: Build) -> dict[str, Any] | None:
+    """The ``buildresult`` message of a finished build. Its payload is rebuilt from the stored
+    build, as the daemon built it when it published (the build is write-once by then); the log
+    is read only for when it was published, by partition (an index lookup, where finding it by
+    message id would scan the topic)."""
     if not build.is_terminal:
         return None
-    found = admin.inspect(
-        topics.BUILDRESULT,
-        message_id(build.request_id, "result"),
-        partition_key=build.request_id,
-    )
-    if found:
-        row = found[0]
-        return {"retained": True, "created_at_ms": row["created_at_ms"], "payload": row["payload"]}
-    # Purged by retention: the stored build still says what was published.
-    return {"retained": False, "created_at_ms": build.finished_at_ms, "payload": _json(build)}
-
-
-def _json(build: Build) -> Any:
-    import json
-
-    return json.loads(result_payload(build))
+    wanted = message_id(build.request_id, "result")
+    rows = admin.messages(topics.BUILDRESULT, partition_key=build.request_id, limit=5)
+    published = [row for row in rows if row["message_id"] == wanted]
+    return {
+        "retained": bool(published),
+        "created_at_ms": published[0]["created_at_ms"] if published else None,
+        "payload": json.loads(result_payload(build)),
+    }
 
 
 def timeline(
