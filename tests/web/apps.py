@@ -4,6 +4,7 @@ a dead letter made by a consumer that rejects."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -12,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import sqlalchemy as sa
 import uvicorn
 
-from buildq.buildrunner import BuildStatus, Change
+from buildq.buildrunner import BuildStatus
 from buildq.config import load_config
 from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.controllers import poll_message
-from buildq.orchestrator.model import BuildRequest
-from buildq.orchestrator.sqlstore import SqlBuildWrites
+from buildq.orchestrator.schema import builds
+from buildq.orchestrator.sqlstore import NOW
 from buildq.queue.sql import SqlQueue
 from buildq.web.app import create_app
 from buildq.web.config import WebConfig
@@ -64,26 +66,79 @@ def serving(url: str, directory: Path, db: Database, **web: Any) -> Iterator[htt
         sock.close()
 
 
-def request(request_id: str, queue: str = "main", **metadata: str) -> BuildRequest:
-    return BuildRequest(
-        request_id, queue, (Change("base-1", "b1"),), (Change("head-1", "h1"),), metadata
-    )
+def insert_build(
+    db: Database,
+    request_id: str,
+    build_id: str,
+    status: BuildStatus,
+    *,
+    metadata: dict[str, str] | None = None,
+    request_metadata: dict[str, str] | None = None,
+    failure_reason: str | None = None,
+    error: str | None = None,
+    polls: int = 0,
+    queue: str = "main",
+) -> None:
+    """A row of ``builds`` as the daemon leaves it (written with Core: the build store's own
+    write API belongs to the poll engine and changes with it)."""
+    changes = {
+        "base": [{"id": "base-1", "revision": "b1"}],
+        "head": [{"id": "head-1", "revision": "h1"}],
+    }
+    now = db.read(lambda c: int(c.execute(sa.select(NOW)).scalar_one()))
+    row = {
+        "request_id": request_id,
+        "build_id": build_id,
+        "queue": queue,
+        "runner": "ci",
+        "status": status.value,
+        "metadata": json.dumps(metadata or {}),
+        "request_metadata": json.dumps(request_metadata or {}),
+        "changes": json.dumps(changes),
+        "failure_reason": failure_reason,
+        "error": error,
+        "polls": polls,
+        "created_at": now - 60_000,
+        "updated_at": now,
+        "finished_at": now if status.is_terminal else None,
+        "next_poll_at": None if status.is_terminal else now + 60_000,
+    }
+    db.write(lambda conn: conn.execute(sa.insert(builds), row))
 
 
 def seed(db: Database) -> None:
     """Three builds as the daemon leaves them: one running (two polls), one succeeded, one
     failed as infra; and a dead letter of a poll in group ``buildq``."""
     queue = SqlQueue(db)
-
-    def write(conn: Any) -> None:
-        store = SqlBuildWrites(conn)
-        for rid, bid in (("r-live", "b-live"), ("r-ok", "b-ok"), ("r-bad", "b-bad")):
-            store.insert_triggered(request(rid, requester="ann"), bid, "ci")
-        store.record_poll("b-live", BuildStatus.RUNNING, {"url": "https://ci.example/1"}, 2, 60_000)
-        store.finish("b-ok", BuildStatus.SUCCEEDED, {"url": "https://ci.example/2"})
-        store.finish("b-bad", BuildStatus.FAILED, {}, failure_reason="infra", error="CI said 500")
-
-    db.write(write)
+    meta = {"requester": "ann"}
+    insert_build(
+        db,
+        "r-live",
+        "b-live",
+        BuildStatus.RUNNING,
+        polls=2,
+        request_metadata=meta,
+        metadata={"url": "https://ci.example/1"},
+    )
+    insert_build(
+        db,
+        "r-ok",
+        "b-ok",
+        BuildStatus.SUCCEEDED,
+        polls=3,
+        request_metadata=meta,
+        metadata={"url": "https://ci.example/2"},
+    )
+    insert_build(
+        db,
+        "r-bad",
+        "b-bad",
+        BuildStatus.FAILED,
+        polls=1,
+        request_metadata=meta,
+        failure_reason="infra",
+        error="CI said 500",
+    )
     for n in (1, 2):
         queue.publish(topics.BUILDSIGNAL, poll_message("b-live", n))
     queue.publish(topics.BUILDSIGNAL, poll_message("b-bad", 1))

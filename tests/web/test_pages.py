@@ -16,10 +16,9 @@ from buildq.buildrunner import BuildStatus
 from buildq.config import Secret
 from buildq.db import Database, create_engine
 from buildq.orchestrator.schema import builds
-from buildq.orchestrator.sqlstore import SqlBuildWrites
 from buildq.web.app import CSP
 from buildq.web.auth import COOKIE
-from tests.web.apps import request, seed, serving
+from tests.web.apps import insert_build, seed, serving
 from tests.web.harness import TOKEN
 
 PAGES = ["/", "/builds", "/build?id=r-live", "/build?id=r-bad", "/queue", "/login"]
@@ -116,12 +115,14 @@ def test_no_secret_reaches_a_page_the_json_or_the_log(sqlite_db, tmp_path, monke
 def test_runner_urls_become_links_only_when_they_are_http(sqlite_db, tmp_path):
     url, db = sqlite_db
 
-    def hostile(conn: Any) -> None:
-        store = SqlBuildWrites(conn)
-        store.insert_triggered(request("r-js", note='"><script>x()</script>'), "b-js", "ci")
-        store.record_poll("b-js", BuildStatus.RUNNING, {"url": "javascript:alert(1)"}, 1, 1000)
-
-    db.write(hostile)
+    insert_build(
+        db,
+        "r-js",
+        "b-js",
+        BuildStatus.RUNNING,
+        metadata={"url": "javascript:alert(1)"},
+        request_metadata={"note": '"><script>x()</script>'},
+    )
     with serving(url, tmp_path, db) as http:
         for path in ("/builds", "/build?id=r-js"):
             page = http.get(path).text
