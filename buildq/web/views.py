@@ -16,7 +16,7 @@ from typing import Any
 
 from buildq.db import Database
 from buildq.orchestrator import topics
-from buildq.orchestrator.model import Build, result_payload
+from buildq.orchestrator.model import Build
 from buildq.orchestrator.sqlstore import LIVE, TERMINAL, SqlBuildStore
 from buildq.orchestrator.sqlviews import BuildViews
 from buildq.queue.contract import message_id
@@ -79,7 +79,7 @@ def build_detail(db: Database, ident: str) -> dict[str, Any] | None:
     polls = []
     if build.build_id is not None:
         polls = admin.messages(topics.BUILDSIGNAL, partition_key=build.build_id, limit=POLLS_SHOWN)
-    result = _result_message(admin, build)
+    result = _result_message(db, build)
     letters = [
         letter | {"topic": topic}
         for topic, key in ((topics.BUILD, build.request_id), (topics.BUILDSIGNAL, build.build_id))
@@ -96,21 +96,26 @@ def build_detail(db: Database, ident: str) -> dict[str, Any] | None:
     }
 
 
-def _result_message(admin: QueueAdmin, build: Build) -> dict[str, Any] | None:
-    """The ``buildresult`` message of a finished build. Its payload is rebuilt from the stored
-    build, as the daemon built it when it published (the build is write-once by then); the log
-    is read only for when it was published, by partition (an index lookup, where finding it by
-    message id would scan the topic)."""
+def _result_message(db: Database, build: Build) -> dict[str, Any] | None:
+    """The ``buildresult`` message as published, while the log retains it."""
     if not build.is_terminal:
         return None
-    wanted = message_id(build.request_id, "result")
-    rows = admin.messages(topics.BUILDRESULT, partition_key=build.request_id, limit=5)
-    published = [row for row in rows if row["message_id"] == wanted]
-    return {
-        "retained": bool(published),
-        "created_at_ms": published[0]["created_at_ms"] if published else None,
-        "payload": json.loads(result_payload(build)),
-    }
+    params = q.params(
+        {
+            "topic": topics.BUILDRESULT,
+            "partition_key": build.request_id,
+            "message_id": message_id(build.request_id, "result"),
+        }
+    )
+    row = db.read(lambda c: c.execute(aq.select_partition_message, params).mappings().first())
+    if row is None:
+        return {"retained": False, "created_at_ms": None, "payload": None}
+    raw = bytes(row["payload"])
+    try:
+        payload: Any = json.loads(raw.decode("utf-8"))
+    except ValueError:  # not the daemon's JSON: show it as text
+        payload = raw.decode("utf-8", "replace")
+    return {"retained": True, "created_at_ms": row["created_at_ms"], "payload": payload}
 
 
 def timeline(

@@ -420,3 +420,16 @@ select_retrying_deliveries = (
     .order_by(d.c.retry_count.desc(), d.c.seq)
     .limit(bindparam("p_limit", type_=Integer))
 )
+
+#: One message of a topic by partition and id, through the identity index (finding it by id
+#: alone, as ``select_message_rows`` does, scans the topic).
+select_partition_message = select(
+    m.c.seq.label("offset"),
+    m.c.payload,
+    m.c.created_at.label("created_at_ms"),
+).where(
+    m.c.topic == bindparam("p_topic"),
+    m.c.partition_key == bindparam("p_partition_key"),
+    m.c.message_id == bindparam("p_message_id"),
+    m.c.dlq_group == "",
+)
