@@ -50,14 +50,18 @@ def admin_of(db: Database) -> QueueAdmin:
 
 
 def in_flight(db: Database, where: BuildFilter) -> list[Build]:
-    statuses = [where.status] if where.status in LIVE else LIVE
+    if where.reason or (where.status and where.status not in LIVE):
+        return []  # a failure reason or a final status: nothing in flight has one
+    statuses = [where.status] if where.status else LIVE
     return BuildViews(db).browse(
         statuses, queue=where.queue, text=where.text, limit=IN_FLIGHT_SHOWN
     )
 
 
 def results(db: Database, where: BuildFilter) -> list[Build]:
-    statuses = [where.status] if where.status in TERMINAL else TERMINAL
+    if where.status and where.status not in TERMINAL:
+        return []  # a live status: no result has it
+    statuses = [where.status] if where.status else TERMINAL
     return BuildViews(db).browse(
         statuses,
         queue=where.queue,

@@ -151,3 +151,17 @@ def _cancel_requested(db: Database, request_id: str) -> Any:
 def test_web_config_defaults_are_loopback_and_read_only():
     web = WebConfig()
     assert (web.bind, web.actions_enabled) == ("127.0.0.1", False)
+
+
+def test_results_filter_by_status_reason_queue_and_id(serve, db):
+    seed(db)
+
+    def ids(query: str) -> list[str]:
+        return [b["request_id"] for b in http.get("/api/results?" + query).json()]
+
+    with serve() as http:
+        assert sorted(ids("")) == ["r-bad", "r-ok"]
+        assert ids("reason=infra") == ids("status=FAILED") == ids("q=-ba") == ["r-bad"]
+        assert ids("status=RUNNING") == ids("queue=other") == []
+        page = http.get("/builds?reason=infra").text
+        assert 'data-request-id="r-bad"' in page and 'data-request-id="r-live"' not in page
