@@ -24,12 +24,14 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture
 def browser(chromium: Any) -> Iterator[Any]:
-    """The session's browser, signed out, on a blank page."""
+    """The session's browser, signed out, on a blank page. Cookies are cleared for every site
+    (delete_all_cookies only clears the current page's, and cookies ignore the port: a
+    session from an earlier test's server on 127.0.0.1 would be sent to this one)."""
     chromium.get("about:blank")
-    chromium.delete_all_cookies()
+    chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
     yield chromium
     chromium.get("about:blank")
-    chromium.delete_all_cookies()
+    chromium.execute_cdp_cmd("Network.clearBrowserCookies", {})
 
 
 @pytest.fixture
