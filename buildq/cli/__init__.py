@@ -11,14 +11,14 @@ from buildq.cli import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from buildq.cli import admin, builds, db, dlq, doctor, run
+    from buildq.cli import admin, builds, db, dlq, doctor, run, web
 
     parser = argparse.ArgumentParser(
         prog="buildq",
         description="Trigger builds on CI systems and follow each to a terminal state.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, builds, db, admin, dlq, doctor):
+    for module in (run, builds, db, admin, dlq, doctor, web):
         module.register(commands)
     return parser
 

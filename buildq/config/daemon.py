@@ -227,6 +227,8 @@ class Config:
     queues: Mapping[str, BuildQueueConfig]
     runners: Mapping[str, Table]
     webhooks: Table
+    #: ``[web]``: read and validated by ``buildq web`` (buildq/web/config.py), not the daemon.
+    web: Table = field(default_factory=lambda: Table("web", None))
 
     def queue(self, name: str) -> BuildQueueConfig:
         return self.queues[name]
@@ -318,6 +320,7 @@ def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: 
         queues=queues,
         runners=runners,
         webhooks=root.table("webhooks"),
+        web=root.table("web"),
     )
     root.reject_unknown()
     return config

@@ -389,3 +389,47 @@ reset_delivery: Update = (
 count_delivery = select(func.count()).where(
     d.c.seq == bindparam("p_seq"), d.c.grp == bindparam("p_grp")
 )
+
+# --- the web status page (buildq web) -------------------------------------------------------
+
+#: Every member with its heartbeat's age (the live daemons, and silent ones until cleaned up).
+select_members = select(
+    sub.c.id,
+    sub.c.topic,
+    sub.c.grp.label("group"),
+    sub.c.host,
+    sub.c.pid,
+    sub.c.started_at.label("started_at_ms"),
+    sub.c.heartbeat_at.label("heartbeat_at_ms"),
+    (NOW - sub.c.heartbeat_at).label("silent_for_ms"),
+).order_by(sub.c.topic, sub.c.grp, sub.c.id)
+
+#: A topic's pending deliveries that failed at least once (nacked: a runner or database error),
+#: most retried first: what a consumer is struggling with right now.
+select_retrying_deliveries = (
+    select(
+        m.c.partition_key,
+        m.c.message_id,
+        d.c.grp.label("group"),
+        d.c.retry_count,
+        d.c.last_error,
+        d.c.visible_at.label("visible_at_ms"),
+    )
+    .join(m, m.c.seq == d.c.seq)
+    .where(d.c.topic == bindparam("p_topic"), d.c.retry_count > 0)
+    .order_by(d.c.retry_count.desc(), d.c.seq)
+    .limit(bindparam("p_limit", type_=Integer))
+)
+
+#: One message of a topic by partition and id, through the identity index (finding it by id
+#: alone, as ``select_message_rows`` does, scans the topic).
+select_partition_message = select(
+    m.c.seq.label("offset"),
+    m.c.payload,
+    m.c.created_at.label("created_at_ms"),
+).where(
+    m.c.topic == bindparam("p_topic"),
+    m.c.partition_key == bindparam("p_partition_key"),
+    m.c.message_id == bindparam("p_message_id"),
+    m.c.dlq_group == "",
+)

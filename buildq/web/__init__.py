@@ -1,0 +1,1 @@
+"""The status page: ``buildq web`` (docs/web.md), an optional extra (``buildq[web]``)."""
