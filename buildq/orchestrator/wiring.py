@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from buildq.buildrunner import BuildRunner
+from buildq.buildrunner import BuildRunner, registry
 from buildq.config import ConfigError, Table
 from buildq.orchestrator.schema import RUNNER_NAME_MAX
 
@@ -27,45 +27,24 @@ class WiredRunners:
                 close()
 
 
-def _rest(table: Table) -> Table:
-    """The table without ``type``, which only selects the backend."""
-    return Table(table.path, {k: v for k, v in table.data.items() if k != "type"}, table.origin)
-
-
 def wire_runner(name: str, table: Table, wired: WiredRunners) -> None:
-    kind = table.choice("type", ("noop", "sim", "command", "buildkite", "github"))
-    rest = _rest(table)
-    runner: BuildRunner
-    if kind == "noop":
-        from buildq.buildrunner.noop import NoopConfig, NoopRunner
+    """Build the runner a ``[runners.NAME]`` table describes, built in or from a plugin."""
+    from buildq.webhook import route_for
 
-        runner = NoopRunner(NoopConfig.from_table(rest))
-    elif kind == "sim":
-        from buildq.buildrunner.sim import SimConfig, SimRunner
-
-        runner = SimRunner(SimConfig.from_table(rest))
-    elif kind == "command":
-        from buildq.buildrunner.command import CommandConfig, CommandRunner
-
-        runner = CommandRunner(CommandConfig.from_table(rest))
-    elif kind == "buildkite":
-        from buildq.buildrunner import buildkite
-        from buildq.webhook import route_for
-
-        bk = buildkite.BuildkiteConfig.from_table(rest)
-        runner = buildkite.BuildkiteRunner(bk, buildkite.make_client(bk), name=name)
-        _add_route(wired, route_for(name, bk))
-    else:
-        from buildq.buildrunner import github
-        from buildq.webhook import route_for
-
-        gh = github.GitHubConfig.from_table(rest)
-        runner = github.GitHubRunner(gh, github.make_client(gh), name=name)
-        _add_route(wired, route_for(name, gh))
-    wired.runners[name] = runner
-
-
-def _add_route(wired: WiredRunners, route: WebhookRoute | None) -> None:
+    kind = registry.for_table(table)
+    try:
+        config = kind.validate(table)
+        wired.runners[name] = kind.factory(name, config)
+    except (ConfigError, OSError, ValueError):
+        raise
+    except Exception as err:
+        if kind.source == registry.BUILTIN:
+            raise
+        # A plugin may fail in any way; the operator needs one line naming the package.
+        raise ConfigError(
+            table.key("type"), kind.name, f"a working runner plugin ({kind.source}: {err!r:.200})"
+        ) from None
+    route = route_for(name, config, kind.name) if kind.webhook is not None else None
     if route is not None:
         wired.routes.append(route)
 
