@@ -9,7 +9,7 @@ item in ``Location``; ``Q_ITEM`` ``queue/item/<n>/api/json``; ``Q_INFO``; ``CANC
 
 Like Jenkins, a request whose parameters equal those of an item still waiting in the queue is
 merged into it, and a queue item is forgotten some time after its build started
-(``forget``). Builds move only when told (``start``, ``finish``).
+(``forget``). Builds move only when told (``start_build``, ``finish``).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class FakeJenkins(FakeService):
         with self.lock:
             return sorted(self._builds.values(), key=lambda b: b.number)
 
-    def start(self, queue_id: int) -> int:
+    def start_build(self, queue_id: int) -> int:
         """The queue item's build starts; returns its number."""
         with self.lock:
             item = self._items[queue_id]
