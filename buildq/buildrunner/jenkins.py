@@ -116,13 +116,7 @@ def _count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
 
 
-def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
-    """Jenkins has no rate limit of its own; a proxy in front may answer 429 or 503 with
-    ``Retry-After``, and everyone holds off for that long."""
-    retry_after = _ratelimit.header_number(response.headers, "Retry-After")
-    if response.status_code == 429 or (response.status_code == 503 and retry_after is not None):
-        return _ratelimit.RateSignal(limited_for_s=retry_after if retry_after is not None else 60.0)
-    return _ratelimit.RateSignal()
+rate_signal = _ratelimit.retry_after_signal
 
 
 def map_status(
