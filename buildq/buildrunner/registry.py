@@ -137,8 +137,6 @@ def _load_plugin(name: str, entry: metadata.EntryPoint) -> RunnerKind:
     provider = _provider(entry)
     try:
         loaded = entry.load()
-        if callable(loaded) and not isinstance(loaded, RunnerKind):
-            loaded = loaded()
     except Exception as err:  # a plugin's import can fail in any way; one line names it
         raise _PluginBroken(provider, f"{type(err).__name__}: {err}") from None
     if not isinstance(loaded, RunnerKind) or loaded.name != name:

@@ -14,6 +14,11 @@ from typing import Any
 
 import pytest
 
+from buildq.buildrunner import registry
+from buildq.buildrunner.buildbot import BuildbotRunner
+from buildq.buildrunner.contract import CORRELATION_KEY, BuildID, BuildStatus, Change
+from buildq.config.base import Table
+from buildq.testing import RunnerConformance, conformance
 from tests.e2e.buildbot_master import BuildbotMaster, buildbot_venv
 from tests.e2e.ci_support import build, cli, cli_json
 from tests.e2e.harness import DaemonProcess, World
@@ -106,6 +111,46 @@ def buildbot_builds(buildbot: BuildbotMaster, build_id: str) -> list[dict[str, A
     answer = buildbot.get(f"/buildrequests/{build_id.removeprefix('bb:')}/builds")
     assert isinstance(answer, dict)
     return list(answer["builds"])
+
+
+@pytest.fixture
+def bb_runner(buildbot: BuildbotMaster) -> Iterator[BuildbotRunner]:
+    table = Table("runners.bb", {"type": "buildbot", "api_url": buildbot.url, "builder": "buildq"})
+    kind = registry.get("buildbot")
+    runner = kind.factory("bb", kind.validate(table))
+    assert isinstance(runner, BuildbotRunner)
+    yield runner
+    runner.close()
+
+
+class TestConformance(RunnerConformance):
+    """The contract against the real master (the step passes these builds in a second)."""
+
+    @pytest.fixture
+    def runner(self, bb_runner: BuildbotRunner) -> BuildbotRunner:
+        return bb_runner
+
+    @pytest.fixture
+    def finish(self, bb_runner: BuildbotRunner) -> Callable[[BuildID], None]:
+        def wait(build_id: BuildID) -> None:
+            wait_until(lambda: bb_runner.status(build_id)[0].is_terminal, timeout=60)
+
+        return wait
+
+    @pytest.fixture
+    def unknown_ids(self) -> tuple[str, ...]:
+        return (*conformance.GENERIC_UNKNOWN_IDS, "bb:999999", "bb:0", "bb:-1", "bb:1/2")
+
+
+def test_a_retried_trigger_returns_the_first_build(
+    bb_runner: BuildbotRunner, buildbot: BuildbotMaster, tag: str
+) -> None:
+    request_id = f"again-{tag}"
+    metadata = {CORRELATION_KEY: request_id}
+    first = bb_runner.trigger("main", [], [Change(f"c-{request_id}")], metadata)
+    assert bb_runner.trigger("main", [], [Change(f"c-{request_id}")], metadata) == first
+    assert len(buildsets_of(buildbot, request_id)) == 1
+    wait_until(lambda: bb_runner.status(first)[0] is BuildStatus.SUCCEEDED, timeout=60)
 
 
 def test_builds_pass_fail_get_cancelled_and_hit_their_deadline(
