@@ -6,10 +6,11 @@ pending poll due now and the ordinary poll path reads the status. Nothing here d
 forged-but-rejected delivery costs at most latency (GitHub never retries a failed delivery:
 the safety poll stays mandatory).
 
-Every delivery must be signed: Buildkite ``X-Buildkite-Signature: timestamp=T,signature=S``
-(HMAC-SHA256 over ``T.body``, T within ``tolerance_s`` of now), GitHub
-``X-Hub-Signature-256: sha256=S`` (HMAC-SHA256 over the body). Anything else is refused before
-its JSON is parsed.
+Every delivery must be signed or tokened as its runner kind says (``registry.WebhookSpec``):
+Buildkite ``X-Buildkite-Signature: timestamp=T,signature=S`` (HMAC-SHA256 over ``T.body``, T
+within ``tolerance_s`` of now), GitHub ``X-Hub-Signature-256: sha256=S`` (HMAC-SHA256 over the
+body), GitLab ``X-Gitlab-Token`` (the secret itself), and whatever a plugin kind checks.
+Anything else is refused before its JSON is parsed.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from typing import Any
 
 import structlog
 
-from buildq.buildrunner import buildkite, github
+from buildq.buildrunner import registry
 from buildq.buildrunner.contract import BuildID
 from buildq.config.base import ConfigError, Secret, Table
 
 OnBuildEvent = Callable[[str, BuildID], None]
 
-KINDS = (buildkite.KIND, github.KIND)
 PATH_PREFIX = "/webhooks/"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _log = structlog.get_logger("buildq.webhook")
@@ -71,20 +71,26 @@ class WebhookRoute:
     secret: Secret
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"webhook kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if self.spec is None:  # resolving it here refuses a kind that has no webhooks
+            raise ValueError(f"runner type {self.kind!r} has no webhooks")
         if not _NAME.match(self.runner_name):
             raise ValueError(f"runner name {self.runner_name!r} cannot be a webhook path")
 
+    @property
+    def spec(self) -> registry.WebhookSpec | None:
+        return registry.get(self.kind).webhook
 
-def route_for(
-    runner_name: str, config: buildkite.BuildkiteConfig | github.GitHubConfig
-) -> WebhookRoute | None:
-    """The route for a runner whose table sets ``webhook_secret_env``/``_file``, else None."""
-    if config.webhook_secret is None:
-        return None
-    kind = buildkite.KIND if isinstance(config, buildkite.BuildkiteConfig) else github.KIND
-    return WebhookRoute(runner_name, kind, config.webhook_secret)
+
+def route_for(runner_name: str, config: object, kind: str | None = None) -> WebhookRoute | None:
+    """The route for a runner whose table sets ``webhook_secret_env``/``_file``, else None.
+
+    ``kind`` defaults to the one whose config class ``config`` is (built-in kinds only).
+    """
+    if kind is None:  # built-in config classes live in the module named after their kind
+        kind = type(config).__module__.rsplit(".", 1)[-1]
+    spec = registry.get(kind).webhook
+    secret = spec.secret(config) if spec is not None else None
+    return None if secret is None else WebhookRoute(runner_name, kind, secret)
 
 
 def verify_buildkite(
@@ -200,13 +206,14 @@ class WebhookServer:
             return Outcome(400, "malformed_json")
         if not isinstance(payload, dict):
             return Outcome(400, "malformed_json")
-        event_header = "x-buildkite-event" if route.kind == buildkite.KIND else "x-github-event"
-        event = headers.get(event_header, "")
-        build_id = self._build_id(route.kind, event, payload)
+        spec = route.spec
+        assert spec is not None  # checked when the route was made
+        try:
+            build_id = spec.decode(headers, payload)
+        except registry.MalformedEvent:
+            return Outcome(400, "no_build_in_event")
         if build_id is None:
             return Outcome(200, "ignored")
-        if isinstance(build_id, Outcome):
-            return build_id
         try:
             self._on_build_event(route.runner_name, build_id)
         except Exception:
@@ -214,32 +221,19 @@ class WebhookServer:
                 "webhook_callback_failed", runner=route.runner_name, build_id=build_id.id
             )
             return Outcome(500, "callback_failed")
-        _log.info(
-            "webhook_build_event", runner=route.runner_name, build_id=build_id.id, event_type=event
-        )
+        _log.info("webhook_build_event", runner=route.runner_name, build_id=build_id.id)
         return Outcome(202, "accepted")
 
     def _verify(self, route: WebhookRoute, headers: Mapping[str, str], body: bytes) -> str | None:
-        secret = route.secret.reveal()
-        if route.kind == buildkite.KIND:
-            return verify_buildkite(
-                headers.get("x-buildkite-signature"),
-                body,
-                secret,
-                now=self._clock(),
-                tolerance_s=self.config.tolerance_s,
-            )
-        return verify_github(headers.get("x-hub-signature-256"), body, secret)
-
-    @staticmethod
-    def _build_id(kind: str, event: str, payload: dict[str, Any]) -> BuildID | Outcome | None:
-        if kind == buildkite.KIND and event.startswith("build."):
-            found = buildkite.build_id_from_event(payload)
-        elif kind == github.KIND and event == "workflow_run":
-            found = github.build_id_from_event(payload)
-        else:
-            return None  # ping, job events, other repositories' noise: nothing to poll
-        return found if found is not None else Outcome(400, "no_build_in_event")
+        spec = route.spec
+        assert spec is not None  # checked when the route was made
+        return spec.verify(
+            headers,
+            body,
+            route.secret.reveal(),
+            now=self._clock(),
+            tolerance_s=self.config.tolerance_s,
+        )
 
 
 class _Server(ThreadingHTTPServer):

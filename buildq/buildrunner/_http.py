@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
@@ -56,9 +56,11 @@ class HttpSettings:
     lookup_interval_s: float = 2.0
 
     @classmethod
-    def from_table(cls, table: Table, *, default_api_url: str) -> HttpSettings:
-        token = table.secret("token")
-        assert token is not None  # required=True raises instead
+    def from_table(
+        cls, table: Table, *, default_api_url: str, token_required: bool = True
+    ) -> HttpSettings:
+        # Without a token (a service that allows anonymous API use) nothing is sent for it.
+        token = table.secret("token", required=token_required) or Secret("", "none")
         return cls(
             api_url=table.str("api_url", default_api_url).rstrip("/"),
             token=token,
@@ -83,7 +85,9 @@ def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None
         write=settings.read_timeout_s,
         pool=settings.connect_timeout_s,
     )
-    all_headers = {"Authorization": f"Bearer {settings.token.reveal()}", **(headers or {})}
+    token = settings.token.reveal()
+    bearer = {"Authorization": f"Bearer {token}"} if token else {}
+    all_headers = {**bearer, **(headers or {})}
     return httpx.Client(base_url=settings.api_url, headers=all_headers, timeout=timeout)
 
 
@@ -91,6 +95,8 @@ def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None
 class Reply:
     status: int
     body: Any
+    #: The answer's headers (Jenkins names the queue item it created in ``Location``).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class VendorError(RunnerError):
@@ -186,10 +192,15 @@ class HttpCore:
                 f"{self.settings.retry_attempts} attempts: {err}"
             ) from None
 
-    def write_once(self, method: str, path: str, *, body: Any = None) -> Reply:
-        """A request that must not be repeated blindly: raises NotSent or Ambiguous."""
+    def write_once(
+        self, method: str, path: str, *, body: Any = None, form: Mapping[str, str] | None = None
+    ) -> Reply:
+        """A request that must not be repeated blindly: raises NotSent or Ambiguous.
+
+        ``body`` is sent as JSON, ``form`` as ``application/x-www-form-urlencoded``.
+        """
         try:
-            response = self._send(method, path, body=body)
+            response = self._send(method, path, body=body, form=form)
         except _NOT_SENT_ERRORS as err:
             raise NotSent(f"{type(err).__name__}") from err
         except httpx.TransportError as err:
@@ -198,7 +209,7 @@ class HttpCore:
             raise Ambiguous(f"HTTP {response.status_code}")
         if response.status_code >= 400:
             raise self.error(method, path, response)
-        return Reply(response.status_code, _json_or_none(response))
+        return Reply(response.status_code, _json_or_none(response), response.headers)
 
     def error(
         self, method: str, path: str, response: httpx.Response, *, not_found: bool = False
@@ -255,6 +266,7 @@ class HttpCore:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         headers: Mapping[str, str] | None = None,
+        form: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """One logical request: waits for budget, resends only on "rate limited" replies."""
         for _ in range(_MAX_RATE_LIMITED_REPLIES):
@@ -265,7 +277,9 @@ class HttpCore:
                     f"{self.vendor} rate limit: {wait} (more than max_rate_wait_s="
                     f"{self.settings.max_rate_wait_s:g})"
                 ) from None
-            response = self.client.request(method, path, params=params, json=body, headers=headers)
+            response = self.client.request(
+                method, path, params=params, json=body, data=form, headers=headers
+            )
             signal = self._rate_signal(response)
             self.budget.observe(signal)
             if signal.limited_for_s is None:

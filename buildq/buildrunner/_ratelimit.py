@@ -150,3 +150,12 @@ class ETagCache:
             self._entries.move_to_end(key)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
+
+
+def retry_after_signal(response: httpx.Response) -> RateSignal:
+    """For services with no rate limit of their own (Jenkins, Buildbot): a proxy in front may
+    answer 429, or 503 with ``Retry-After``, and every thread holds off for that long."""
+    retry_after = header_number(response.headers, "Retry-After")
+    if response.status_code == 429 or (response.status_code == 503 and retry_after is not None):
+        return RateSignal(limited_for_s=retry_after if retry_after is not None else 60.0)
+    return RateSignal()

@@ -16,11 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from buildq.buildrunner.buildkite import BuildkiteConfig
-from buildq.buildrunner.command import CommandConfig
-from buildq.buildrunner.github import GitHubConfig
-from buildq.buildrunner.noop import NoopConfig
-from buildq.buildrunner.sim import SimConfig
+from buildq.buildrunner import registry
 from buildq.cli import common
 from buildq.config import Config, ConfigError, Table, load_config
 from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
@@ -29,16 +25,6 @@ from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
 #: MariaDB 10.6+: utf8mb4 keys of 3072 bytes, millisecond NOW(3), READ COMMITTED locking
 #: reads; SQLite 3.35+ for RETURNING-era row values and WAL behaviour).
 MIN_VERSIONS = {"MySQL": (8, 0, 1), "MariaDB": (10, 6), "SQLite": (3, 35)}
-
-#: ``type`` of a ``[runners.NAME]`` table → the config class that validates it.
-# buildq.orchestrator.wiring builds runners (clients, directories); doctor must only validate.
-RUNNER_CONFIGS: dict[str, Any] = {
-    "noop": NoopConfig,
-    "sim": SimConfig,
-    "command": CommandConfig,
-    "buildkite": BuildkiteConfig,
-    "github": GitHubConfig,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +50,7 @@ def _doctor(args: argparse.Namespace) -> int:
         checks.append(Check("database", "skip", "no database URL (the config did not load)"))
     else:
         checks += _check_database(url, _upgrade_hint(args, url))
+    checks += _check_plugins()
     checks += _check_runners(config)
     failed = any(check.status == "FAIL" for check in checks)
     if args.json:
@@ -180,15 +167,28 @@ def _check_runners(config: Config | None) -> list[Check]:
     return [_check_runner(name, table) for name, table in sorted(config.runners.items())]
 
 
+def _check_plugins() -> list[Check]:
+    """Installed runner plugins: each one's kind and package, and whether it loads."""
+    checks = []
+    for kind, provider, error in registry.plugins():
+        if error is None:
+            checks.append(Check(f"plugin {kind}", "ok", f"runner type {kind} from {provider}"))
+        else:
+            fix = f"reinstall or uninstall {provider}"
+            checks.append(Check(f"plugin {kind}", "FAIL", error, fix))
+    return checks
+
+
 def _check_runner(name: str, table: Table) -> Check:
-    kind = str(table.data.get("type"))
-    # A fresh table without "type", as the wiring reads it: validates, builds nothing.
-    rest = Table(table.path, {k: v for k, v in table.data.items() if k != "type"}, table.origin)
+    kind_name = str(table.data.get("type"))
     try:
-        RUNNER_CONFIGS[kind].from_table(rest)
+        kind = registry.for_table(table)
+        # Validates, builds nothing: wiring builds runners (clients, directories).
+        kind.validate(table)
     except ValueError as err:  # ConfigError, naming the key; secrets never in it
-        return Check(f"runner {name}", "FAIL", f"type {kind}: invalid", str(err))
-    return Check(f"runner {name}", "ok", f"type {kind}: config and secrets resolve")
+        return Check(f"runner {name}", "FAIL", f"type {kind_name}: invalid", str(err))
+    where = "" if kind.source == registry.BUILTIN else f" (plugin {kind.source})"
+    return Check(f"runner {name}", "ok", f"type {kind_name}{where}: config and secrets resolve")
 
 
 def _first_line(err: BaseException) -> str:

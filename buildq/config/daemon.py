@@ -16,6 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from buildq.buildrunner import registry
 from buildq.config.base import ConfigError, Origin, Secret, Table, Unshown
 from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.settings import (
@@ -292,7 +293,7 @@ def _build(document: dict[str, Any], path: Path | None, base_dir: Path, origin: 
     runners_table = root.table("runners")
     runners = {name: runners_table.table(name) for name in runners_table.data}
     for table in runners.values():
-        table.choice("type", ("noop", "sim", "command", "buildkite", "github"))
+        registry.for_table(table)  # the type names a kind, and its plugin (if any) loads
     queues_table = root.table("queues")
     default_poll = PollPolicy.from_table(root.table("poll"))
     queues = {}

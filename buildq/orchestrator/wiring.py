@@ -12,15 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from buildq.buildrunner import BuildRunner
+from buildq.buildrunner import BuildRunner, registry
 from buildq.config import ConfigError, Table
 from buildq.orchestrator.schema import RUNNER_NAME_MAX
 from buildq.queue.worker import LaneSettings
-
-#: Keys of every runner table that configure its lane, not its backend.
-LANE_KEYS = ("max_concurrent_calls", "max_waiting_calls", "call_timeout_s")
-#: Calls in flight at once by default: HTTP runners wait on the network; noop never waits.
-_DEFAULT_CONCURRENCY = {"noop": 0, "sim": 0, "command": 8, "buildkite": 16, "github": 16}
 
 if TYPE_CHECKING:
     from buildq.webhook import WebhookRoute
@@ -41,61 +36,37 @@ class WiredRunners:
                 close()
 
 
-def _rest(table: Table) -> Table:
-    """The table without ``type`` (it only selects the backend) and the lane's keys."""
-    backend_keys = {k: v for k, v in table.data.items() if k != "type" and k not in LANE_KEYS}
-    return Table(table.path, backend_keys, table.origin)
-
-
-def lane_settings(kind: str, table: Table, *, blocking: bool = False) -> LaneSettings:
-    """The lane of a runner of ``kind`` (``blocking``: a sim told to delay its answers)."""
-    default = _DEFAULT_CONCURRENCY.get(kind, 16) or (16 if blocking else 0)
+def lane_settings(table: Table, calls_wait: bool) -> LaneSettings:
+    """The runner's lane: its table's lane keys, by default 16 calls at once for a runner whose
+    calls wait (on a network, a process, a delayed sim) and none (calls on the fetching thread)
+    for one whose calls never do."""
     timeout = table.float("call_timeout_s", 300.0, min=0.0)
     return LaneSettings(
-        concurrency=table.int("max_concurrent_calls", default, min=0, max=1024),
+        concurrency=table.int("max_concurrent_calls", 16 if calls_wait else 0, min=0, max=1024),
         room=table.int("max_waiting_calls", 1_000, min=0, max=1_000_000),
         call_timeout_s=timeout or None,
     )
 
 
 def wire_runner(name: str, table: Table, wired: WiredRunners) -> None:
-    kind = table.choice("type", ("noop", "sim", "command", "buildkite", "github"))
-    rest = _rest(table)
-    runner: BuildRunner
-    if kind == "noop":
-        from buildq.buildrunner.noop import NoopConfig, NoopRunner
+    """Build the runner a ``[runners.NAME]`` table describes, built in or from a plugin."""
+    from buildq.webhook import route_for
 
-        runner = NoopRunner(NoopConfig.from_table(rest))
-    elif kind == "sim":
-        from buildq.buildrunner.sim import SimConfig, SimRunner
-
-        sim = SimConfig.from_table(rest)
-        runner = SimRunner(sim)
-        wired.lanes[name] = lane_settings(kind, table, blocking=sim.blocks)
-    elif kind == "command":
-        from buildq.buildrunner.command import CommandConfig, CommandRunner
-
-        runner = CommandRunner(CommandConfig.from_table(rest))
-    elif kind == "buildkite":
-        from buildq.buildrunner import buildkite
-        from buildq.webhook import route_for
-
-        bk = buildkite.BuildkiteConfig.from_table(rest)
-        runner = buildkite.BuildkiteRunner(bk, buildkite.make_client(bk), name=name)
-        _add_route(wired, route_for(name, bk))
-    else:
-        from buildq.buildrunner import github
-        from buildq.webhook import route_for
-
-        gh = github.GitHubConfig.from_table(rest)
-        runner = github.GitHubRunner(gh, github.make_client(gh), name=name)
-        _add_route(wired, route_for(name, gh))
-    wired.runners[name] = runner
-    if name not in wired.lanes:
-        wired.lanes[name] = lane_settings(kind, table)
-
-
-def _add_route(wired: WiredRunners, route: WebhookRoute | None) -> None:
+    kind = registry.for_table(table)
+    try:
+        config = kind.validate(table)
+        wired.runners[name] = kind.factory(name, config)
+    except (ConfigError, OSError, ValueError):
+        raise
+    except Exception as err:
+        if kind.source == registry.BUILTIN:
+            raise
+        # A plugin may fail in any way; the operator needs one line naming the package.
+        raise ConfigError(
+            table.key("type"), kind.name, f"a working runner plugin ({kind.source}: {err!r:.200})"
+        ) from None
+    wired.lanes[name] = lane_settings(table, kind.calls_wait(config))
+    route = route_for(name, config, kind.name) if kind.webhook is not None else None
     if route is not None:
         wired.routes.append(route)
 

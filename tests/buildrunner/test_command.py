@@ -25,8 +25,8 @@ from buildq.buildrunner.contract import (
     Change,
 )
 from buildq.config.base import ConfigError, Table
+from buildq.testing.conformance import HOSTILE_CHANGES
 
-from .conformance import HOSTILE_CHANGES
 from .helpers import recorded_pid, stop_command_builds
 from .waiting import wait_until
 

@@ -13,8 +13,8 @@ from buildq.buildrunner.command import CommandConfig, CommandRunner
 from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.buildrunner.noop import NoopConfig, NoopRunner
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
+from buildq.testing import conformance
 
-from . import conformance
 from .helpers import FakeClock, stop_command_builds
 from .waiting import wait_until
 

@@ -198,11 +198,15 @@ class FakeService:
     def etag_304_is_free(self) -> bool:
         return False
 
+    def authorized(self, request: Request) -> bool:
+        """Whether the request carries the credential (a bearer token unless overridden)."""
+        return request.headers.get("authorization") == f"Bearer {self.token}"
+
     # request handling ------------------------------------------------------------------
     def serve(self, request: Request) -> Reply:
         with self.lock:
             self.requests.append(request)
-        if request.headers.get("authorization") != f"Bearer {self.token}":
+        if not self.authorized(request):
             return Reply(401, {"message": "Bad credentials"})
         with self.lock:
             now = time.monotonic()
@@ -276,10 +280,13 @@ def _handler_for(service: FakeService) -> type[BaseHTTPRequestHandler]:
             split = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            form = "application/x-www-form-urlencoded" in self.headers.get("Content-Type", "")
             try:
-                body = json.loads(raw) if raw else None
+                body: Any = json.loads(raw) if raw and not form else None
             except ValueError:
                 body = None
+            if form:  # a form post (Jenkins): one value per field
+                body = {k: v[0] for k, v in parse_qs(raw.decode(), keep_blank_values=True).items()}
             request = Request(
                 method=self.command,
                 path=split.path,
@@ -290,13 +297,20 @@ def _handler_for(service: FakeService) -> type[BaseHTTPRequestHandler]:
             )
             reply = service.serve(request)
             request.status = reply.status
-            payload = b"" if reply.body is None else json.dumps(reply.body).encode()
+            # A str body is a page (Jenkins answers some errors in HTML), anything else JSON.
+            text = isinstance(reply.body, str)
+            payload = (
+                b""
+                if reply.body is None
+                else (reply.body.encode() if text else json.dumps(reply.body).encode())
+            )
             try:
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 if payload:
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                    kind = "text/html" if text else "application/json"
+                    self.send_header("Content-Type", f"{kind}; charset=utf-8")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

@@ -13,12 +13,17 @@ from typing import Any
 import httpx
 import pytest
 
+from buildq.buildrunner import registry
 from buildq.buildrunner.buildkite import BuildkiteConfig, BuildkiteRunner
 from buildq.buildrunner.buildkite import make_client as make_bk_client
 from buildq.buildrunner.github import GitHubConfig, GitHubRunner
 from buildq.buildrunner.github import make_client as make_gh_client
+from buildq.buildrunner.gitlab import GitLabRunner
+from buildq.buildrunner.jenkins import JenkinsRunner
 from buildq.config.base import Table
 from tests.fakeci import FakeBuildkite, FakeGitHub
+from tests.fakeci.gitlab import FakeGitLab
+from tests.fakeci.jenkins import FakeJenkins
 
 BK_TOKEN_ENV = "BUILDQ_TEST_BUILDKITE_TOKEN"
 GH_TOKEN_ENV = "BUILDQ_TEST_GITHUB_TOKEN"
@@ -118,3 +123,82 @@ def bk_runner(make_bk_runner: Callable[..., BuildkiteRunner]) -> BuildkiteRunner
 @pytest.fixture
 def gh_runner(make_gh_runner: Callable[..., GitHubRunner]) -> GitHubRunner:
     return make_gh_runner()
+
+
+# --- GitLab and Jenkins -------------------------------------------------------------------
+
+GL_TOKEN_ENV = "BUILDQ_TEST_GITLAB_TOKEN"
+GL_TRIGGER_ENV = "BUILDQ_TEST_GITLAB_TRIGGER_TOKEN"
+JK_TOKEN_ENV = "BUILDQ_TEST_JENKINS_TOKEN"
+
+
+@pytest.fixture
+def gl() -> Iterator[FakeGitLab]:
+    with FakeGitLab() as fake:
+        yield fake
+
+
+@pytest.fixture
+def jk() -> Iterator[FakeJenkins]:
+    with FakeJenkins() as fake:
+        yield fake
+
+
+def gitlab_table(fake: FakeGitLab, **overrides: Any) -> Table:
+    data = {
+        "type": "gitlab",
+        "api_url": f"{fake.url}/api/v4",
+        "project": fake.project_path,
+        "token_env": GL_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.gl", data)
+
+
+def jenkins_table(fake: FakeJenkins, **overrides: Any) -> Table:
+    data = {
+        "type": "jenkins",
+        "api_url": fake.url,
+        "job": fake.job,
+        "user": fake.user,
+        "token_env": JK_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.jk", data)
+
+
+@pytest.fixture
+def make_gl_runner(
+    gl: FakeGitLab, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., GitLabRunner]]:
+    runners: list[GitLabRunner] = []
+    monkeypatch.setenv(GL_TOKEN_ENV, gl.token)
+    monkeypatch.setenv(GL_TRIGGER_ENV, gl.trigger_token)
+
+    def make(**overrides: Any) -> GitLabRunner:
+        config = registry.get("gitlab").validate(gitlab_table(gl, **overrides))
+        runners.append(registry.get("gitlab").factory("gl", config))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+@pytest.fixture
+def make_jk_runner(
+    jk: FakeJenkins, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., JenkinsRunner]]:
+    runners: list[JenkinsRunner] = []
+    monkeypatch.setenv(JK_TOKEN_ENV, jk.token)
+
+    def make(**overrides: Any) -> JenkinsRunner:
+        config = registry.get("jenkins").validate(jenkins_table(jk, **overrides))
+        runners.append(registry.get("jenkins").factory("jk", config))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()

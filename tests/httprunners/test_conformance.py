@@ -10,7 +10,7 @@ import pytest
 from buildq.buildrunner.buildkite import BuildkiteRunner
 from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.buildrunner.github import GitHubRunner
-from tests.buildrunner import conformance
+from buildq.testing import conformance
 from tests.fakeci import FakeBuildkite, FakeGitHub
 
 

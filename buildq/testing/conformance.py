@@ -1,4 +1,5 @@
-"""Checks every BuildRunner backend must pass, as plain functions any test can call.
+"""Checks every BuildRunner backend must pass, as plain functions any test can call
+(``suite.RunnerConformance`` runs them all as a pytest class).
 
 A backend's test module builds its runner, plus the hooks a check needs (how to make a build
 reach a terminal state, which ids it can never know), and calls these. The contract-level

@@ -1,0 +1,303 @@
+"""Buildbot as a BuildRunner: one forced build request per trigger, over the REST API.
+
+A trigger calls the master's force scheduler (``POST /api/v2/forceschedulers/<name>``, a
+JSON-RPC ``force``) for one builder, with the changes as properties (``buildq_request_id``,
+``buildq_queue``, ``buildq_base``, ``buildq_head``: the scheduler must declare them). A build
+is identified as ``bb:<build request id>``: a request survives retries of its build (a build
+interrupted by a master restart is retried under the same request), so its state is the
+build's state. Status reads the request and its builds; cancel cancels the request, which
+also stops its running build.
+
+The force reason carries ``buildq <request id>``, so a lost trigger is found again among the
+recent buildsets (and confirmed by the buildset's ``buildq_request_id`` property).
+See docs/ci-runners.md for the master side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeGuard
+
+import httpx
+
+from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner.contract import (
+    CORRELATION_KEY,
+    BuildID,
+    BuildMetadata,
+    BuildNotFound,
+    BuildStatus,
+    Change,
+    RunnerError,
+    TransientRunnerError,
+)
+from buildq.config.base import Table
+
+KIND = "buildbot"
+REASON_PREFIX = "buildq "
+
+_ID = re.compile(r"^bb:([0-9]{1,18})$")
+_TOKEN_EDGE = r"A-Za-z0-9_.-"
+
+#: Buildbot's result codes (``buildbot.process.results``) → buildq, with the failure reason.
+_RESULTS: Mapping[int, tuple[str, BuildStatus, str | None]] = {
+    0: ("success", BuildStatus.SUCCEEDED, None),
+    1: ("warnings", BuildStatus.SUCCEEDED, None),
+    2: ("failure", BuildStatus.FAILED, "verdict"),
+    # A request collapsed into a newer one: superseded, not a verdict on the change.
+    3: ("skipped", BuildStatus.CANCELLED, None),
+    4: ("exception", BuildStatus.FAILED, "infra"),
+    5: ("retry", BuildStatus.FAILED, "infra"),
+    6: ("cancelled", BuildStatus.CANCELLED, None),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BuildbotConfig:
+    """``[runners.<name>]`` with ``type = "buildbot"``."""
+
+    builder: str
+    http: _http.HttpSettings
+    scheduler: str = "buildq"
+    lookup_buildsets: int = 200
+    lookup_before_trigger: bool = True
+
+    @classmethod
+    def from_table(cls, table: Table) -> BuildbotConfig:
+        return cls(
+            builder=table.str("builder"),
+            http=_http.HttpSettings.from_table(
+                table, default_api_url="http://localhost:8010", token_required=False
+            ),
+            scheduler=table.str("scheduler", "buildq"),
+            lookup_buildsets=table.int("lookup_buildsets", 200, min=1, max=5000),
+            lookup_before_trigger=table.bool("lookup_before_trigger", True),
+        )
+
+
+def make_client(config: BuildbotConfig) -> httpx.Client:
+    """The master's web URL, timeouts; a token (if set) as a bearer token for a proxy."""
+    return _http.make_client(config.http, {"Accept": "application/json"})
+
+
+def build_id(request_id: int) -> BuildID:
+    return BuildID(f"bb:{request_id}")
+
+
+def parse_build_id(value: BuildID) -> int:
+    match = _ID.match(value.id)
+    if match is None:
+        raise BuildNotFound(f"{value.id!r} is not a Buildbot build id (bb:<build request id>)")
+    return int(match[1])
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
+
+
+def map_status(
+    request: Mapping[str, Any], builds: Sequence[Mapping[str, Any]]
+) -> tuple[BuildStatus, BuildMetadata]:
+    """A build request and its builds in buildq's terms (the newest build tells the story)."""
+    latest = max(builds, key=lambda b: b.get("buildid") or 0, default=None)
+    meta = _metadata(request, latest)
+    if request.get("complete") is not True:
+        running = any(b.get("complete") is False for b in builds)
+        meta["native_state"] = "building" if running else "pending"
+        return (BuildStatus.RUNNING if running else BuildStatus.ACCEPTED), meta
+    code = request.get("results")
+    if not isinstance(code, int) or code not in _RESULTS:
+        meta["native_state"] = f"results={code}"
+        return BuildStatus.UNKNOWN, meta
+    word, status, reason = _RESULTS[code]
+    meta["native_state"] = word
+    if reason is not None:
+        meta["failure_reason"] = reason
+    if word == "skipped":
+        meta["cancelled_by"] = "external"
+    return status, meta
+
+
+def _metadata(request: Mapping[str, Any], build: Mapping[str, Any] | None) -> BuildMetadata:
+    meta: BuildMetadata = {}
+    if _count(request.get("buildrequestid")):
+        meta["buildrequest_id"] = str(request["buildrequestid"])
+    if build is None:
+        return meta
+    for key in ("buildid", "number", "builderid"):
+        if _count(build.get(key)):
+            meta[key] = str(build[key])
+    if isinstance(build.get("state_string"), str):
+        meta["state_string"] = build["state_string"]
+    started, finished = build.get("started_at"), build.get("complete_at")
+    meta.update(_vendor.time_metadata(_iso(started), _iso(finished)))
+    return meta
+
+
+def _iso(epoch: object) -> str | None:
+    if not isinstance(epoch, int | float) or isinstance(epoch, bool) or epoch <= 0:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _mentions(reason: object, request_id: str) -> bool:
+    """Whether a buildset's reason carries ``buildq <request id>`` as whole words."""
+    if not isinstance(reason, str):
+        return False
+    token = re.escape(REASON_PREFIX + request_id)
+    return re.search(rf"(?<![{_TOKEN_EDGE}]){token}(?![{_TOKEN_EDGE}])", reason) is not None
+
+
+class BuildbotRunner(_vendor.HttpRunner):
+    """Forces, polls and cancels build requests of one Buildbot builder. Thread-safe."""
+
+    vendor = "Buildbot"
+
+    def __init__(
+        self,
+        config: BuildbotConfig,
+        client: httpx.Client,
+        *,
+        name: str = KIND,
+        budget: _ratelimit.RateBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            client,
+            config.http,
+            name=name,
+            rate_signal=_ratelimit.retry_after_signal,
+            budget=budget,
+            sleep=sleep,
+        )
+        self.config = config
+        self._rpc_ids = itertools.count(1)
+
+    def trigger(
+        self,
+        queue: str,
+        base: Sequence[Change],
+        head: Sequence[Change],
+        metadata: Mapping[str, str] | None = None,
+    ) -> BuildID:
+        token = (metadata or {}).get(CORRELATION_KEY) or None
+        request_id = token or _vendor.new_request_id()
+        params = {
+            "builderNames": [self.config.builder],
+            "owner": "buildq",
+            "reason": REASON_PREFIX + request_id,
+            CORRELATION_KEY: request_id,
+            "buildq_queue": queue,
+            "buildq_base": _vendor.changes_json(base),
+            "buildq_head": _vendor.changes_json(head),
+        }
+        result = _vendor.create_idempotently(
+            self._core,
+            token=token,
+            create=lambda: self._force(params),
+            lookup=lambda: self._find(request_id),
+            lookup_first=self.config.lookup_before_trigger,
+        )
+        self._log.info(
+            "runner_build_triggered", build_id=result.id, queue=queue, request_id=request_id
+        )
+        return result
+
+    def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
+        brid = parse_build_id(build_id)
+        reply = self._core.read("GET", f"/api/v2/buildrequests/{brid}")
+        requests = reply.body.get("buildrequests") if isinstance(reply.body, Mapping) else None
+        if not isinstance(requests, list) or not requests or not isinstance(requests[0], Mapping):
+            raise BuildNotFound(f"Buildbot has no build request {brid}")
+        reply = self._core.read("GET", f"/api/v2/buildrequests/{brid}/builds")
+        builds = reply.body.get("builds") if isinstance(reply.body, Mapping) else None
+        if not isinstance(builds, list):
+            raise TransientRunnerError(f"Buildbot answered the builds of {build_id} without a list")
+        status, meta = map_status(requests[0], [b for b in builds if isinstance(b, Mapping)])
+        meta["url"] = f"{self.config.http.api_url}/#/buildrequests/{brid}"
+        return status, meta
+
+    def cancel(self, build_id: BuildID) -> None:
+        brid = parse_build_id(build_id)
+        if self.status(build_id)[0].is_terminal:
+            self._log.info("runner_cancel_requested", build_id=build_id.id, noop=True)
+            return
+        # Cancelling the request also stops its build if one is running.
+        self._rpc(f"/api/v2/buildrequests/{brid}", "cancel", {"reason": "cancelled by buildq"})
+        self._log.info("runner_cancel_requested", build_id=build_id.id, noop=False)
+
+    def _rpc(self, path: str, method: str, params: Mapping[str, Any]) -> Any:
+        body = {"jsonrpc": "2.0", "method": method, "id": next(self._rpc_ids), "params": params}
+        return self._core.read("POST", path, body=body, missing_is_not_found=False).body
+
+    def _force(self, params: Mapping[str, Any]) -> BuildID:
+        body = {"jsonrpc": "2.0", "method": "force", "id": next(self._rpc_ids), "params": params}
+        path = f"/api/v2/forceschedulers/{self.config.scheduler}"
+        answer = self._core.write_once("POST", path, body=body).body
+        result = answer.get("result") if isinstance(answer, Mapping) else None
+        # ``[buildset id, {builder id: build request id}]``
+        if isinstance(result, list) and len(result) == 2 and isinstance(result[1], Mapping):
+            brids = [v for v in result[1].values() if _count(v)]
+            if len(brids) == 1:
+                return build_id(brids[0])
+        error = answer.get("error") if isinstance(answer, Mapping) else None
+        raise RunnerError(f"Buildbot did not force one build request: {str(error or answer)[:200]}")
+
+    def _find(self, request_id: str) -> BuildID | None:
+        reply = self._core.read(
+            "GET",
+            "/api/v2/buildsets",
+            params={"order": "-bsid", "limit": str(self.config.lookup_buildsets)},
+            missing_is_not_found=False,
+        )
+        buildsets = reply.body.get("buildsets") if isinstance(reply.body, Mapping) else None
+        matches = sorted(
+            b["bsid"]
+            for b in (buildsets if isinstance(buildsets, list) else [])
+            if isinstance(b, Mapping)
+            and _count(b.get("bsid"))
+            and _mentions(b.get("reason"), request_id)
+        )
+        for bsid in matches:  # should a duplicate ever exist, always settle on the first
+            if self._property(bsid, CORRELATION_KEY) == request_id:
+                return self._request_of(bsid)
+        return None
+
+    def _property(self, bsid: int, name: str) -> object:
+        reply = self._core.read(
+            "GET", f"/api/v2/buildsets/{bsid}/properties", missing_is_not_found=False
+        )
+        found = reply.body.get("properties") if isinstance(reply.body, Mapping) else None
+        props = (
+            found[0] if isinstance(found, list) and found and isinstance(found[0], Mapping) else {}
+        )
+        value = props.get(name)
+        # Properties are ``name: [value, source]``.
+        return value[0] if isinstance(value, list) and value else None
+
+    def _request_of(self, bsid: int) -> BuildID | None:
+        reply = self._core.read(
+            "GET",
+            "/api/v2/buildrequests",
+            params={"buildsetid": str(bsid)},
+            missing_is_not_found=False,
+        )
+        requests = reply.body.get("buildrequests") if isinstance(reply.body, Mapping) else None
+        brids = [
+            r["buildrequestid"]
+            for r in (requests if isinstance(requests, list) else [])
+            if isinstance(r, Mapping) and _count(r.get("buildrequestid"))
+        ]
+        return build_id(min(brids)) if brids else None
+
+
+def _runner(name: str, config: BuildbotConfig) -> BuildbotRunner:
+    return BuildbotRunner(config, make_client(config), name=name)
+
+
+RUNNER_KIND = registry.RunnerKind(KIND, BuildbotConfig.from_table, _runner)
