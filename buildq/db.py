@@ -52,6 +52,14 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for any other database)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database)
+
+
 def _sqlite_engine(url: str, pool_size: int) -> Engine:
     engine = sa.create_engine(
         url,

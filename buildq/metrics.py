@@ -231,6 +231,13 @@ class Metrics:
             ["lane"],
             registry=r,
         )
+        self.lane_oldest = Gauge(
+            "buildq_lane_oldest_call_seconds",
+            "How long the oldest delivery in a runner's lane has waited on it, queued or in a"
+            " call (0: none): a CI service that stopped answering shows here",
+            ["lane"],
+            registry=r,
+        )
         self.commit_steps = Histogram(
             "buildq_commit_batch_steps",
             "Deliveries settled per transaction (the hand-off batches)",
@@ -249,9 +256,10 @@ class Metrics:
     def observe_lane_wait(self, lane: str, seconds: float) -> None:
         self.lane_wait.labels(lane).observe(max(0.0, seconds))
 
-    def set_lane_load(self, lane: str, running: int, waiting: int) -> None:
+    def set_lane_load(self, lane: str, running: int, waiting: int, oldest_s: float) -> None:
         self.lane_running.labels(lane).set(running)
         self.lane_waiting.labels(lane).set(waiting)
+        self.lane_oldest.labels(lane).set(round(oldest_s, 3))
 
     def observe_commit(self, steps: int, seconds: float) -> None:
         self.commit_steps.observe(steps)

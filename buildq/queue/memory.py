@@ -173,6 +173,7 @@ class MemoryQueue:
             self._check_open()
             results = [self._insert(topic, m, delay_ms) for m in messages]
             self._changed.notify_all()
+        self._wake({topic})
         return results
 
     def _insert(
@@ -195,6 +196,13 @@ class MemoryQueue:
     def _check_open(self) -> None:
         if self._closed:
             raise PublisherClosed("the publisher is closed")
+
+    def _wake(self, topics: set[str]) -> None:
+        """Wake the members of ``topics`` (a local publish ends their ``wait``)."""
+        with self._lock:
+            members = [m for (topic, _), m in self._members.items() if topic in topics]
+        for member in members:
+            member.wake()
 
     @contextmanager
     def transaction(self) -> Iterator[MemoryTransaction]:
@@ -306,10 +314,15 @@ class MemoryQueue:
 
     def next_due_ms(self, member: MemorySubscription) -> int | None:
         with self._lock:
+            states = self._groups[member.topic][member.group]
+            busy = {self._log[s].message.partition_key for s, st in states.items() if st.inflight}
+            # What fetch could hand out: a message behind an earlier one of its partition that
+            # is in flight is not due (counting it made a worker's fetch loop spin).
             waiting = [
-                s.visible_at
-                for s in self._groups[member.topic][member.group].values()
-                if not s.kept
+                state.visible_at
+                for seq, state in states.items()
+                if not state.kept
+                and (state.inflight or self._log[seq].message.partition_key not in busy)
             ]
             return min(waiting) - self.clock() if waiting else None
 
@@ -490,15 +503,23 @@ class MemoryTransaction:
         return [self.publish_after(topic, m, delay_ms) for m in messages]
 
     def ack(self, delivery: Delivery) -> None:
-        self._steps.append(Step(delivery, Ack()))
+        self._settling(Step(delivery, Ack()))
 
     def nack(
         self, delivery: Delivery, requeue_after_ms: int | None = None, error: str = ""
     ) -> None:
-        self._steps.append(Step(delivery, Nack(requeue_after_ms, error)))
+        self._settling(Step(delivery, Nack(requeue_after_ms, error)))
 
     def reject(self, delivery: Delivery, reason: str) -> None:
-        self._steps.append(Step(delivery, Reject(reason)))
+        self._settling(Step(delivery, Reject(reason)))
+
+    def _settling(self, step: Step) -> None:
+        """Acting twice on one delivery (before, or in this transaction) is refused at once,
+        as the SQL transaction does."""
+        delivery = step.delivery
+        if getattr(delivery, "_settled", False) or any(s.delivery is delivery for s in self._steps):
+            raise AlreadyAcknowledged(f"delivery of {delivery.message.id!r} was already settled")
+        self._steps.append(step)
 
     def commit(self) -> None:
         """All or nothing: a claim that is no longer ours refuses the whole transaction."""
@@ -514,6 +535,7 @@ class MemoryTransaction:
                 queue.committer().commit(self._steps)
             for topic, message, delay_ms in self._outbox.messages:
                 queue._insert(topic, message, delay_ms)
+        queue._wake({topic for topic, _, _ in self._outbox.messages})
 
 
 def _validate(topic: str, message: Message) -> None:

@@ -140,7 +140,11 @@ class WorkerMetrics(Protocol):
     def observe_delivery(self, topic: str, group: str, outcome: str, seconds: float) -> None: ...
     def observe_dispatch_lag(self, topic: str, group: str, seconds: float) -> None: ...
     def observe_lane_wait(self, lane: str, seconds: float) -> None: ...
-    def set_lane_load(self, lane: str, running: int, waiting: int) -> None: ...
+    def set_lane_load(self, lane: str, running: int, waiting: int, oldest_s: float) -> None:
+        """Jobs running and waiting in ``lane``, and how long its oldest job has been waiting
+        on it (queued or running): a CI service that stopped answering shows here."""
+        ...
+
     def observe_commit(self, steps: int, seconds: float) -> None: ...
 
 
@@ -183,7 +187,6 @@ class _Lane:
     waiting: deque[_Task] = field(default_factory=deque)
     running: set[_Task] = field(default_factory=set)
     threads: int = 0
-    idle: int = 0
 
     @property
     def load(self) -> int:
@@ -351,9 +354,11 @@ class Worker:
                 _uncount(task)
                 task.queued_at = time.monotonic()
                 lane.waiting.append(task)
-                if lane.idle:
-                    lane.ready.notify()
-                elif lane.threads < lane.settings.concurrency:
+                lane.ready.notify()
+                # Every thread not running a job takes one waiting job: start one more while
+                # there are more waiting jobs than such threads.
+                idle = lane.threads - len(lane.running)
+                if len(lane.waiting) > idle and lane.threads < lane.settings.concurrency:
                     lane.threads += 1
                     self._spawn(f"lane-{lane.name}", self._lane_loop, lane)
         if deferred:
@@ -376,9 +381,7 @@ class Worker:
         while True:
             with self._lock:
                 while not lane.waiting and not self._closed:
-                    lane.idle += 1
                     lane.ready.wait()
-                    lane.idle -= 1
                 if not lane.waiting:
                     lane.threads -= 1
                     return
@@ -567,7 +570,7 @@ class Worker:
             overdue: list[tuple[_Task, _Lane]] = []
             with self._lock:
                 loads = [
-                    (lane.name, len(lane.running), len(lane.waiting))
+                    (lane.name, len(lane.running), len(lane.waiting), _oldest(lane, now))
                     for lane in self._lanes.values()
                 ]
                 for lane in self._lanes.values():
@@ -588,8 +591,8 @@ class Worker:
                         "call_timed_out", lane=lane.name, message_id=task.job.delivery.message.id
                     )
             if self._metrics is not None:
-                for name, running, waiting in loads:
-                    self._metrics.set_lane_load(name, running, waiting)
+                for name, running, waiting, oldest_s in loads:
+                    self._metrics.set_lane_load(name, running, waiting, oldest_s)
 
     def health(self, max_age_s: float) -> tuple[bool, str]:
         """Fetchers ticking and the commit thread alive. A slow lane is not unhealthy."""
@@ -691,6 +694,12 @@ class Worker:
     def _emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:
             self._on_event(event, **data)
+
+
+def _oldest(lane: _Lane, now: float) -> float:
+    """Seconds since the oldest job of ``lane`` was queued (0 when it has none)."""
+    queued = [t.queued_at for t in lane.running] + [t.queued_at for t in lane.waiting]
+    return now - min(queued) if queued else 0.0
 
 
 def _count(task: _Task) -> None:
