@@ -61,6 +61,7 @@ class Profile:
     p5_daemons: tuple[int, ...]
     p5_levels: tuple[int, ...]  # extra fixed levels checked at the real cadence (full only)
     e2e_requests: int
+    peers_builds: int  # builds of the peers' workload (each polled 5 times)
     pyspy: bool = False  # record py-spy profiles of P1 and P5 (see bench/profiling.py)
 
 
@@ -68,7 +69,7 @@ PROFILES = {
     "quick": Profile(
         name="quick",
         # The stand-alone ceiling table is left out: every benchmark measures its own.
-        benches=("p1", "p2", "p3", "p4", "p5", "e2e"),
+        benches=("p1", "p2", "p3", "p4", "p5", "e2e", "peers"),
         rounds=2,
         ceiling_s=1.0,
         p1_s=1.2,
@@ -86,10 +87,11 @@ PROFILES = {
         p5_daemons=(1,),
         p5_levels=(),
         e2e_requests=500,
+        peers_builds=1_000,
     ),
     "full": Profile(
         name="full",
-        benches=("ceiling", "p1", "p2", "p3", "p4", "p5", "e2e"),
+        benches=("ceiling", "p1", "p2", "p3", "p4", "p5", "e2e", "peers"),
         rounds=3,
         ceiling_s=3.0,
         p1_s=4.0,
@@ -107,6 +109,7 @@ PROFILES = {
         p5_daemons=(1, 2, 3),
         p5_levels=(10_000,),
         e2e_requests=3_000,
+        peers_builds=1_000,
     ),
 }
 

@@ -40,14 +40,15 @@ runner = "noop"
 """
 
 
-def _requests(count: int) -> list[Message]:
+def requests(count: int, prefix: str = "req") -> list[Message]:
+    """``count`` build requests on queue ``bench``, ids ``<prefix>-<i>``."""
     return [
         Message(
-            id=message_id(f"req-{i}", "request"),
+            id=message_id(f"{prefix}-{i}", "request"),
             payload=BuildRequest(
-                f"req-{i}", "bench", (Change("base-1", "b1"),), (Change(f"c-{i}", "r1"),)
+                f"{prefix}-{i}", "bench", (Change("base-1", "b1"),), (Change(f"c-{i}", "r1"),)
             ).to_bytes(),
-            partition_key=f"req-{i}",
+            partition_key=f"{prefix}-{i}",
         )
         for i in range(count)
     ]
@@ -81,11 +82,11 @@ def run(backend: Backend, profile: Profile) -> Result:
         queue = SqlQueue(db)
         daemon = DaemonProcess(config, directory).start()
         try:
-            requests = _requests(count)
+            batch = requests(count)
             before = daemon.fresh_stats()
             started = time.monotonic()
             for start in range(0, count, 500):
-                queue.publish_many(topics.BUILD, requests[start : start + 500])
+                queue.publish_many(topics.BUILD, batch[start : start + 500])
             done = wait_for(
                 lambda: db.read(lambda conn: conn.execute(_RESULTS).scalar_one()) >= count,
                 timeout=300,

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -121,6 +122,7 @@ class Metrics:
     """The daemon's metrics; ``registry`` is what ``/metrics`` serves."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = r = CollectorRegistry()
         group = ["topic", "group"]
         self.deliveries = Counter(
@@ -253,8 +255,17 @@ class Metrics:
 
     # --- observations -----------------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the hot path observes the same few series
+        thousands of times a second, and ``labels()`` takes a lock and builds a key each time."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_lane_wait(self, lane: str, seconds: float) -> None:
-        self.lane_wait.labels(lane).observe(max(0.0, seconds))
+        self._child(self.lane_wait, lane).observe(max(0.0, seconds))
 
     def set_lane_load(self, lane: str, running: int, waiting: int, oldest_s: float) -> None:
         self.lane_running.labels(lane).set(running)
@@ -266,11 +277,11 @@ class Metrics:
         self.commit_seconds.observe(seconds)
 
     def observe_delivery(self, topic: str, group: str, outcome: str, seconds: float) -> None:
-        self.deliveries.labels(topic, group, outcome).inc()
-        self.handler_seconds.labels(topic, group).observe(seconds)
+        self._child(self.deliveries, topic, group, outcome).inc()
+        self._child(self.handler_seconds, topic, group).observe(seconds)
 
     def observe_dispatch_lag(self, topic: str, group: str, seconds: float) -> None:
-        self.dispatch_lag.labels(topic, group).observe(max(0.0, seconds))
+        self._child(self.dispatch_lag, topic, group).observe(max(0.0, seconds))
 
     def observe_published(self, topic: str, results: Sequence[PublishResult]) -> None:
         duplicates = sum(1 for result in results if result.duplicate)
@@ -298,5 +309,5 @@ class Metrics:
             self.deadline_timeouts.labels(deadline).inc()
 
     def observe_runner_call(self, runner: str, method: str, outcome: str, seconds: float) -> None:
-        self.runner_calls.labels(runner, method, outcome).inc()
-        self.runner_seconds.labels(runner, method).observe(seconds)
+        self._child(self.runner_calls, runner, method, outcome).inc()
+        self._child(self.runner_seconds, runner, method).observe(seconds)

@@ -102,10 +102,12 @@ class PollPolicy:
     def from_table(cls, table: Table, defaults: PollPolicy | None = None) -> PollPolicy:
         base = defaults or cls()
         policy = cls(
+            # 0: the next poll is due at once (for tests and benchmarks; a CI service would
+            # rate-limit it).
             accepted_interval_s=table.float(
-                "accepted_interval_s", base.accepted_interval_s, min=0.01
+                "accepted_interval_s", base.accepted_interval_s, min=0.0
             ),
-            running_interval_s=table.float("running_interval_s", base.running_interval_s, min=0.01),
+            running_interval_s=table.float("running_interval_s", base.running_interval_s, min=0.0),
             growth=table.float("growth", base.growth, min=1.0, max=10.0),
             max_interval_s=table.float("max_interval_s", base.max_interval_s, min=0.01),
             jitter=table.float("jitter", base.jitter, min=0.0, max=0.5),

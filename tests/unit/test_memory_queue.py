@@ -43,7 +43,9 @@ def test_publish_is_idempotent_on_topic_key_and_id(queue: MemoryQueue) -> None:
         False,
     ]
     assert [r.duplicate for r in in_one_batch] == [False, True]
-    stored = {(d.message.partition_key, d.message.id): d.message.payload for d in drain(queue, TOPIC)}
+    stored = {
+        (d.message.partition_key, d.message.id): d.message.payload for d in drain(queue, TOPIC)
+    }
     assert stored == {("k", "a"): b"first", ("k2", "a"): b"other key", ("k", "b"): b"1"}
 
 

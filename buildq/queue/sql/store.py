@@ -310,6 +310,8 @@ def decode_metadata(raw: object) -> dict[str, str]:
     bad row must not stop its subscription from fetching (and burn the retries of every
     healthy message claimed in the same batch).
     """
+    if raw == "{}":  # what nearly every message carries
+        return {}
     if isinstance(raw, bytes | bytearray | memoryview):
         raw = bytes(raw).decode("utf-8", "replace")
     try:
