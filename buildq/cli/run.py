@@ -30,6 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return daemon.run()
     except (ConfigError, NotMigrated) as err:
-        daemon.stop()
+        # Something only the operator can fix (a port in use, a bad key, an unmigrated
+        # database): one line, and exit status 2, which the unit does not restart.
+        daemon.stop(quiet=True)
         print(f"buildq: {err}", file=sys.stderr)
         return 2

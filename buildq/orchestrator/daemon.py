@@ -344,11 +344,14 @@ class Daemon:
 
     # --- stop ---------------------------------------------------------------------------------
 
-    def stop(self) -> None:
+    def stop(self, *, quiet: bool = False) -> None:
+        """Drain and release. ``quiet``: start-up failed, and the one line saying why (printed
+        by ``buildq run``) is all an operator should have to read."""
         self.stopping.set()
         self.metrics.up.set(0)
         self.notifier.stopping()
-        log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
+        if not quiet:
+            log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
         if self.consumer is not None:
             self.consumer.stop(self.config.daemon.shutdown_grace_s)
         if self.committer is not None:
@@ -367,7 +370,8 @@ class Daemon:
             self.wired.close()
         if self.db is not None:
             self.db.dispose()
-        log.info("daemon_stopped")
+        if not quiet:
+            log.info("daemon_stopped")
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""

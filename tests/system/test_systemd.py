@@ -178,21 +178,50 @@ def test_daemon_notifies_ready_watchdog_and_stopping(
             daemon.wait()
 
 
-@pytest.mark.parametrize("broken", ["unmigrated", "bad_config"])
-def test_bad_start_exits_2(tmp_path: Path, config_file: Path, broken: str) -> None:
-    """Exit status 2 is what the unit's RestartPreventExitStatus=2 keeps from crash-looping."""
-    if broken == "bad_config":
-        config_file.write_text(config_file.read_text().replace("port = 0", "port = -1"))
-    result = subprocess.run(
-        [str(BUILDQ), "run", "--config", str(config_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-    )
+@pytest.mark.parametrize(
+    "broken", ["unmigrated", "bad_config", "port_in_use", "secret_file_mode", "bad_database_url"]
+)
+def test_bad_start_is_one_line_and_exits_2(tmp_path: Path, config_file: Path, broken: str) -> None:
+    """Exit status 2 is what the unit's RestartPreventExitStatus=2 keeps from crash-looping;
+    the one line on stderr says what is wrong and how to fix it (no traceback)."""
+    if broken != "unmigrated":
+        _upgrade(config_file)
+    text = config_file.read_text()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if broken == "bad_config":
+            text = text.replace("port = 0", "port = -1")
+        elif broken == "port_in_use":
+            text = text.replace("port = 0", f"port = {taken.getsockname()[1]}")
+        elif broken == "secret_file_mode":
+            secret = tmp_path / "token"
+            secret.write_text("s3cret-token-value")
+            secret.chmod(0o644)
+            text += f'\n[runners.bk]\ntype = "buildkite"\norganization = "o"\npipeline = "p"\ntoken_file = "{secret}"\n'
+        elif broken == "bad_database_url":
+            text = text.replace('url = "sqlite:///', 'url = "mysql+pymysql://buildq@db:port/x" #')
+        config_file.write_text(text)
+        result = subprocess.run(
+            [str(BUILDQ), "run", "--config", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        )
     assert result.returncode == 2, result.stderr[-3000:]
-    expected = "db upgrade" if broken == "unmigrated" else "http.port"
-    assert expected in result.stderr
+    expected = {
+        "unmigrated": "buildq db upgrade",
+        "bad_config": "http.port = -1",
+        "port_in_use": "in use by another process",
+        "secret_file_mode": "chmod 600",
+        "bad_database_url": "database.url",
+    }[broken]
+    # Log events of what did start (JSON) may come first; the error is one plain line.
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and lines[0].startswith("buildq: "), result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(lines[0]) and expected in lines[0]
+    assert "s3cret" not in result.stderr
 
 
 # --- Notifier, in process -----------------------------------------------------------------------
