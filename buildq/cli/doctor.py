@@ -82,7 +82,11 @@ def _check_config(args: argparse.Namespace) -> tuple[list[Check], Config | None,
     if getattr(args, "url", None):
         skipped = Check("config", "skip", "--url given: no config file read")
         return [skipped], None, str(args.url)
-    path = common.config_path(args)
+    try:
+        path = common.config_path(args)
+    except common.CliError as err:
+        fix = f"{common.CONFIG_ENV}=PATH or --config PATH, or 'buildq setup-host' to write one"
+        return [Check("config", "FAIL", str(err), fix=fix)], None, None
     try:
         config = load_config(path)
     except ConfigError as err:
@@ -92,13 +96,20 @@ def _check_config(args: argparse.Namespace) -> tuple[list[Check], Config | None,
 
 
 def _upgrade_hint(args: argparse.Namespace, url: str) -> str:
-    path = common.config_path(args) if not getattr(args, "url", None) else None
+    path = _config_path_or_none(args) if not getattr(args, "url", None) else None
     if path:
         return f"run 'buildq db upgrade --config {path}'"
     try:
         return f"run \"buildq db upgrade --url '{redacted_url(url)}'\""
     except sa.exc.ArgumentError:
         return "run 'buildq db upgrade --url URL'"
+
+
+def _config_path_or_none(args: argparse.Namespace) -> Path | None:
+    try:
+        return common.config_path(args)
+    except common.CliError:
+        return None
 
 
 def _check_database(url: str, upgrade: str) -> list[Check]:

@@ -14,7 +14,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--config",
         metavar="PATH",
-        help=f"config file (default: ${common.CONFIG_ENV} or {common.DEFAULT_CONFIG})",
+        help=common.CONFIG_HELP,
     )
     parser.set_defaults(handler=_run)
 
