@@ -34,14 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad is not None:
         # Bytes that are not UTF-8 (Python keeps them as lone surrogates) cannot be stored,
         # looked up or shown: refuse them before any command sees them.
-        print(f"buildq: argument {bad} is not valid UTF-8 text", file=sys.stderr)
+        logs.print_error(f"buildq: argument {bad} is not valid UTF-8 text")
         return 2
     parser = build_parser()
     args = parser.parse_args(arguments)
     try:
         code: int = args.handler(args)
     except common.CliError as err:
-        print(f"buildq: {err}", file=sys.stderr)
+        logs.print_error(f"buildq: {err}")
         return err.exit_code
     except KeyboardInterrupt:
         return 130

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from buildq.cli import common
@@ -33,5 +32,5 @@ def _run(args: argparse.Namespace) -> int:
         # Something only the operator can fix (a port in use, a bad key, an unmigrated
         # database): one line, and exit status 2, which the unit does not restart.
         daemon.stop(quiet=True)
-        print(f"buildq: {err}", file=sys.stderr)
+        logs.print_error(f"buildq: {err}")
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from buildq.systemd import Notifier
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "config" / "systemd" / "buildq.service"
@@ -253,3 +255,89 @@ def test_notifier_reaches_an_abstract_socket() -> None:
 
 def test_notifier_survives_a_vanished_socket(tmp_path: Path) -> None:
     assert not Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready()
+
+
+# --- journald priorities --------------------------------------------------------------------
+
+
+def _journal_env(stream: Path) -> dict[str, str]:
+    """What systemd sets when the daemon's stderr is its journal stream: the stream's
+    device and inode (systemd.exec(5), $JOURNAL_STREAM)."""
+    stat = stream.stat()
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    return {**env, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+
+
+def _lines(path: Path) -> list[str]:
+    """Complete lines only: the daemon may be mid-line when the test reads."""
+    return path.read_text(errors="replace").split("\n")[:-1]
+
+
+@pytest.mark.slow
+def test_each_line_carries_its_priority_for_journald(tmp_path: Path, config_file: Path) -> None:
+    # An unreachable database: the daemon logs `database_unavailable` (a warning) and waits.
+    text = config_file.read_text()
+    config_file.write_text(
+        text.replace(
+            f'url = "sqlite:///{tmp_path / "buildq.db"}"', 'url = "mysql+pymysql://u@127.0.0.1:1/x"'
+        )
+    )
+    log = tmp_path / "journal.log"
+    log.touch()
+    with log.open("ab") as stream:
+        daemon = subprocess.Popen(
+            [str(BUILDQ), "run", "--config", str(config_file)],
+            stderr=stream,
+            env=_journal_env(log),
+        )
+    try:
+        wait_until(
+            lambda: any('"database_unavailable"' in line for line in _lines(log)),
+            timeout=30,
+            message="a database_unavailable warning",
+        )
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    by_event = {}
+    for line in _lines(log):
+        priority, _, rest = line.partition(">")
+        by_event[json.loads(rest)["event"]] = priority + ">"
+    assert by_event["database_unavailable"] == "<4>"  # warning
+    assert by_event["ops_http_listening"] == "<6>"  # info
+
+
+def test_a_start_up_error_is_priority_err_in_the_journal(tmp_path: Path, config_file: Path) -> None:
+    config_file.write_text(config_file.read_text().replace("port = 0", "port = -1"))
+    log = tmp_path / "journal.log"
+    log.touch()
+    with log.open("ab") as stream:
+        result = subprocess.run(
+            [str(BUILDQ), "run", "--config", str(config_file)],
+            stderr=stream,
+            env=_journal_env(log),
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert _lines(log) == ["<3>buildq: config http.port = -1: expected a value >= 0"]
+
+
+def test_no_priority_prefix_when_stderr_is_not_the_journal(
+    tmp_path: Path, config_file: Path
+) -> None:
+    """A JOURNAL_STREAM inherited by a process whose stderr goes elsewhere (a redirect in a
+    unit's shell script, a child of the daemon) must not prefix that file's lines."""
+    config_file.write_text(config_file.read_text().replace("port = 0", "port = -1"))
+    other = tmp_path / "other"
+    other.touch()
+    result = subprocess.run(
+        [str(BUILDQ), "run", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        env=_journal_env(other),
+        timeout=60,
+    )
+    assert result.stderr.startswith("buildq: config http.port = -1")
