@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy.exc import ArgumentError
 
 from buildq.config import Config, ConfigError, load_config
-from buildq.db import Database, create_engine
+from buildq.db import Database, DatabaseMissing, create_engine, redacted_url
 from buildq.queue.contract import QueueError
 
 #: Where a command looks for its config when neither --config nor $BUILDQ_CONFIG says:
@@ -99,10 +99,25 @@ def database_url(args: argparse.Namespace) -> str:
     return load(args).database.connect_url()
 
 
+def upgrade_hint(args: argparse.Namespace, url: str) -> str:
+    """How to create or migrate the database this command was pointed at."""
+    if not getattr(args, "url", None):
+        try:
+            path = config_path(args)
+        except CliError:
+            path = None
+        if path:
+            return f"run 'buildq db upgrade --config {path}'"
+    return f"run \"buildq db upgrade --url '{redacted_url(url)}'\""
+
+
 def open_database(args: argparse.Namespace) -> Database:
+    """The database to work on; never creates one (only ``buildq db upgrade`` does)."""
     url = database_url(args)
     try:
         return Database(create_engine(url, pool_size=2), retry_for_s=5)
+    except DatabaseMissing as err:
+        raise CliError(f"{err}: {upgrade_hint(args, url)} to create it", exit_code=1) from None
     except (ValueError, ArgumentError) as err:
         raise CliError(
             f"the database URL cannot be parsed: {str(err).splitlines()[0][:200]}"

@@ -63,7 +63,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if url is None:
         checks.append(Check("database", "skip", "no database URL (the config did not load)"))
     else:
-        checks += _check_database(url, _upgrade_hint(args, url))
+        checks += _check_database(url, common.upgrade_hint(args, url))
     checks += _check_runners(config)
     failed = any(check.status == "FAIL" for check in checks)
     if args.json:
@@ -93,23 +93,6 @@ def _check_config(args: argparse.Namespace) -> tuple[list[Check], Config | None,
         return [Check("config", "FAIL", f"{path or 'no config file'}", fix=str(err))], None, None
     where = str(path) if path else "no file: defaults and BUILDQ_* environment"
     return [Check("config", "ok", where)], config, config.database.connect_url()
-
-
-def _upgrade_hint(args: argparse.Namespace, url: str) -> str:
-    path = _config_path_or_none(args) if not getattr(args, "url", None) else None
-    if path:
-        return f"run 'buildq db upgrade --config {path}'"
-    try:
-        return f"run \"buildq db upgrade --url '{redacted_url(url)}'\""
-    except sa.exc.ArgumentError:
-        return "run 'buildq db upgrade --url URL'"
-
-
-def _config_path_or_none(args: argparse.Namespace) -> Path | None:
-    try:
-        return common.config_path(args)
-    except common.CliError:
-        return None
 
 
 def _check_database(url: str, upgrade: str) -> list[Check]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -117,7 +118,7 @@ def _settings(unit_text: str) -> dict[str, list[str]]:
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config" / "buildq.toml"
     path.parent.mkdir()
-    path.write_text(CONFIG.format(db=tmp_path / "buildq.db"))
+    path.write_text(CONFIG.format(db=tmp_path / "state" / "buildq.db"))
     return path
 
 
@@ -181,12 +182,23 @@ def test_daemon_notifies_ready_watchdog_and_stopping(
 
 
 @pytest.mark.parametrize(
-    "broken", ["unmigrated", "bad_config", "port_in_use", "secret_file_mode", "bad_database_url"]
+    "broken",
+    [
+        "missing",
+        "unmigrated",
+        "bad_config",
+        "port_in_use",
+        "secret_file_mode",
+        "bad_database_url",
+    ],
 )
 def test_bad_start_is_one_line_and_exits_2(tmp_path: Path, config_file: Path, broken: str) -> None:
     """Exit status 2 is what the unit's RestartPreventExitStatus=2 keeps from crash-looping;
     the one line on stderr says what is wrong and how to fix it (no traceback)."""
-    if broken != "unmigrated":
+    if broken == "unmigrated":
+        (tmp_path / "state").mkdir()
+        sqlite3.connect(tmp_path / "state" / "buildq.db").close()  # empty, never migrated
+    elif broken != "missing":
         _upgrade(config_file)
     text = config_file.read_text()
     with socket.socket() as taken:
@@ -213,7 +225,8 @@ def test_bad_start_is_one_line_and_exits_2(tmp_path: Path, config_file: Path, br
         )
     assert result.returncode == 2, result.stderr[-3000:]
     expected = {
-        "unmigrated": "buildq db upgrade",
+        "missing": f"does not exist: run 'buildq db upgrade --config {config_file}'",
+        "unmigrated": f"run 'buildq db upgrade --config {config_file}'",
         "bad_config": "http.port = -1",
         "port_in_use": "in use by another process",
         "secret_file_mode": "chmod 600",
@@ -224,6 +237,8 @@ def test_bad_start_is_one_line_and_exits_2(tmp_path: Path, config_file: Path, br
     assert len(lines) == 1 and lines[0].startswith("buildq: "), result.stderr[-3000:]
     assert result.stderr.rstrip().endswith(lines[0]) and expected in lines[0]
     assert "s3cret" not in result.stderr
+    if broken == "missing":  # a daemon never creates its database
+        assert not (tmp_path / "state").exists()
 
 
 # --- Notifier, in process -----------------------------------------------------------------------
@@ -278,9 +293,7 @@ def test_each_line_carries_its_priority_for_journald(tmp_path: Path, config_file
     # An unreachable database: the daemon logs `database_unavailable` (a warning) and waits.
     text = config_file.read_text()
     config_file.write_text(
-        text.replace(
-            f'url = "sqlite:///{tmp_path / "buildq.db"}"', 'url = "mysql+pymysql://u@127.0.0.1:1/x"'
-        )
+        text.replace('url = "sqlite:///', 'url = "mysql+pymysql://u@127.0.0.1:1/x" #')
     )
     log = tmp_path / "journal.log"
     log.touch()
