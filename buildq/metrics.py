@@ -21,7 +21,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -121,6 +127,10 @@ class Metrics:
     """The daemon's metrics; ``registry`` is what ``/metrics`` serves."""
 
     def __init__(self) -> None:
+        # No `*_created` series: they were ~9% of all series, and nothing here needs a
+        # counter's creation time (rate() copes with restarts). The switch is process-wide in
+        # prometheus_client (and untyped); the daemon has one registry per process anyway.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = r = CollectorRegistry()
         group = ["topic", "group"]
         self.deliveries = Counter(

@@ -110,6 +110,8 @@ class Consumer:
         self._busy: list[tuple[Subscription, Delivery] | None] = [None] * workers
         self._inflight: dict[int, int] = {}  # id(subscription) -> fetched, not yet settled
         self._capacity = threading.Condition()
+        #: ids of deliveries stop() handed back while a worker still ran them.
+        self._handed_back: set[int] = set()
         self.last_tick: dict[str, float] = {}
 
     def add(self, controller: Controller, subscription: Subscription) -> None:
@@ -247,15 +249,13 @@ class Consumer:
             outcome = "lost"
             log.warning("delivery_lost", reason=str(err))
         except (Retry, TransientRunnerError, TransientQueueError) as err:
-            outcome = "nack"
-            self._settle(delivery, outcome, err)
+            outcome = self._settle(delivery, "nack", err)
         except (Unprocessable, MalformedPayload, InvalidMessage) as err:
-            outcome = self._reject_or_retry(controller)
-            self._settle(delivery, outcome, err)
+            outcome = self._settle(delivery, self._reject_or_retry(controller), err)
         except Exception as err:
-            outcome = self._reject_or_retry(controller)
-            log.exception("handler_failed")
-            self._settle(delivery, outcome, err, unexpected=True)
+            outcome = self._settle(
+                delivery, self._reject_or_retry(controller), err, unexpected=True
+            )
         else:
             log.debug("delivery_acked")
         finally:
@@ -275,7 +275,15 @@ class Consumer:
 
     def _settle(
         self, delivery: Delivery, outcome: str, err: BaseException, *, unexpected: bool = False
-    ) -> None:
+    ) -> str:
+        """Nack or reject a failed delivery; returns the outcome to count."""
+        if id(delivery) in self._handed_back:
+            # stop() already gave it back (its grace ran out): whatever the work ran into
+            # since (a closed client, the settled delivery), nothing was rejected or failed.
+            log.info("handed_back_delivery_ended", error=_describe(err)[:300])
+            return "handed_back"
+        if unexpected:
+            log.exception("handler_failed")
         reason = ("unexpected error: " if unexpected else "") + _describe(err)
         log.warning(f"delivery_{outcome}ed", error=reason, retry_count=delivery.retry_count)
         try:
@@ -287,6 +295,7 @@ class Consumer:
             log.warning("delivery_lost", reason=str(lost))
         except Exception as failed:  # the visibility timeout brings it back
             log.error("settle_failed", outcome=outcome, error=str(failed)[:300])
+        return outcome
 
     def _hand_back(self, subscription: Subscription, delivery: Delivery) -> None:
         try:
@@ -317,6 +326,7 @@ class Consumer:
             log.warning(
                 "handback_after_grace", topic=delivery.topic, message_id=delivery.message.id
             )
+            self._handed_back.add(id(delivery))
             self._hand_back(subscription, delivery)
 
     def healthy(self, max_age_s: float) -> bool:
