@@ -75,6 +75,16 @@ class HttpSettings:
         )
 
 
+def backoff(settings: HttpSettings) -> tenacity.wait.wait_base:
+    """The wait before attempt n+1 of a read or a create (docs/ci-runners.md): exponential
+    from ``retry_backoff_s``, doubling, capped at ``retry_max_backoff_s``, plus up to
+    ``retry_backoff_s`` of random jitter so that runners that failed together do not retry
+    in step."""
+    return tenacity.wait_exponential(
+        multiplier=settings.retry_backoff_s, max=settings.retry_max_backoff_s
+    ) + tenacity.wait_random(0, settings.retry_backoff_s)
+
+
 def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None) -> httpx.Client:
     """An httpx client for one runner: base URL, bearer auth, explicit timeouts."""
     timeout = httpx.Timeout(
@@ -159,11 +169,7 @@ class HttpCore:
         """
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.settings.retry_attempts),
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=self.settings.retry_backoff_s,
-                max=self.settings.retry_max_backoff_s,
-                jitter=self.settings.retry_backoff_s,
-            ),
+            wait=backoff(self.settings),
             retry=tenacity.retry_if_exception_type(_Retryable),
             sleep=self.sleep,
             before_sleep=lambda state: self._log_retry(method, path, state),

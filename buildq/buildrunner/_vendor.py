@@ -15,8 +15,9 @@ from typing import ClassVar, TypeVar
 
 import httpx
 import structlog
+import tenacity
 
-from buildq.buildrunner._http import Ambiguous, HttpCore, HttpSettings, NotSent
+from buildq.buildrunner._http import Ambiguous, HttpCore, HttpSettings, NotSent, backoff
 from buildq.buildrunner._ratelimit import RateBudget, RateSignal
 from buildq.buildrunner.contract import Change, TransientRunnerError
 
@@ -60,6 +61,10 @@ class HttpRunner:
         self._core.client.close()
 
 
+class _CreateAgain(Exception):
+    """This create attempt created nothing (it never left, or the lookup found nothing)."""
+
+
 def create_idempotently(
     core: HttpCore,
     *,
@@ -72,7 +77,8 @@ def create_idempotently(
 
     With a token, an earlier attempt (this call's or a previous trigger's) is found by the
     token before anything new is created. Without one, an ambiguous create is reported as
-    transient and never repeated: only the caller can know whether to try again.
+    transient and never repeated: only the caller can know whether to try again. Attempts
+    are spaced like reads (``_http.backoff``: exponential, jittered).
     """
     settings = core.settings
     if token and lookup_first:
@@ -80,11 +86,12 @@ def create_idempotently(
         if found is not None:
             core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="before")
             return found
-    for attempt in range(1, settings.retry_attempts + 1):
+
+    def attempt() -> T:
         try:
             return create()
         except NotSent as err:
-            reason = str(err)
+            raise _CreateAgain(str(err)) from None
         except Ambiguous as err:
             core.log.warning(
                 "runner_create_ambiguous", vendor=core.vendor, reason=str(err), token=bool(token)
@@ -95,15 +102,24 @@ def create_idempotently(
                     "to look it up: not retried"
                 ) from None
             found = poll_lookup(core, lookup)
-            if found is not None:
-                core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="after")
-                return found
-            reason = f"{err}; not found by token"
-        if attempt < settings.retry_attempts:
-            core.sleep(settings.retry_backoff_s * attempt)
-    raise TransientRunnerError(
-        f"{core.vendor} create failed after {settings.retry_attempts} attempts: {reason}"
+            if found is None:
+                raise _CreateAgain(f"{err}; not found by token") from None
+            core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="after")
+            return found
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.retry_attempts),
+        wait=backoff(settings),
+        retry=tenacity.retry_if_exception_type(_CreateAgain),
+        sleep=core.sleep,
+        reraise=True,
     )
+    try:
+        return retrying(attempt)
+    except _CreateAgain as err:
+        raise TransientRunnerError(
+            f"{core.vendor} create failed after {settings.retry_attempts} attempts: {err}"
+        ) from None
 
 
 def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:

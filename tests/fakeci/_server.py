@@ -57,6 +57,8 @@ class Fault:
     path: str | None = None
     count: int = 1
     body: Any = None
+    #: Headers of the fault's answer; they win over the rate-limit headers the fake adds.
+    headers: dict[str, str] = field(default_factory=dict)
 
     def matches(self, request: Request) -> bool:
         return (self.method is None or self.method == request.method) and (
@@ -217,7 +219,7 @@ class FakeService:
                 reply = self.route(request)
         reply = self._conditional(request, reply)
         with self.lock:
-            reply.headers.update(self.rate_headers(time.monotonic()))
+            reply.headers = {**self.rate_headers(time.monotonic()), **reply.headers}
         return reply
 
     def _count_down_to_block(self) -> None:
@@ -248,7 +250,8 @@ class FakeService:
             self._stopping.wait(fault.delay_s)
         if fault.status is None:
             return handled
-        return Reply(fault.status, fault.body if fault.body is not None else {"message": "fault"})
+        body = fault.body if fault.body is not None else {"message": "fault"}
+        return Reply(fault.status, body, dict(fault.headers))
 
     def _conditional(self, request: Request, reply: Reply) -> Reply:
         if not (reply.cacheable and reply.status == 200 and request.method == "GET"):

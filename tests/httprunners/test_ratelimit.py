@@ -66,10 +66,11 @@ def test_budget_holds_everyone_after_a_429_and_refuses_long_waits() -> None:
     budget.observe(RateSignal(remaining=0, limit=200, reset_in_s=12, limited_for_s=12))
     with pytest.raises(RateLimitWait) as raised:
         budget.acquire(max_wait_s=5)
-    assert raised.value.wait_s == pytest.approx(12)
+    # What the vendor said, plus up to a second of jitter.
+    assert 12 <= raised.value.wait_s <= 13
     assert t.sleeps == []
     budget.acquire(max_wait_s=20)
-    assert t.sleeps == [pytest.approx(12)]
+    assert t.sleeps == [pytest.approx(raised.value.wait_s)]
 
 
 def test_429_holds_every_polling_thread_until_the_reset(
