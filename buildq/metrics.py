@@ -208,7 +208,7 @@ class Metrics:
     def _runner_metrics(self, r: CollectorRegistry) -> None:
         self.runner_calls = Counter(
             "buildq_runner_calls_total",
-            "Calls to CI runners, by outcome (ok, not_found, transient, error)",
+            "Calls to CI runners, by outcome (ok, not_found, transient, unauthorized, error)",
             ["runner", "method", "outcome"],
             registry=r,
         )
@@ -217,6 +217,13 @@ class Metrics:
             "Latency of calls to CI runners",
             ["runner", "method"],
             buckets=_RUNNER_BUCKETS,
+            registry=r,
+        )
+        self.runner_healthy = Gauge(
+            "buildq_runner_healthy",
+            "0 while the CI service refuses the runner's credentials (401, 403, or a 404 for "
+            "a build it created), 1 otherwise",
+            ["runner"],
             registry=r,
         )
 

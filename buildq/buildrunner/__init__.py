@@ -10,6 +10,7 @@ from buildq.buildrunner.contract import (
     Change,
     MalformedPayload,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "Change",
     "MalformedPayload",
     "RunnerError",
+    "RunnerUnauthorized",
     "TransientRunnerError",
 ]

@@ -27,6 +27,7 @@ from buildq.buildrunner._ratelimit import ETagCache, RateBudget, RateLimitWait, 
 from buildq.buildrunner.contract import (
     BuildNotFound,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.config.base import Secret, Table
@@ -94,7 +95,11 @@ def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None
         pool=settings.connect_timeout_s,
     )
     all_headers = {"Authorization": f"Bearer {settings.token.reveal()}", **(headers or {})}
-    return httpx.Client(base_url=settings.api_url, headers=all_headers, timeout=timeout)
+    # Redirects are followed as GitHub asks of clients (a renamed repository answers 301, or
+    # 307 for writes); httpx drops the Authorization header when one leads to another host.
+    return httpx.Client(
+        base_url=settings.api_url, headers=all_headers, timeout=timeout, follow_redirects=True
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +220,13 @@ class HttpCore:
         if detail:
             text += f": {detail}"
         text = self.scrub(text)
+        if response.status_code in (401, 403):
+            # Rate-limit 403s never get here (``_send`` waits them out).
+            refused = f"{self.vendor} answered {response.status_code}"
+            summary = f"{refused} ({detail})" if detail else refused
+            return RunnerUnauthorized(
+                text, self.scrub(f"{summary}: check the token and its permissions")
+            )
         if response.status_code == 404 and not_found:
             return BuildNotFound(text)
         return VendorError(text, response.status_code)
@@ -271,7 +283,12 @@ class HttpCore:
                     f"{self.vendor} rate limit: {wait} (more than max_rate_wait_s="
                     f"{self.settings.max_rate_wait_s:g})"
                 ) from None
-            response = self.client.request(method, path, params=params, json=body, headers=headers)
+            try:
+                response = self.client.request(
+                    method, path, params=params, json=body, headers=headers
+                )
+            except httpx.TooManyRedirects:
+                raise RunnerError(f"{self.vendor} {method} {path}: too many redirects") from None
             signal = self._rate_signal(response)
             self.budget.observe(signal)
             if signal.limited_for_s is None:

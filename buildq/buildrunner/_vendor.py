@@ -17,9 +17,22 @@ import httpx
 import structlog
 import tenacity
 
-from buildq.buildrunner._http import Ambiguous, HttpCore, HttpSettings, NotSent, backoff
+from buildq.buildrunner._http import (
+    Ambiguous,
+    HttpCore,
+    HttpSettings,
+    NotSent,
+    VendorError,
+    backoff,
+)
 from buildq.buildrunner._ratelimit import RateBudget, RateSignal
-from buildq.buildrunner.contract import Change, TransientRunnerError
+from buildq.buildrunner.contract import (
+    BuildNotFound,
+    Change,
+    RunnerError,
+    RunnerUnauthorized,
+    TransientRunnerError,
+)
 
 T = TypeVar("T")
 
@@ -120,6 +133,27 @@ def create_idempotently(
         raise TransientRunnerError(
             f"{core.vendor} create failed after {settings.retry_attempts} attempts: {err}"
         ) from None
+
+
+def confirm_missing(
+    core: HttpCore, err: BuildNotFound, parent_path: str, parent: str
+) -> RunnerError:
+    """What a 404 on a build this runner created means: the build is gone only if its
+    ``parent`` (repository, pipeline) is visible. If that is 404 too, the token cannot see it
+    (GitHub answers 404, not 403, to a token without access to a private repository): the
+    runner is refused, and the build must not be failed as lost."""
+    try:
+        core.read("GET", parent_path, missing_is_not_found=False)
+    except VendorError as parent_err:
+        if parent_err.status != 404:
+            raise
+        return RunnerUnauthorized(
+            f"{err}; {parent} answered 404 too: the token cannot see it (no access, or it "
+            "was renamed or deleted)",
+            f"{core.vendor} answered 404 for a build this runner created and for {parent}: "
+            "check that the token can see it",
+        )
+    return err
 
 
 def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:

@@ -100,7 +100,8 @@ def build_id(organization: str, pipeline: str, number: int) -> BuildID:
 
 def parse_build_id(value: BuildID) -> tuple[str, str, int]:
     match = _ID.match(value.id)
-    if match is None:
+    # "." and ".." are no slugs: in a URL path they would name another resource.
+    if match is None or {match[1], match[2]} & {".", ".."}:
         raise BuildNotFound(f"{value.id!r} is not a Buildkite build id (bk:<org>/<pipeline>/<n>)")
     return match[1], match[2], int(match[3])
 
@@ -231,11 +232,19 @@ class BuildkiteRunner(_vendor.HttpRunner):
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         org, pipeline, number = parse_build_id(build_id)
-        reply = self._core.read(
-            "GET",
-            f"{self._builds_path(org, pipeline)}/{number}",
-            conditional=self.config.conditional_requests,
-        )
+        try:
+            reply = self._core.read(
+                "GET",
+                f"{self._builds_path(org, pipeline)}/{number}",
+                conditional=self.config.conditional_requests,
+            )
+        except BuildNotFound as err:
+            raise _vendor.confirm_missing(
+                self._core,
+                err,
+                f"/v2/organizations/{org}/pipelines/{pipeline}",
+                f"pipeline {org}/{pipeline}",
+            ) from None
         if not isinstance(reply.body, Mapping):
             raise TransientRunnerError(f"Buildkite answered build {build_id} without a body")
         return map_status(reply.body, self.config.blocked_as)

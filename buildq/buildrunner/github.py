@@ -107,7 +107,8 @@ def build_id(owner: str, repo: str, run_id: int, attempt: int) -> BuildID:
 
 def parse_build_id(value: BuildID) -> tuple[str, str, int, int]:
     match = _ID.match(value.id)
-    if match is None:
+    # "." and ".." are no names: in a URL path they would name another resource.
+    if match is None or {match[1], match[2]} & {".", ".."}:
         raise BuildNotFound(f"{value.id!r} is not a GitHub build id (gh:<owner>/<repo>/<run>/<n>)")
     return match[1], match[2], int(match[3]), int(match[4])
 
@@ -270,11 +271,16 @@ class GitHubRunner(_vendor.HttpRunner):
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         owner, repo, run_id, attempt = parse_build_id(build_id)
-        reply = self._core.read(
-            "GET",
-            f"/repos/{owner}/{repo}/actions/runs/{run_id}/attempts/{attempt}",
-            conditional=self.config.conditional_requests,
-        )
+        try:
+            reply = self._core.read(
+                "GET",
+                f"/repos/{owner}/{repo}/actions/runs/{run_id}/attempts/{attempt}",
+                conditional=self.config.conditional_requests,
+            )
+        except BuildNotFound as err:
+            raise _vendor.confirm_missing(
+                self._core, err, f"/repos/{owner}/{repo}", f"repository {owner}/{repo}"
+            ) from None
         if not isinstance(reply.body, Mapping):
             raise TransientRunnerError(f"GitHub answered run {build_id} without a body")
         return map_status(reply.body)

@@ -22,6 +22,7 @@ from buildq.buildrunner import (
     BuildStatus,
     MalformedPayload,
     RunnerError,
+    RunnerUnauthorized,
 )
 from buildq.config import BuildQueueConfig
 from buildq.orchestrator import policy, topics
@@ -158,6 +159,12 @@ class BuildSignalController:
             status, metadata = runner.status(BuildID(build_id))
         except BuildNotFound as err:
             return _finish(build, BuildStatus.FAILED, {"failure_reason": "lost"}, "lost", str(err))
+        except RunnerUnauthorized:
+            # The CI service refuses the token (the runner reports itself unhealthy): not the
+            # build's fault, nor a poison message. Poll again on the growing cadence, without
+            # spending retries, until the token works or the build's deadline passes.
+            log.debug("build_poll_refused")
+            status, metadata = build.build_status, dict(build.metadata)
         if status.is_terminal:
             reason = metadata.get("failure_reason") if status is not BuildStatus.SUCCEEDED else None
             if status is BuildStatus.CANCELLED:

@@ -33,6 +33,7 @@ from buildq.orchestrator.framework import Consumer, Controller, Effect, StepTx
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.instrumented import (
     InstrumentedRunner,
+    RunnerHealth,
     StatsRefresher,
     observe_finished,
 )
@@ -67,6 +68,7 @@ class Daemon:
         self.config = config
         self.on_event = on_event
         self.metrics = Metrics()
+        self.runner_health = RunnerHealth(self.metrics)
         self.notifier = Notifier()
         self.stopping = threading.Event()
         self.db: Database | None = None
@@ -135,7 +137,7 @@ class Daemon:
         assert self.wired is not None and self.db is not None and self.store is not None
         hooked = frozenset(r.runner_name for r in self.wired.routes) if webhooks else frozenset()
         instrumented = {
-            name: InstrumentedRunner(name, runner, self.metrics)
+            name: InstrumentedRunner(name, runner, self.metrics, self.runner_health)
             for name, runner in self.wired.runners.items()
         }
         wired = Runners(
@@ -340,6 +342,13 @@ class Daemon:
             return False, "starting"
         if not self.healthz()[0]:
             return False, "consumer loops stalled"
+        refused = self.runner_health.problems()
+        if refused:
+            # Builds on these runners wait (they are polled until their deadline): an
+            # operator has to fix the token. Not /healthz: restarting would not help.
+            return False, "; ".join(
+                f"runner {name}: {why}" for name, why in sorted(refused.items())
+            )
         return True, "ready"
 
     # --- stop ---------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class FakeService:
         self.lock = threading.RLock()
         self._faults: list[Fault] = []
         self._block_after: tuple[int, float] | None = None
+        self._denied: Reply | None = None
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -174,6 +175,13 @@ class FakeService:
         with self.lock:
             self._block_after = (requests, reset_in_s)
 
+    def deny(self, status: int | None, message: str = "Not Found") -> None:
+        """Answer every request with the token ``status`` (None: serve again). A token that
+        lost a permission gets 403; one that cannot see a private repository or pipeline
+        gets 404 for everything in it, as GitHub and Buildkite answer."""
+        with self.lock:
+            self._denied = None if status is None else Reply(status, {"message": message})
+
     def request_count(self, method: str | None = None, path: str | None = None) -> int:
         return len(self.requests_matching(method, path))
 
@@ -206,6 +214,10 @@ class FakeService:
             self.requests.append(request)
         if request.headers.get("authorization") != f"Bearer {self.token}":
             return Reply(401, {"message": "Bad credentials"})
+        with self.lock:
+            denied = self._denied
+        if denied is not None:
+            return Reply(denied.status, denied.body)
         with self.lock:
             now = time.monotonic()
             self._count_down_to_block()
