@@ -256,6 +256,13 @@ class BuildkiteRunner(_vendor.HttpRunner):
         reply = self._core.read("PUT", path, accept=frozenset({422}))
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status == 422)
 
+    def pipeline(self) -> Mapping[str, Any]:
+        """The pipeline as the API shows it (its build settings), for ``buildq doctor``."""
+        org, pipeline = self.config.organization, self.config.pipeline
+        path = f"/v2/organizations/{org}/pipelines/{pipeline}"
+        reply = self._core.read("GET", path, missing_is_not_found=False)
+        return reply.body if isinstance(reply.body, Mapping) else {}
+
     @staticmethod
     def _builds_path(organization: str, pipeline: str) -> str:
         return f"/v2/organizations/{organization}/pipelines/{pipeline}/builds"

@@ -13,6 +13,7 @@ find the run again. See docs/ci-runners.md for the workflow side.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -32,6 +33,7 @@ from buildq.buildrunner.contract import (
     BuildStatus,
     Change,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.config.base import Secret, Table
@@ -298,6 +300,31 @@ class GitHubRunner(_vendor.HttpRunner):
             "POST", f"/repos/{owner}/{repo}/actions/runs/{run_id}/cancel", accept=frozenset({409})
         )
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status == 409)
+
+    def workflow_file(self) -> str | None:
+        """The workflow's file at ``ref``, for ``buildq doctor``; None when the token may not
+        read it (that needs Contents: read, which triggering and polling do not)."""
+        cfg = self.config
+        repository = f"/repos/{cfg.owner}/{cfg.repo}"
+        workflow = self._core.read(
+            "GET", f"{repository}/actions/workflows/{cfg.workflow}", missing_is_not_found=False
+        ).body
+        path = workflow.get("path") if isinstance(workflow, Mapping) else None
+        if not isinstance(path, str):
+            return None
+        try:
+            reply = self._core.read(
+                "GET",
+                f"{repository}/contents/{path}",
+                params={"ref": cfg.ref},
+                missing_is_not_found=False,
+            )
+        except (RunnerUnauthorized, _http.VendorError):
+            return None
+        body = reply.body if isinstance(reply.body, Mapping) else {}
+        if body.get("encoding") != "base64" or not isinstance(body.get("content"), str):
+            return None
+        return base64.b64decode(body["content"]).decode("utf-8", errors="replace")
 
     def _dispatch(self, inputs: Mapping[str, str]) -> _http.Reply:
         cfg = self.config

@@ -21,7 +21,7 @@ from buildq.buildrunner.command import CommandConfig
 from buildq.buildrunner.github import GitHubConfig
 from buildq.buildrunner.noop import NoopConfig
 from buildq.buildrunner.sim import SimConfig
-from buildq.cli import common
+from buildq.cli import common, doctor_ci
 from buildq.config import Config, ConfigError, Table, load_config
 from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
 
@@ -44,7 +44,7 @@ RUNNER_CONFIGS: dict[str, Any] = {
 @dataclass(frozen=True, slots=True)
 class Check:
     name: str
-    status: str  # "ok", "FAIL" or "skip"
+    status: str  # "ok", "FAIL", "WARN" (does not fail the run) or "skip"
     detail: str
     fix: str = ""
 
@@ -55,6 +55,11 @@ def register(commands: Any) -> None:
     )
     common.add_target_options(parser)
     common.add_json_option(parser)
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not ask the CI services (token access, settings that cancel sibling builds)",
+    )
     parser.set_defaults(handler=_doctor)
 
 
@@ -64,8 +69,9 @@ def _doctor(args: argparse.Namespace) -> int:
         checks.append(Check("database", "skip", "no database URL (the config did not load)"))
     else:
         checks += _check_database(url, common.upgrade_hint(args, url))
-    checks += _check_runners(config)
+    checks += _check_runners(config, online=not args.offline)
     failed = any(check.status == "FAIL" for check in checks)
+    warned = any(check.status == "WARN" for check in checks)
     if args.json:
         common.print_json({"ok": not failed, "checks": [asdict(check) for check in checks]})
     else:
@@ -74,7 +80,8 @@ def _doctor(args: argparse.Namespace) -> int:
             print(f"{check.status:<4}  {check.name.ljust(width)}  {check.detail}")
             if check.fix:
                 print(f"{'':<4}  {''.ljust(width)}  fix: {check.fix}")
-        print("\n" + ("something is wrong: see FAIL above" if failed else "all checks passed"))
+        verdict = "something is wrong: see FAIL above" if failed else "all checks passed"
+        print("\n" + verdict + (" (see WARN above)" if warned and not failed else ""))
     return 1 if failed else 0
 
 
@@ -166,23 +173,29 @@ def _check_schema(engine: Engine, upgrade: str) -> Check:
     return Check("schema", "FAIL", f"at revision {current}, head is {head}", upgrade)
 
 
-def _check_runners(config: Config | None) -> list[Check]:
+def _check_runners(config: Config | None, *, online: bool) -> list[Check]:
     if config is None:
         return [Check("runners", "skip", "no config")]
     if not config.runners:
         return [Check("runners", "ok", "none configured")]
-    return [_check_runner(name, table) for name, table in sorted(config.runners.items())]
+    checks = []
+    for name, table in sorted(config.runners.items()):
+        checks += _check_runner(name, table, online=online)
+    return checks
 
 
-def _check_runner(name: str, table: Table) -> Check:
+def _check_runner(name: str, table: Table, *, online: bool) -> list[Check]:
     kind = str(table.data.get("type"))
     # A fresh table without "type", as the wiring reads it: validates, builds nothing.
     rest = Table(table.path, {k: v for k, v in table.data.items() if k != "type"}, table.origin)
     try:
-        RUNNER_CONFIGS[kind].from_table(rest)
+        config = RUNNER_CONFIGS[kind].from_table(rest)
     except ValueError as err:  # ConfigError, naming the key; secrets never in it
-        return Check(f"runner {name}", "FAIL", f"type {kind}: invalid", str(err))
-    return Check(f"runner {name}", "ok", f"type {kind}: config and secrets resolve")
+        return [Check(f"runner {name}", "FAIL", f"type {kind}: invalid", str(err))]
+    checks = [Check(f"runner {name}", "ok", f"type {kind}: config and secrets resolve")]
+    if online:
+        checks += [Check(*row) for row in doctor_ci.inspect(name, kind, config)]
+    return checks
 
 
 def _first_line(err: BaseException) -> str:
