@@ -11,16 +11,28 @@ from buildq.cli import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from buildq.cli import admin, builds, db, dlq, doctor, run
+    from buildq.cli import admin, builds, db, dlq, doctor, host, run
 
     parser = argparse.ArgumentParser(
         prog="buildq",
         description="Trigger builds on CI systems and follow each to a terminal state.",
     )
+    parser.add_argument("--version", action="version", version=f"buildq {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, builds, db, admin, dlq, doctor):
+    for module in (run, builds, db, admin, dlq, doctor, host):
         module.register(commands)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (what ``pip install`` put there)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("buildq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

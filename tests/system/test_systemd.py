@@ -20,7 +20,7 @@ from buildq.systemd import Notifier
 from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "config" / "systemd" / "buildq.service"
+UNIT = REPO / "buildq" / "host" / "buildq.service"
 BUILDQ = Path(sys.executable).with_name("buildq")
 SHIPPED_BUILDQ = "/opt/buildq/venv/bin/buildq"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
