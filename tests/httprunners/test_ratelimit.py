@@ -101,13 +101,14 @@ def test_429_holds_every_polling_thread_until_the_reset(
     polls = bk.requests_matching("GET", "/builds/1")
     limited = [r for r in polls if r.status == 429]
     first_429 = min(r.at for r in limited)
-    # Requests already on the wire when the first 429 was answered may be refused too; after
-    # that nobody sends anything until the reset the fake announced.
-    in_flight = [r for r in limited if r.at - first_429 < 0.25]
+    # Requests already on the wire when the first 429 was answered may be refused too (on a
+    # loaded machine a thread can take a while to get its request out); after that nobody
+    # sends anything until the reset the fake announced (1 s, plus the runner's jitter).
+    in_flight = [r for r in limited if r.at - first_429 < 0.5]
     assert len(limited) == len(in_flight) <= THREADS
-    quiet = [r for r in polls if first_429 + 0.25 <= r.at < first_429 + 0.9]
+    quiet = [r for r in polls if first_429 + 0.5 <= r.at < first_429 + 0.95]
     assert quiet == []
-    assert max(r.at for r in polls) >= first_429 + 0.9
+    assert max(r.at for r in polls) >= first_429 + 0.95
 
 
 def test_budget_slows_down_before_it_runs_out(
