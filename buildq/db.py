@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -37,14 +38,31 @@ READ_ONLY = "buildq_read_only"
 _MYSQL_TRANSIENT = {1213, 1205, 2002, 2003, 2006, 2013, 2014, 2055, 1290, 1040, 1927, 4031}
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """An engine for ``url`` with buildq's session settings; nothing is connected yet."""
+class DatabaseMissing(Exception):
+    """The SQLite file does not exist. Only ``buildq db upgrade`` creates one: a read, the
+    daemon or a typo'd path must not leave an empty database (and directories) behind."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(f"database file {path} does not exist")
+        self.path = path
+
+
+def create_engine(url: str, *, pool_size: int = 10, create: bool = False) -> Engine:
+    """An engine for ``url`` with buildq's session settings; nothing is connected yet.
+
+    A SQLite file is created (with its directory) only with ``create``, which migrations
+    pass; otherwise a missing file raises DatabaseMissing, now and on every later connect.
+    """
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database in (None, "", ":memory:"):
+        path = parsed.database
+        if path in (None, "", ":memory:"):
             raise ValueError("an in-memory SQLite database cannot be shared: give a file path")
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        return _sqlite_engine(url, pool_size)
+        if create:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        elif not Path(path).is_file():
+            raise DatabaseMissing(path)
+        return _sqlite_engine(url, path, pool_size, create=create)
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         return _mysql_engine(parsed, pool_size)
     raise ValueError(
@@ -52,21 +70,17 @@ def create_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL (None for any other database)."""
-    parsed = sa.make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
-        return None
-    return Path(parsed.database)
+def _sqlite_engine(url: str, path: str, pool_size: int, *, create: bool) -> Engine:
+    # mode=rw opens an existing file and never creates one (the check in create_engine could
+    # race a deletion); rwc is sqlite3's default, for migrations only.
+    uri = f"file:{quote(path)}?mode={'rwc' if create else 'rw'}"
 
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(
+            uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+        )
 
-def _sqlite_engine(url: str, pool_size: int) -> Engine:
-    engine = sa.create_engine(
-        url,
-        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
-        pool_size=pool_size,
-        max_overflow=pool_size,
-    )
+    engine = sa.create_engine(url, creator=connect, pool_size=pool_size, max_overflow=pool_size)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:

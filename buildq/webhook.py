@@ -31,6 +31,7 @@ import structlog
 from buildq.buildrunner import registry
 from buildq.buildrunner.contract import BuildID
 from buildq.config.base import ConfigError, Secret, Table
+from buildq.orchestrator.http import bind_server
 
 OnBuildEvent = Callable[[str, BuildID], None]
 
@@ -163,7 +164,9 @@ class WebhookServer:
     def start(self) -> None:
         if self._server is not None:
             return
-        server = _Server((self.config.bind, self.config.port), _Handler)
+        server = bind_server(
+            _Server, self.config.bind, self.config.port, _Handler, table="webhooks"
+        )
         server.receiver = self
         self._server = server
         self._thread = threading.Thread(

@@ -11,6 +11,7 @@ from buildq.buildrunner.contract import (
     MalformedPayload,
     RunnerError,
     RunnerThrottled,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "MalformedPayload",
     "RunnerError",
     "RunnerThrottled",
+    "RunnerUnauthorized",
     "TransientRunnerError",
 ]

@@ -27,6 +27,7 @@ from buildq.buildrunner._ratelimit import ETagCache, RateBudget, RateLimitWait, 
 from buildq.buildrunner.contract import (
     BuildNotFound,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.config.base import Secret, Table
@@ -77,6 +78,16 @@ class HttpSettings:
         )
 
 
+def backoff(settings: HttpSettings) -> tenacity.wait.wait_base:
+    """The wait before attempt n+1 of a read or a create (docs/ci-runners.md): exponential
+    from ``retry_backoff_s``, doubling, capped at ``retry_max_backoff_s``, plus up to
+    ``retry_backoff_s`` of random jitter so that runners that failed together do not retry
+    in step."""
+    return tenacity.wait_exponential(
+        multiplier=settings.retry_backoff_s, max=settings.retry_max_backoff_s
+    ) + tenacity.wait_random(0, settings.retry_backoff_s)
+
+
 def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None) -> httpx.Client:
     """An httpx client for one runner: base URL, bearer auth, explicit timeouts."""
     timeout = httpx.Timeout(
@@ -88,7 +99,11 @@ def make_client(settings: HttpSettings, headers: Mapping[str, str] | None = None
     token = settings.token.reveal()
     bearer = {"Authorization": f"Bearer {token}"} if token else {}
     all_headers = {**bearer, **(headers or {})}
-    return httpx.Client(base_url=settings.api_url, headers=all_headers, timeout=timeout)
+    # Redirects are followed as GitHub asks of clients (a renamed repository answers 301, or
+    # 307 for writes); httpx drops the Authorization header when one leads to another host.
+    return httpx.Client(
+        base_url=settings.api_url, headers=all_headers, timeout=timeout, follow_redirects=True
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +180,7 @@ class HttpCore:
         """
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self.settings.retry_attempts),
-            wait=tenacity.wait_exponential_jitter(
-                multiplier=self.settings.retry_backoff_s,
-                max=self.settings.retry_max_backoff_s,
-                jitter=self.settings.retry_backoff_s,
-            ),
+            wait=backoff(self.settings),
             retry=tenacity.retry_if_exception_type(_Retryable),
             sleep=self.sleep,
             before_sleep=lambda state: self._log_retry(method, path, state),
@@ -220,6 +231,13 @@ class HttpCore:
         if detail:
             text += f": {detail}"
         text = self.scrub(text)
+        if response.status_code in (401, 403):
+            # Rate-limit 403s never get here (``_send`` waits them out).
+            refused = f"{self.vendor} answered {response.status_code}"
+            summary = f"{refused} ({detail})" if detail else refused
+            return RunnerUnauthorized(
+                text, self.scrub(f"{summary}: check the token and its permissions")
+            )
         if response.status_code == 404 and not_found:
             return BuildNotFound(text)
         return VendorError(text, response.status_code)
@@ -277,9 +295,12 @@ class HttpCore:
                     f"{self.vendor} rate limit: {wait} (more than max_rate_wait_s="
                     f"{self.settings.max_rate_wait_s:g})"
                 ) from None
-            response = self.client.request(
-                method, path, params=params, json=body, data=form, headers=headers
-            )
+            try:
+                response = self.client.request(
+                    method, path, params=params, json=body, data=form, headers=headers
+                )
+            except httpx.TooManyRedirects:
+                raise RunnerError(f"{self.vendor} {method} {path}: too many redirects") from None
             signal = self._rate_signal(response)
             self.budget.observe(signal)
             if signal.limited_for_s is None:

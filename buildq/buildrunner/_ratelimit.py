@@ -10,6 +10,7 @@ See docs/ci-runners.md ("Rate limits").
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -18,6 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+#: Shortest hold after a "rate limited" answer, and the most jitter added to any hold.
+MIN_HOLD_S = 1.0
+HOLD_JITTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +59,12 @@ class RateBudget:
         pace_below_fraction: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
     ) -> None:
         self._fraction = pace_below_fraction
         self._clock = clock
         self._sleep = sleep
+        self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._not_before = 0.0
         self._next_slot = 0.0
@@ -97,7 +104,14 @@ class RateBudget:
             if signal.reset_in_s is not None:
                 self._reset_at = now + signal.reset_in_s
             if signal.limited_for_s is not None:
-                self._not_before = max(self._not_before, now + signal.limited_for_s)
+                self._not_before = max(self._not_before, now + self._hold_s(signal.limited_for_s))
+
+    def _hold_s(self, limited_for_s: float) -> float:
+        """How long a "rate limited" answer holds everyone: what the vendor said, but never
+        less than a little (a 429 with ``RateLimit-Reset: 0`` would otherwise be resent at
+        once), plus jitter so that runners sharing the limit do not all come back at the same
+        instant."""
+        return max(limited_for_s, MIN_HOLD_S) + self._rng.uniform(0, HOLD_JITTER_S)
 
     def _exhausted_until(self, now: float) -> float:
         if self._remaining is not None and self._remaining <= 0 and self._reset_at is not None:

@@ -15,10 +15,24 @@ from typing import ClassVar, TypeVar
 
 import httpx
 import structlog
+import tenacity
 
-from buildq.buildrunner._http import Ambiguous, HttpCore, HttpSettings, NotSent
+from buildq.buildrunner._http import (
+    Ambiguous,
+    HttpCore,
+    HttpSettings,
+    NotSent,
+    VendorError,
+    backoff,
+)
 from buildq.buildrunner._ratelimit import RateBudget, RateSignal
-from buildq.buildrunner.contract import Change, TransientRunnerError
+from buildq.buildrunner.contract import (
+    BuildNotFound,
+    Change,
+    RunnerError,
+    RunnerUnauthorized,
+    TransientRunnerError,
+)
 
 T = TypeVar("T")
 
@@ -60,6 +74,10 @@ class HttpRunner:
         self._core.client.close()
 
 
+class _CreateAgain(Exception):
+    """This create attempt created nothing (it never left, or the lookup found nothing)."""
+
+
 def create_idempotently(
     core: HttpCore,
     *,
@@ -72,7 +90,8 @@ def create_idempotently(
 
     With a token, an earlier attempt (this call's or a previous trigger's) is found by the
     token before anything new is created. Without one, an ambiguous create is reported as
-    transient and never repeated: only the caller can know whether to try again.
+    transient and never repeated: only the caller can know whether to try again. Attempts
+    are spaced like reads (``_http.backoff``: exponential, jittered).
     """
     settings = core.settings
     if token and lookup_first:
@@ -80,11 +99,12 @@ def create_idempotently(
         if found is not None:
             core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="before")
             return found
-    for attempt in range(1, settings.retry_attempts + 1):
+
+    def attempt() -> T:
         try:
             return create()
         except NotSent as err:
-            reason = str(err)
+            raise _CreateAgain(str(err)) from None
         except Ambiguous as err:
             core.log.warning(
                 "runner_create_ambiguous", vendor=core.vendor, reason=str(err), token=bool(token)
@@ -95,15 +115,45 @@ def create_idempotently(
                     "to look it up: not retried"
                 ) from None
             found = poll_lookup(core, lookup)
-            if found is not None:
-                core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="after")
-                return found
-            reason = f"{err}; not found by token"
-        if attempt < settings.retry_attempts:
-            core.sleep(settings.retry_backoff_s * attempt)
-    raise TransientRunnerError(
-        f"{core.vendor} create failed after {settings.retry_attempts} attempts: {reason}"
+            if found is None:
+                raise _CreateAgain(f"{err}; not found by token") from None
+            core.log.info("runner_build_found_by_token", vendor=core.vendor, phase="after")
+            return found
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.retry_attempts),
+        wait=backoff(settings),
+        retry=tenacity.retry_if_exception_type(_CreateAgain),
+        sleep=core.sleep,
+        reraise=True,
     )
+    try:
+        return retrying(attempt)
+    except _CreateAgain as err:
+        raise TransientRunnerError(
+            f"{core.vendor} create failed after {settings.retry_attempts} attempts: {err}"
+        ) from None
+
+
+def confirm_missing(
+    core: HttpCore, err: BuildNotFound, parent_path: str, parent: str
+) -> RunnerError:
+    """What a 404 on a build this runner created means: the build is gone only if its
+    ``parent`` (repository, pipeline) is visible. If that is 404 too, the token cannot see it
+    (GitHub answers 404, not 403, to a token without access to a private repository): the
+    runner is refused, and the build must not be failed as lost."""
+    try:
+        core.read("GET", parent_path, missing_is_not_found=False)
+    except VendorError as parent_err:
+        if parent_err.status != 404:
+            raise
+        return RunnerUnauthorized(
+            f"{err}; {parent} answered 404 too: the token cannot see it (no access, or it "
+            "was renamed or deleted)",
+            f"{core.vendor} answered 404 for a build this runner created and for {parent}: "
+            "check that the token can see it",
+        )
+    return err
 
 
 def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:

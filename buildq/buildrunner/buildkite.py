@@ -100,7 +100,8 @@ def build_id(organization: str, pipeline: str, number: int) -> BuildID:
 
 def parse_build_id(value: BuildID) -> tuple[str, str, int]:
     match = _ID.match(value.id)
-    if match is None:
+    # "." and ".." are no slugs: in a URL path they would name another resource.
+    if match is None or {match[1], match[2]} & {".", ".."}:
         raise BuildNotFound(f"{value.id!r} is not a Buildkite build id (bk:<org>/<pipeline>/<n>)")
     return match[1], match[2], int(match[3])
 
@@ -231,11 +232,19 @@ class BuildkiteRunner(_vendor.HttpRunner):
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         org, pipeline, number = parse_build_id(build_id)
-        reply = self._core.read(
-            "GET",
-            f"{self._builds_path(org, pipeline)}/{number}",
-            conditional=self.config.conditional_requests,
-        )
+        try:
+            reply = self._core.read(
+                "GET",
+                f"{self._builds_path(org, pipeline)}/{number}",
+                conditional=self.config.conditional_requests,
+            )
+        except BuildNotFound as err:
+            raise _vendor.confirm_missing(
+                self._core,
+                err,
+                f"/v2/organizations/{org}/pipelines/{pipeline}",
+                f"pipeline {org}/{pipeline}",
+            ) from None
         if not isinstance(reply.body, Mapping):
             raise TransientRunnerError(f"Buildkite answered build {build_id} without a body")
         return map_status(reply.body, self.config.blocked_as)
@@ -246,6 +255,13 @@ class BuildkiteRunner(_vendor.HttpRunner):
         # 422: the build is finished (or blocked) and can't be cancelled: nothing to do.
         reply = self._core.read("PUT", path, accept=frozenset({422}))
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status == 422)
+
+    def pipeline(self) -> Mapping[str, Any]:
+        """The pipeline as the API shows it (its build settings), for ``buildq doctor``."""
+        org, pipeline = self.config.organization, self.config.pipeline
+        path = f"/v2/organizations/{org}/pipelines/{pipeline}"
+        reply = self._core.read("GET", path, missing_is_not_found=False)
+        return reply.body if isinstance(reply.body, Mapping) else {}
 
     @staticmethod
     def _builds_path(organization: str, pipeline: str) -> str:

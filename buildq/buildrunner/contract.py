@@ -149,6 +149,21 @@ class RunnerThrottled(TransientRunnerError):
         self.retry_in_s = retry_in_s
 
 
+class RunnerUnauthorized(TransientRunnerError):
+    """The CI service refused the runner's credentials (401, 403), or hides a build the runner
+    itself created (a 404 for it and for its repository or pipeline: a token that cannot see a
+    private repository gets 404, not 403, from GitHub).
+
+    An operator must fix the token or its permissions; the build is not at fault, so it is
+    polled again later (until its deadline) rather than failed. ``summary`` says what was
+    refused without build ids, for /readyz.
+    """
+
+    def __init__(self, message: str, summary: str) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 @runtime_checkable
 class BuildRunner(Protocol):
     """A CI system. Implementations are thread-safe, long-lived and restart-safe."""

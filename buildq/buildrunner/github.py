@@ -13,6 +13,7 @@ find the run again. See docs/ci-runners.md for the workflow side.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import time
@@ -32,6 +33,7 @@ from buildq.buildrunner.contract import (
     BuildStatus,
     Change,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.config.base import Secret, Table
@@ -107,7 +109,8 @@ def build_id(owner: str, repo: str, run_id: int, attempt: int) -> BuildID:
 
 def parse_build_id(value: BuildID) -> tuple[str, str, int, int]:
     match = _ID.match(value.id)
-    if match is None:
+    # "." and ".." are no names: in a URL path they would name another resource.
+    if match is None or {match[1], match[2]} & {".", ".."}:
         raise BuildNotFound(f"{value.id!r} is not a GitHub build id (gh:<owner>/<repo>/<run>/<n>)")
     return match[1], match[2], int(match[3]), int(match[4])
 
@@ -270,11 +273,16 @@ class GitHubRunner(_vendor.HttpRunner):
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         owner, repo, run_id, attempt = parse_build_id(build_id)
-        reply = self._core.read(
-            "GET",
-            f"/repos/{owner}/{repo}/actions/runs/{run_id}/attempts/{attempt}",
-            conditional=self.config.conditional_requests,
-        )
+        try:
+            reply = self._core.read(
+                "GET",
+                f"/repos/{owner}/{repo}/actions/runs/{run_id}/attempts/{attempt}",
+                conditional=self.config.conditional_requests,
+            )
+        except BuildNotFound as err:
+            raise _vendor.confirm_missing(
+                self._core, err, f"/repos/{owner}/{repo}", f"repository {owner}/{repo}"
+            ) from None
         if not isinstance(reply.body, Mapping):
             raise TransientRunnerError(f"GitHub answered run {build_id} without a body")
         return map_status(reply.body)
@@ -292,6 +300,31 @@ class GitHubRunner(_vendor.HttpRunner):
             "POST", f"/repos/{owner}/{repo}/actions/runs/{run_id}/cancel", accept=frozenset({409})
         )
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status == 409)
+
+    def workflow_file(self) -> str | None:
+        """The workflow's file at ``ref``, for ``buildq doctor``; None when the token may not
+        read it (that needs Contents: read, which triggering and polling do not)."""
+        cfg = self.config
+        repository = f"/repos/{cfg.owner}/{cfg.repo}"
+        workflow = self._core.read(
+            "GET", f"{repository}/actions/workflows/{cfg.workflow}", missing_is_not_found=False
+        ).body
+        path = workflow.get("path") if isinstance(workflow, Mapping) else None
+        if not isinstance(path, str):
+            return None
+        try:
+            reply = self._core.read(
+                "GET",
+                f"{repository}/contents/{path}",
+                params={"ref": cfg.ref},
+                missing_is_not_found=False,
+            )
+        except (RunnerUnauthorized, _http.VendorError):
+            return None
+        body = reply.body if isinstance(reply.body, Mapping) else {}
+        if body.get("encoding") != "base64" or not isinstance(body.get("content"), str):
+            return None
+        return base64.b64decode(body["content"]).decode("utf-8", errors="replace")
 
     def _dispatch(self, inputs: Mapping[str, str]) -> _http.Reply:
         cfg = self.config

@@ -11,16 +11,28 @@ from buildq.cli import common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from buildq.cli import admin, builds, db, dlq, doctor, run, web
+    from buildq.cli import admin, builds, db, dlq, doctor, host, run, web
 
     parser = argparse.ArgumentParser(
         prog="buildq",
         description="Trigger builds on CI systems and follow each to a terminal state.",
     )
+    parser.add_argument("--version", action="version", version=f"buildq {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, builds, db, admin, dlq, doctor, web):
+    for module in (run, builds, db, admin, dlq, doctor, host, web):
         module.register(commands)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (what ``pip install`` put there)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("buildq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,14 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad is not None:
         # Bytes that are not UTF-8 (Python keeps them as lone surrogates) cannot be stored,
         # looked up or shown: refuse them before any command sees them.
-        print(f"buildq: argument {bad} is not valid UTF-8 text", file=sys.stderr)
+        logs.print_error(f"buildq: argument {bad} is not valid UTF-8 text")
         return 2
     parser = build_parser()
     args = parser.parse_args(arguments)
     try:
         code: int = args.handler(args)
     except common.CliError as err:
-        print(f"buildq: {err}", file=sys.stderr)
+        logs.print_error(f"buildq: {err}")
         return err.exit_code
     except KeyboardInterrupt:
         return 130

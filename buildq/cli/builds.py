@@ -9,9 +9,10 @@ from typing import Any
 
 from buildq.buildrunner import BuildStatus, Change
 from buildq.cli import common
+from buildq.cli.output import print_table
 from buildq.db import Database
 from buildq.orchestrator import topics
-from buildq.orchestrator.model import BuildRequest, request_message
+from buildq.orchestrator.model import Build, BuildRequest, request_message
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.sql import SqlQueue
 
@@ -156,15 +157,31 @@ def _ls(args: argparse.Namespace) -> int:
         if args.json:
             common.print_json([b.to_json() for b in builds])
             return 0
-        print(f"{'BUILD':<44} {'REQUEST':<24} {'QUEUE':<12} {'STATUS':<10} {'POLLS':>5}  REASON")
-        for b in builds:
-            print(
-                f"{(b.build_id or '-'):<44} {b.request_id:<24} {b.queue:<12} {b.status:<10} "
-                f"{b.polls:>5}  {b.failure_reason or ''}"
-            )
+        if not builds:
+            print("no builds")
+            return 0
+        # Columns as wide as their longest value: CI build ids (gh:owner/repo/run/attempt)
+        # and caller-chosen request ids have no fixed length.
+        print_table([_row(b) for b in builds], _LS_COLUMNS)
         return 0
 
     return common.run_db(args, body)
+
+
+_LS_COLUMNS = (
+    ("build_id", "BUILD"),
+    ("request_id", "REQUEST"),
+    ("queue", "QUEUE"),
+    ("status", "STATUS"),
+    ("polls", "POLLS"),
+    ("failure_reason", "REASON"),
+)
+
+
+def _row(build: Build) -> dict[str, Any]:
+    return {key: getattr(build, key) for key, _ in _LS_COLUMNS} | {
+        "failure_reason": build.failure_reason or ""
+    }
 
 
 def _show(args: argparse.Namespace) -> int:

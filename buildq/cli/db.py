@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from buildq.cli import common
-from buildq.db import redacted_url
+from buildq.db import create_engine, redacted_url
 
 
 def register(commands: Any) -> None:
@@ -19,17 +19,30 @@ def register(commands: Any) -> None:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from buildq.migrations import upgrade
+    from buildq.migrations import head_revision, upgrade
 
     url = common.database_url(args)
     try:
         upgrade(url, args.revision)
+        revision = _revision(url)
     except Exception as err:  # alembic and drivers raise many types; the user needs one line
         raise common.CliError(
             f"upgrade of {redacted_url(url)} failed: {_first_line(err)}", 1
         ) from None
-    print(f"database {redacted_url(url)} is at revision {args.revision}")
+    # The id itself, as the daemon's "is at revision X, not Y" and doctor name it.
+    latest = " (the latest)" if revision == head_revision() else ""
+    print(f"database {redacted_url(url)} is at revision {revision}{latest}")
     return 0
+
+
+def _revision(url: str) -> str | None:
+    from buildq.migrations import current_revision
+
+    engine = create_engine(url, pool_size=1)
+    try:
+        return current_revision(engine)
+    finally:
+        engine.dispose()
 
 
 def _first_line(err: BaseException) -> str:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from buildq.buildrunner import registry
-from buildq.cli import common
+from buildq.cli import common, doctor_ci
 from buildq.config import Config, ConfigError, Table, load_config
 from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
 
@@ -30,7 +30,7 @@ MIN_VERSIONS = {"MySQL": (8, 0, 1), "MariaDB": (10, 6), "SQLite": (3, 35)}
 @dataclass(frozen=True, slots=True)
 class Check:
     name: str
-    status: str  # "ok", "FAIL" or "skip"
+    status: str  # "ok", "FAIL", "WARN" (does not fail the run) or "skip"
     detail: str
     fix: str = ""
 
@@ -41,6 +41,11 @@ def register(commands: Any) -> None:
     )
     common.add_target_options(parser)
     common.add_json_option(parser)
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="do not ask the CI services (token access, settings that cancel sibling builds)",
+    )
     parser.set_defaults(handler=_doctor)
 
 
@@ -49,10 +54,11 @@ def _doctor(args: argparse.Namespace) -> int:
     if url is None:
         checks.append(Check("database", "skip", "no database URL (the config did not load)"))
     else:
-        checks += _check_database(url, _upgrade_hint(args, url))
+        checks += _check_database(url, common.upgrade_hint(args, url))
     checks += _check_plugins()
-    checks += _check_runners(config)
+    checks += _check_runners(config, online=not args.offline)
     failed = any(check.status == "FAIL" for check in checks)
+    warned = any(check.status == "WARN" for check in checks)
     if args.json:
         common.print_json({"ok": not failed, "checks": [asdict(check) for check in checks]})
     else:
@@ -61,7 +67,8 @@ def _doctor(args: argparse.Namespace) -> int:
             print(f"{check.status:<4}  {check.name.ljust(width)}  {check.detail}")
             if check.fix:
                 print(f"{'':<4}  {''.ljust(width)}  fix: {check.fix}")
-        print("\n" + ("something is wrong: see FAIL above" if failed else "all checks passed"))
+        verdict = "something is wrong: see FAIL above" if failed else "all checks passed"
+        print("\n" + verdict + (" (see WARN above)" if warned and not failed else ""))
     return 1 if failed else 0
 
 
@@ -69,23 +76,17 @@ def _check_config(args: argparse.Namespace) -> tuple[list[Check], Config | None,
     if getattr(args, "url", None):
         skipped = Check("config", "skip", "--url given: no config file read")
         return [skipped], None, str(args.url)
-    path = common.config_path(args)
+    try:
+        path = common.config_path(args)
+    except common.CliError as err:
+        fix = f"{common.CONFIG_ENV}=PATH or --config PATH, or 'buildq setup-host' to write one"
+        return [Check("config", "FAIL", str(err), fix=fix)], None, None
     try:
         config = load_config(path)
     except ConfigError as err:
         return [Check("config", "FAIL", f"{path or 'no config file'}", fix=str(err))], None, None
     where = str(path) if path else "no file: defaults and BUILDQ_* environment"
     return [Check("config", "ok", where)], config, config.database.connect_url()
-
-
-def _upgrade_hint(args: argparse.Namespace, url: str) -> str:
-    path = common.config_path(args) if not getattr(args, "url", None) else None
-    if path:
-        return f"run 'buildq db upgrade --config {path}'"
-    try:
-        return f"run \"buildq db upgrade --url '{redacted_url(url)}'\""
-    except sa.exc.ArgumentError:
-        return "run 'buildq db upgrade --url URL'"
 
 
 def _check_database(url: str, upgrade: str) -> list[Check]:
@@ -159,12 +160,15 @@ def _check_schema(engine: Engine, upgrade: str) -> Check:
     return Check("schema", "FAIL", f"at revision {current}, head is {head}", upgrade)
 
 
-def _check_runners(config: Config | None) -> list[Check]:
+def _check_runners(config: Config | None, *, online: bool) -> list[Check]:
     if config is None:
         return [Check("runners", "skip", "no config")]
     if not config.runners:
         return [Check("runners", "ok", "none configured")]
-    return [_check_runner(name, table) for name, table in sorted(config.runners.items())]
+    checks = []
+    for name, table in sorted(config.runners.items()):
+        checks += _check_runner(name, table, online=online)
+    return checks
 
 
 def _check_plugins() -> list[Check]:
@@ -179,16 +183,20 @@ def _check_plugins() -> list[Check]:
     return checks
 
 
-def _check_runner(name: str, table: Table) -> Check:
+def _check_runner(name: str, table: Table, *, online: bool) -> list[Check]:
     kind_name = str(table.data.get("type"))
     try:
         kind = registry.for_table(table)
         # Validates, builds nothing: wiring builds runners (clients, directories).
-        kind.validate(table)
+        config = kind.validate(table)
     except ValueError as err:  # ConfigError, naming the key; secrets never in it
-        return Check(f"runner {name}", "FAIL", f"type {kind_name}: invalid", str(err))
+        return [Check(f"runner {name}", "FAIL", f"type {kind_name}: invalid", str(err))]
     where = "" if kind.source == registry.BUILTIN else f" (plugin {kind.source})"
-    return Check(f"runner {name}", "ok", f"type {kind_name}{where}: config and secrets resolve")
+    detail = f"type {kind_name}{where}: config and secrets resolve"
+    checks = [Check(f"runner {name}", "ok", detail)]
+    if online:
+        checks += [Check(*row) for row in doctor_ci.inspect(name, kind_name, config)]
+    return checks
 
 
 def _first_line(err: BaseException) -> str:

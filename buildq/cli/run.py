@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from buildq.cli import common
@@ -14,7 +13,7 @@ def register(commands: Any) -> None:
     parser.add_argument(
         "--config",
         metavar="PATH",
-        help=f"config file (default: ${common.CONFIG_ENV} or {common.DEFAULT_CONFIG})",
+        help=common.CONFIG_HELP,
     )
     parser.set_defaults(handler=_run)
 
@@ -22,6 +21,7 @@ def register(commands: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from buildq import logs
     from buildq.config import ConfigError
+    from buildq.db import DatabaseMissing
     from buildq.orchestrator.daemon import Daemon, NotMigrated
 
     config = common.load(args)
@@ -29,7 +29,14 @@ def _run(args: argparse.Namespace) -> int:
     daemon = Daemon(config)
     try:
         return daemon.run()
-    except (ConfigError, NotMigrated) as err:
-        daemon.stop()
-        print(f"buildq: {err}", file=sys.stderr)
+    except (ConfigError, NotMigrated, DatabaseMissing) as err:
+        # Something only the operator can fix (a port in use, a bad key, an unmigrated
+        # database): one line, and exit status 2, which the unit does not restart.
+        daemon.stop(quiet=True)
+        hint = (
+            f": {common.upgrade_hint(args, config.database.url)}"
+            if isinstance(err, DatabaseMissing)
+            else ""
+        )
+        logs.print_error(f"buildq: {err}{hint}")
         return 2

@@ -28,7 +28,7 @@ def alembic_config(url: str | None = None) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` to ``revision``; a no-op when it is already there."""
-    engine = create_engine(url, pool_size=1)
+    engine = create_engine(url, pool_size=1, create=True)
     try:
         with engine.begin() as conn:
             config = alembic_config(url)

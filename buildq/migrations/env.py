@@ -20,7 +20,7 @@ connection = config.attributes.get("connection")
 if connection is not None:
     _run(connection)
 else:
-    engine = create_engine(config.get_main_option("sqlalchemy.url") or "", pool_size=1)
+    engine = create_engine(config.get_main_option("sqlalchemy.url") or "", pool_size=1, create=True)
     with engine.begin() as conn:
         _run(conn)
     engine.dispose()

@@ -26,6 +26,7 @@ from buildq.buildrunner import (
     BuildStatus,
     MalformedPayload,
     RunnerError,
+    RunnerUnauthorized,
 )
 from buildq.config import BuildQueueConfig
 from buildq.orchestrator import policy, topics
@@ -259,6 +260,12 @@ class BuildSignalController:
             return _finish(
                 build, BuildStatus.FAILED, {"failure_reason": "lost"}, "lost", str(err), n
             )
+        except RunnerUnauthorized:
+            # The CI service refuses the token (the runner reports itself unhealthy): not the
+            # build's fault, nor a poison message. Poll again on the growing cadence, without
+            # spending retries, until the token works or the build's deadline passes.
+            log.debug("build_poll_refused", build_id=build.build_id)
+            status, metadata = build.status, dict(build.metadata)
         if status.is_terminal:
             reason = metadata.get("failure_reason") if status is not BuildStatus.SUCCEEDED else None
             if status is BuildStatus.CANCELLED:

@@ -32,6 +32,7 @@ from buildq.orchestrator.engine import BuildCommitter, classify
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.instrumented import (
     InstrumentedRunner,
+    RunnerHealth,
     StatsRefresher,
     observe_finished,
 )
@@ -65,6 +66,7 @@ class Daemon:
         self.config = config
         self.on_event = on_event
         self.metrics = Metrics()
+        self.runner_health = RunnerHealth(self.metrics)
         self.notifier = Notifier()
         self.stopping = threading.Event()
         self.db: Database | None = None
@@ -132,7 +134,7 @@ class Daemon:
         assert self.wired is not None and self.db is not None and self.store is not None
         hooked = frozenset(r.runner_name for r in self.wired.routes) if webhooks else frozenset()
         instrumented = {
-            name: InstrumentedRunner(name, runner, self.metrics)
+            name: InstrumentedRunner(name, runner, self.metrics, self.runner_health)
             for name, runner in self.wired.runners.items()
         }
         wired = Runners(
@@ -314,15 +316,25 @@ class Daemon:
         healthy, why = self.healthz()
         if not healthy:
             return False, why
+        refused = self.runner_health.problems()
+        if refused:
+            # Builds on these runners wait (they are polled until their deadline): an
+            # operator has to fix the token. Not /healthz: restarting would not help.
+            return False, "; ".join(
+                f"runner {name}: {why}" for name, why in sorted(refused.items())
+            )
         return True, "ready"
 
     # --- stop ---------------------------------------------------------------------------------
 
-    def stop(self) -> None:
+    def stop(self, *, quiet: bool = False) -> None:
+        """Drain and release. ``quiet``: start-up failed, and the one line saying why (printed
+        by ``buildq run``) is all an operator should have to read."""
         self.stopping.set()
         self.metrics.up.set(0)
         self.notifier.stopping()
-        log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
+        if not quiet:
+            log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
         if self.worker is not None:
             self.worker.stop(self.config.daemon.shutdown_grace_s)
         for subscription in self.subscriptions:
@@ -339,7 +351,8 @@ class Daemon:
             self.wired.close()
         if self.db is not None:
             self.db.dispose()
-        log.info("daemon_stopped")
+        if not quiet:
+            log.info("daemon_stopped")
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""

@@ -1,7 +1,7 @@
 """Instrumentation the daemon wires around its parts, so that those stay free of metrics code.
 
 - ``InstrumentedRunner``: a BuildRunner that counts and times each call of the runner it
-  wraps, by outcome.
+  wraps, by outcome, and ``RunnerHealth``: which runners their CI service refuses.
 - ``observe_finished``: counts a build whose result committed (the daemon calls it with the
   builds a batch's build writes finished, after the batch's transaction commits).
 - ``StatsRefresher``: reads the database gauges every ``[http] metrics_refresh_s``, with one
@@ -24,6 +24,7 @@ from buildq.buildrunner import (
     BuildRunner,
     BuildStatus,
     Change,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.db import Database
@@ -38,13 +39,59 @@ log = structlog.get_logger("buildq.metrics")
 T = TypeVar("T")
 
 
-class InstrumentedRunner:
-    """Counts and times every call to ``inner`` as ``runner``/``method``/``outcome``."""
+class RunnerHealth:
+    """Which runners their CI service refuses right now (``RunnerUnauthorized``).
 
-    def __init__(self, name: str, inner: BuildRunner, metrics: Metrics) -> None:
+    A runner is unhealthy from such an answer until one of its calls succeeds again (the
+    service accepted the token). Each change is logged once (``runner_unauthorized`` warning,
+    ``runner_authorized`` info), shown by ``buildq_runner_healthy`` and by /readyz, which
+    fails while any runner is refused.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._refused: dict[str, str] = {}  # runner -> summary (no build ids)
+
+    def add(self, name: str) -> None:
+        self._metrics.runner_healthy.labels(name).set(1)
+
+    def refused(self, name: str, method: str, err: RunnerUnauthorized) -> None:
+        with self._lock:
+            first = name not in self._refused
+            self._refused[name] = err.summary
+        if first:
+            self._metrics.runner_healthy.labels(name).set(0)
+            log.warning("runner_unauthorized", runner=name, method=method, error=str(err)[:500])
+
+    def answered(self, name: str) -> None:
+        with self._lock:
+            was_refused = self._refused.pop(name, None) is not None
+        if was_refused:
+            self._metrics.runner_healthy.labels(name).set(1)
+            log.info("runner_authorized", runner=name)
+
+    def problems(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._refused)
+
+
+class InstrumentedRunner:
+    """Counts and times every call to ``inner`` as ``runner``/``method``/``outcome``, and
+    tells ``health`` whether the CI service accepted the runner's credentials."""
+
+    def __init__(
+        self,
+        name: str,
+        inner: BuildRunner,
+        metrics: Metrics,
+        health: RunnerHealth | None = None,
+    ) -> None:
         self.name = name
         self.inner = inner
         self.metrics = metrics
+        self.health = health or RunnerHealth(metrics)
+        self.health.add(name)
 
     def trigger(
         self,
@@ -67,9 +114,14 @@ class InstrumentedRunner:
         try:
             result = call()
             outcome = "ok"
+            self.health.answered(self.name)
             return result
         except BuildNotFound:
             outcome = "not_found"
+            raise
+        except RunnerUnauthorized as err:
+            outcome = "unauthorized"
+            self.health.refused(self.name, method, err)
             raise
         except TransientRunnerError:
             outcome = "transient"

@@ -61,16 +61,16 @@ def open(
     version is refused with ``NotMigrated`` saying to run ``buildq db upgrade`` (opening never
     creates a file or a table).
     """
-    from buildq.db import Database, create_engine, redacted_url, sqlite_path
+    from buildq.db import Database, DatabaseMissing, create_engine, redacted_url
     from buildq.migrations import current_revision, head_revision
     from buildq.queue.sql import SqlQueue
 
     shown = redacted_url(url)
     fix = f"run 'buildq db upgrade --url {shown}' first"
-    path = sqlite_path(url)
-    if path is not None and not path.exists():
-        raise NotMigrated(f"no database at {path}: {fix}")
-    engine = create_engine(url, pool_size=pool_size)
+    try:
+        engine = create_engine(url, pool_size=pool_size)
+    except DatabaseMissing as err:
+        raise NotMigrated(f"no database at {err.path}: {fix}") from None
     try:
         revision = current_revision(engine)
     except Exception:

@@ -169,8 +169,8 @@ class _Task:
     #: Counted in its fetcher's room (``_Route.moving``): claimed and not waiting in or for
     #: a lane, nor behind its partition.
     counted: bool = True
-    #: Given up (call timeout, stop): whatever the job returns later is ignored.
-    abandoned: bool = False
+    #: Why it was given up ("timed out", "handed back"): what its job returns later is ignored.
+    abandoned: str = ""
     step: Step | None = None
 
     @property
@@ -407,8 +407,22 @@ class Worker:
         try:
             action: Action = Ack(task.job.run())
         except Exception as err:
+            if task.abandoned:  # a failure of work given up on is nobody's failure
+                self._ended_after_abandon(task, err)
+                return
             action = self._action_for(task, err)
-        self._to_commit(task, action)
+        if not self._to_commit(task, action):
+            self._ended_after_abandon(task, None)
+
+    def _ended_after_abandon(self, task: _Task, err: Exception | None) -> None:
+        delivery = task.job.delivery
+        log.info(
+            "handed_back_delivery_ended" if task.abandoned == "handed back" else "late_call_ended",
+            topic=delivery.topic,
+            message_id=delivery.message.id,
+            failed=err is not None,
+            **task.job.context,
+        )
 
     def _claim_confirmed(self, task: _Task) -> bool:
         """For a handler that renews first: make sure a claim that is no longer fresh is
@@ -579,7 +593,7 @@ class Worker:
                         continue
                     for task in lane.running:
                         if not task.abandoned and task.started_at and now - task.started_at > limit:
-                            task.abandoned = True
+                            task.abandoned = "timed out"
                             overdue.append((task, lane))
             for task, lane in overdue:
                 error = (
@@ -634,7 +648,7 @@ class Worker:
         with self._lock:
             running = [t for lane in self._lanes.values() for t in lane.running if not t.abandoned]
             for task in running:
-                task.abandoned = True
+                task.abandoned = "handed back"
         for task in running:
             log.warning(
                 "handback_after_grace",

@@ -44,8 +44,8 @@ def _checks(result: Result) -> dict[str, dict]:
 def test_everything_ok_on_a_migrated_database(cli, backend_url, tmp_path):
     config = _config(tmp_path, backend_url, RUNNERS)
 
-    result = cli("doctor", "--config", str(config), "--json", url=False)
-    text = cli("doctor", "--config", str(config), url=False)
+    result = cli("doctor", "--config", str(config), "--json", "--offline", url=False)
+    text = cli("doctor", "--config", str(config), "--offline", url=False)
 
     checks = _checks(result)
     assert result.data["ok"] is True

@@ -154,12 +154,13 @@ def test_cancel_running_build_stops_whole_group(work_dir: Path, gates: Path) -> 
 
 
 def test_cancel_escalates_without_blocking_the_caller(work_dir: Path) -> None:
-    runner = _runner(work_dir, "trap '' TERM; sleep 30 & sleep 30", cancel_grace_s=1.0)
+    runner = _runner(work_dir, "trap '' TERM; sleep 30 & sleep 30", cancel_grace_s=3.0)
     build_id = runner.trigger("main", [], [])
     pgid = _running_pid(work_dir, build_id, files.COMMAND_PID_FILE)
     started = time.monotonic()
     runner.cancel(build_id)
-    assert time.monotonic() - started < 0.5, "cancel waited for the grace period"
+    # Well below the grace, with room for a loaded machine.
+    assert time.monotonic() - started < 2.0, "cancel waited for the grace period"
     assert runner.status(build_id)[1]["native_state"] == "cancelling"
     wait_until(lambda: _group_gone(pgid), what="SIGKILL after the grace period")
     status, meta = _finished(runner, build_id)

@@ -9,8 +9,6 @@ ended) is what explains a redelivery later: a delivery whose owner was SIGKILLed
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -23,6 +21,7 @@ from typing import Any
 import httpx
 
 from tests.e2e.harness import BUILDQ
+from tests.support import read_json_lines
 
 
 @dataclass
@@ -143,9 +142,4 @@ class Node:
 
 
 def read_events(path: Path) -> Iterator[dict[str, Any]]:
-    if not path.exists():
-        return
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                yield json.loads(line)
+    yield from read_json_lines(path)

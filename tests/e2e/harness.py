@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +19,7 @@ from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
-from tests.support import wait_until
+from tests.support import read_json_lines, wait_until
 
 BUILDQ = str(Path(sys.executable).parent / "buildq")
 
@@ -66,13 +64,14 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         index = len(self.runs)
-        log = open(self.log_dir / f"daemon-{index}.log", "wb")  # noqa: SIM115 (lives with the process)
-        process = subprocess.Popen(
-            [BUILDQ, "run", "--config", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
+        # The child writes through its own copy of the descriptor: ours can close at once.
+        with open(self.log_dir / f"daemon-{index}.log", "wb") as log:
+            process = subprocess.Popen(
+                [BUILDQ, "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+            )
         self.runs.append(process)
         wait_until(
             lambda: self.ready() or process.poll() is not None, timeout=30, message="daemon ready"
@@ -108,13 +107,7 @@ class DaemonProcess:
         indexes = range(len(self.runs)) if run is None else [run]
         out = []
         for index in indexes:
-            path = self.log_dir / f"daemon-{index}.log"
-            if not path.exists():
-                continue
-            for line in path.read_text(errors="replace").splitlines():
-                if line.startswith("{"):
-                    with contextlib.suppress(json.JSONDecodeError):
-                        out.append(json.loads(line))
+            out += read_json_lines(self.log_dir / f"daemon-{index}.log")
         return out
 
     def log_text(self) -> str:

@@ -57,6 +57,8 @@ class Fault:
     path: str | None = None
     count: int = 1
     body: Any = None
+    #: Headers of the fault's answer; they win over the rate-limit headers the fake adds.
+    headers: dict[str, str] = field(default_factory=dict)
 
     def matches(self, request: Request) -> bool:
         return (self.method is None or self.method == request.method) and (
@@ -108,6 +110,7 @@ class FakeService:
         self.lock = threading.RLock()
         self._faults: list[Fault] = []
         self._block_after: tuple[int, float] | None = None
+        self._denied: Reply | None = None
         self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -172,6 +175,13 @@ class FakeService:
         with self.lock:
             self._block_after = (requests, reset_in_s)
 
+    def deny(self, status: int | None, message: str = "Not Found") -> None:
+        """Answer every request with the token ``status`` (None: serve again). A token that
+        lost a permission gets 403; one that cannot see a private repository or pipeline
+        gets 404 for everything in it, as GitHub and Buildkite answer."""
+        with self.lock:
+            self._denied = None if status is None else Reply(status, {"message": message})
+
     def request_count(self, method: str | None = None, path: str | None = None) -> int:
         return len(self.requests_matching(method, path))
 
@@ -209,6 +219,10 @@ class FakeService:
         if not self.authorized(request):
             return Reply(401, {"message": "Bad credentials"})
         with self.lock:
+            denied = self._denied
+        if denied is not None:
+            return Reply(denied.status, denied.body)
+        with self.lock:
             now = time.monotonic()
             self._count_down_to_block()
             allowed = self.rate.take(now)
@@ -221,7 +235,7 @@ class FakeService:
                 reply = self.route(request)
         reply = self._conditional(request, reply)
         with self.lock:
-            reply.headers.update(self.rate_headers(time.monotonic()))
+            reply.headers = {**self.rate_headers(time.monotonic()), **reply.headers}
         return reply
 
     def _count_down_to_block(self) -> None:
@@ -252,7 +266,8 @@ class FakeService:
             self._stopping.wait(fault.delay_s)
         if fault.status is None:
             return handled
-        return Reply(fault.status, fault.body if fault.body is not None else {"message": "fault"})
+        body = fault.body if fault.body is not None else {"message": "fault"}
+        return Reply(fault.status, body, dict(fault.headers))
 
     def _conditional(self, request: Request, reply: Reply) -> Reply:
         if not (reply.cacheable and reply.status == 200 and request.method == "GET"):

@@ -62,6 +62,14 @@ class FakeBuildkite(FakeService):
         self.organization = organization
         self.pipeline = pipeline
         self.script = list(script or [])
+        #: What ``GET .../pipelines/<pipeline>`` reports of the pipeline's build settings.
+        self.pipeline_settings: dict[str, Any] = {
+            "default_branch": "main",
+            "skip_queued_branch_builds": False,
+            "skip_queued_branch_builds_filter": None,
+            "cancel_running_branch_builds": False,
+            "cancel_running_branch_builds_filter": None,
+        }
         self._builds: dict[tuple[str, str, int], FakeBuild] = {}
 
     # test commands ---------------------------------------------------------------------
@@ -81,6 +89,11 @@ class FakeBuildkite(FakeService):
             build.script.clear()
             if blocked is not None:
                 build.blocked = blocked
+
+    def delete_build(self, number: int) -> None:
+        """The build is gone (deleted, or the pipeline was recreated): 404 from now on."""
+        with self.lock:
+            del self._builds[(self.organization, self.pipeline, number)]
 
     def add_build(self, meta_data: dict[str, str] | None = None, state: str = "scheduled") -> int:
         """A build buildq did not create (someone pushed): returns its number."""
@@ -127,10 +140,14 @@ class FakeBuildkite(FakeService):
 
     def route(self, request: Request) -> Reply:
         parts = request.path.strip("/").split("/")
-        if len(parts) < 6 or parts[:2] != ["v2", "organizations"] or parts[3] != "pipelines":
+        if len(parts) < 5 or parts[:2] != ["v2", "organizations"] or parts[3] != "pipelines":
             return Reply(404, {"message": "Not Found"})
         org, pipeline, rest = parts[2], parts[4], parts[5:]
-        if org != self.organization or rest[0] != "builds":
+        if org != self.organization:
+            return Reply(404, {"message": "Not Found"})
+        if not rest and request.method == "GET" and pipeline == self.pipeline:
+            return Reply(200, self._pipeline_json())
+        if not rest or rest[0] != "builds":
             return Reply(404, {"message": "Not Found"})
         if len(rest) == 1 and request.method == "POST":
             return self._create(pipeline, request.body or {})
@@ -188,6 +205,16 @@ class FakeBuildkite(FakeService):
         page = int(request.param("page", "1") or 1)
         chunk = builds[(page - 1) * per_page : page * per_page]
         return Reply(200, [self._json(b) for b in chunk])
+
+    def _pipeline_json(self) -> dict[str, Any]:
+        base = f"{self.url}/v2/organizations/{self.organization}/pipelines/{self.pipeline}"
+        return {
+            "slug": self.pipeline,
+            "name": self.pipeline,
+            "url": base,
+            "builds_url": base + "/builds",
+            **self.pipeline_settings,
+        }
 
     def _cancel(self, build: FakeBuild) -> Reply:
         if build.state in FINISHED:

@@ -15,6 +15,7 @@ A dispatched run's ``display_title`` is its ``run-name``: ``run_name(inputs)``, 
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import hmac
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -76,6 +78,10 @@ class FakeGitHub(FakeService):
         self.secondary_limit = False
         #: Called with each dispatched run (e.g. to start an unrelated run right after it).
         self.after_dispatch: Callable[[FakeRun], None] | None = None
+        #: The workflow file as ``GET .../contents/<path>`` serves it (None: 404).
+        self.workflow_file: str | None = None
+        #: Requests to ``/repos/<old owner>/<old repo>/...`` answer 301 to this repository.
+        self.renamed_from: tuple[str, str] | None = None
         self._runs: dict[int, FakeRun] = {}
         self._next_id = 1000
         self._no_details_next = 0
@@ -108,6 +114,11 @@ class FakeGitHub(FakeService):
             assert run.attempts[-1].status == "completed", "only finished runs can be re-run"
             run.attempts.append(Attempt())
             return len(run.attempts)
+
+    def delete_run(self, run_id: int) -> None:
+        """Someone deleted the run: 404 from now on, while the repository stays visible."""
+        with self.lock:
+            del self._runs[run_id]
 
     def add_run(self, display_title: str, *, event: str = "workflow_dispatch") -> int:
         """A run buildq did not start (a person, another tool): returns its id."""
@@ -166,10 +177,21 @@ class FakeGitHub(FakeService):
         return True  # GitHub: an authorized 304 does not count against the primary limit
 
     def route(self, request: Request) -> Reply:
-        prefix = f"/repos/{self.owner}/{self.repo}/actions/"
+        repository = f"/repos/{self.owner}/{self.repo}"
+        moved = self._moved(request)
+        if moved is not None:
+            return moved
+        if request.path == repository and request.method == "GET":
+            return Reply(200, {"full_name": f"{self.owner}/{self.repo}", "private": True})
+        if request.path.startswith(repository + "/contents/") and request.method == "GET":
+            return self._contents(request.path[len(repository + "/contents/") :])
+        prefix = f"{repository}/actions/"
         if not request.path.startswith(prefix):
             return Reply(404, {"message": "Not Found"})
         parts = request.path[len(prefix) :].strip("/").split("/")
+        if parts == ["workflows", self.workflow] and request.method == "GET":
+            path = f".github/workflows/{self.workflow}"
+            return Reply(200, {"id": 161335, "name": "buildq", "path": path, "state": "active"})
         if parts[:1] == ["workflows"] and len(parts) == 3 and parts[1] == self.workflow:
             if parts[2] == "dispatches" and request.method == "POST":
                 return self._dispatch(request.body or {})
@@ -182,6 +204,27 @@ class FakeGitHub(FakeService):
         return Reply(404, {"message": "Not Found"})
 
     # endpoints -------------------------------------------------------------------------
+    def _moved(self, request: Request) -> Reply | None:
+        """A renamed repository: GitHub answers 301 with the new location (307 for writes)."""
+        if self.renamed_from is None:
+            return None
+        old = "/repos/{}/{}".format(*self.renamed_from)
+        if request.path != old and not request.path.startswith(old + "/"):
+            return None
+        query = urlencode(request.query, doseq=True)
+        target = f"{self.url}/repos/{self.owner}/{self.repo}{request.path[len(old) :]}"
+        status = 301 if request.method == "GET" else 307
+        location = target + (f"?{query}" if query else "")
+        return Reply(
+            status, {"message": "Moved Permanently", "url": location}, {"Location": location}
+        )
+
+    def _contents(self, path: str) -> Reply:
+        if self.workflow_file is None or path != f".github/workflows/{self.workflow}":
+            return Reply(404, {"message": "Not Found"})
+        encoded = base64.b64encode(self.workflow_file.encode()).decode()
+        return Reply(200, {"type": "file", "path": path, "encoding": "base64", "content": encoded})
+
     def _dispatch(self, body: dict[str, Any]) -> Reply:
         if "return_run_details" in body and self.run_details == "unsupported":
             return Reply(

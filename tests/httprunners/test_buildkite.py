@@ -15,6 +15,7 @@ from buildq.buildrunner.contract import (
     BuildStatus,
     Change,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from tests.fakeci import FakeBuildkite, Fault
@@ -153,9 +154,12 @@ def test_cancel_of_finished_build_is_not_an_error(
 
 
 def test_unknown_and_foreign_ids_are_not_found(bk_runner: BuildkiteRunner) -> None:
-    for raw in ("bk:acme/app/999", "bk:acme/other/1", "gh:o/r/1/1", "bk:../x/1", "nonsense"):
+    for raw in ("bk:acme/app/999", "gh:o/r/1/1", "bk:../x/1", "nonsense"):
         with pytest.raises(BuildNotFound):
             bk_runner.status(BuildID(raw))
+    # A pipeline the token cannot see: its builds are not known to be gone (issue 15).
+    with pytest.raises(RunnerUnauthorized):
+        bk_runner.status(BuildID("bk:acme/other/1"))
     with pytest.raises(BuildNotFound):
         bk_runner.cancel(BuildID("bk:acme/app/999"))
 
@@ -247,7 +251,11 @@ def test_unreachable_service_is_transient(
 
 
 def test_other_4xx_is_a_runner_error(bk: FakeBuildkite, bk_runner: BuildkiteRunner) -> None:
-    bk.fail_next(status=403, method="POST")
-    with pytest.raises(RunnerError, match="403") as raised:
+    bk.fail_next(status=400, method="POST")
+    with pytest.raises(RunnerError, match="400") as raised:
         trigger(bk_runner, request_id=None)
     assert not isinstance(raised.value, TransientRunnerError | BuildNotFound)
+    # 401 and 403 are the token's problem, for an operator: worth trying again once fixed.
+    bk.fail_next(status=403, method="POST")
+    with pytest.raises(RunnerUnauthorized, match="403"):
+        trigger(bk_runner, request_id=None)

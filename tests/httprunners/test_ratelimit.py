@@ -66,10 +66,11 @@ def test_budget_holds_everyone_after_a_429_and_refuses_long_waits() -> None:
     budget.observe(RateSignal(remaining=0, limit=200, reset_in_s=12, limited_for_s=12))
     with pytest.raises(RateLimitWait) as raised:
         budget.acquire(max_wait_s=5)
-    assert raised.value.wait_s == pytest.approx(12)
+    # What the vendor said, plus up to a second of jitter.
+    assert 12 <= raised.value.wait_s <= 13
     assert t.sleeps == []
     budget.acquire(max_wait_s=20)
-    assert t.sleeps == [pytest.approx(12)]
+    assert t.sleeps == [pytest.approx(raised.value.wait_s)]
 
 
 def test_429_holds_every_polling_thread_until_the_reset(
@@ -100,13 +101,14 @@ def test_429_holds_every_polling_thread_until_the_reset(
     polls = bk.requests_matching("GET", "/builds/1")
     limited = [r for r in polls if r.status == 429]
     first_429 = min(r.at for r in limited)
-    # Requests already on the wire when the first 429 was answered may be refused too; after
-    # that nobody sends anything until the reset the fake announced.
-    in_flight = [r for r in limited if r.at - first_429 < 0.25]
+    # Requests already on the wire when the first 429 was answered may be refused too (on a
+    # loaded machine a thread can take a while to get its request out); after that nobody
+    # sends anything until the reset the fake announced (1 s, plus the runner's jitter).
+    in_flight = [r for r in limited if r.at - first_429 < 0.5]
     assert len(limited) == len(in_flight) <= THREADS
-    quiet = [r for r in polls if first_429 + 0.25 <= r.at < first_429 + 0.9]
+    quiet = [r for r in polls if first_429 + 0.5 <= r.at < first_429 + 0.95]
     assert quiet == []
-    assert max(r.at for r in polls) >= first_429 + 0.9
+    assert max(r.at for r in polls) >= first_429 + 0.95
 
 
 def test_budget_slows_down_before_it_runs_out(

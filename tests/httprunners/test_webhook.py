@@ -286,3 +286,13 @@ def test_config_from_table_and_routes(monkeypatch: pytest.MonkeyPatch, bk: FakeB
     assert BK_SECRET not in repr(route) and BK_SECRET not in repr(hooked)
     with pytest.raises(ValueError, match="cannot be a webhook path"):
         WebhookRoute("a/b", "github", Secret("s", "env:X"))
+
+
+def test_a_webhook_port_in_use_is_a_config_error_naming_the_key(events: Events) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = WebhookServer(WebhookConfig(enabled=True, port=port), [], events)
+        with pytest.raises(ConfigError, match=rf"webhooks\.port = {port}: .*in use"):
+            server.start()

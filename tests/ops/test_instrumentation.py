@@ -16,12 +16,13 @@ from buildq.buildrunner import (
     BuildStatus,
     Change,
     RunnerError,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.config import ConfigError, PollPolicy, load_config
 from buildq.metrics import Metrics
 from buildq.orchestrator import policy
-from buildq.orchestrator.instrumented import InstrumentedRunner, observe_finished
+from buildq.orchestrator.instrumented import InstrumentedRunner, RunnerHealth, observe_finished
 from buildq.orchestrator.model import Build
 from buildq.queue.contract import Message
 from buildq.queue.settings import SubscriptionSettings
@@ -90,6 +91,32 @@ def test_runner_calls_are_counted_by_outcome_and_timed():
         ]
     } | {(("method", "status"), ("outcome", "error"), ("runner", "bk")): 2.0}
     assert s.value("buildq_runner_call_duration_seconds_count", method="status") == 5
+
+
+def test_a_refused_runner_is_unhealthy_until_a_call_succeeds_logged_once_each_way():
+    metrics = Metrics()
+    health = RunnerHealth(metrics)
+    refused = RunnerUnauthorized("GitHub answered 401 to GET /x: Bad credentials", "401 why")
+    runner = InstrumentedRunner("gha", Flaky(refused, refused, None, refused), metrics, health)
+    assert scraped(metrics).value("buildq_runner_healthy", runner="gha") == 1
+    with capture_logs() as logs:
+        for _ in range(2):
+            with pytest.raises(RunnerUnauthorized):
+                runner.status(BuildID("b-1"))
+        assert health.problems() == {"gha": "401 why"}
+        assert scraped(metrics).value("buildq_runner_healthy", runner="gha") == 0
+        runner.status(BuildID("b-1"))
+        assert health.problems() == {}
+        assert scraped(metrics).value("buildq_runner_healthy", runner="gha") == 1
+        with pytest.raises(RunnerUnauthorized):
+            runner.status(BuildID("b-1"))
+    assert [e["event"] for e in logs] == [
+        "runner_unauthorized",
+        "runner_authorized",
+        "runner_unauthorized",
+    ]
+    calls = scraped(metrics).series("buildq_runner_calls_total")
+    assert calls[(("method", "status"), ("outcome", "unauthorized"), ("runner", "gha"))] == 3
 
 
 def test_publishes_and_duplicates_are_counted_apart_after_commit(db):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import sqlalchemy as sa
 from buildq.db import Database, create_engine
 from buildq.queue import Message
 from buildq.queue.sql import SqlQueue
-from tests.support import wait_until
+from tests.support import read_json_lines, wait_until
 
 RENEW_S = 0.25
 LEASE_S = 1.5
@@ -56,9 +55,7 @@ class Member:
         return self.member_id
 
     def events(self) -> list[dict[str, Any]]:
-        if not self.out.exists():
-            return []
-        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+        return read_json_lines(self.out)  # the member may be mid-line
 
     def handled(self) -> list[dict[str, Any]]:
         """Messages this member worked on (acked or not)."""
@@ -171,7 +168,10 @@ def test_sigkill_takeover_within_the_lease_bound_and_nothing_lost(group: Group):
     killed_at = time.monotonic()
     wait_until(lambda: group.live_shares(b) == [12], timeout=30)
     took = time.monotonic() - killed_at
-    assert took <= LEASE_S + RENEW_S + 2.0, f"takeover took {took:.2f}s"
+    # The bound is the lease plus one renewal; the slack is for a loaded 2-core machine (the
+    # survivor's renew loop and this test's polling compete with everything else), and it is
+    # still far below the visibility timeout that would otherwise bring the work back.
+    assert took <= LEASE_S + RENEW_S + 5.0, f"takeover took {took:.2f}s"
     # At-least-once: whatever A had claimed when it died comes again once its visibility ends.
     # A logs "handled" before its ack, so its last handled-but-unacked message is in that
     # set already while its delivery still waits out the visibility timeout: wait for the
@@ -258,3 +258,16 @@ def test_ten_thousand_partitions_three_members_each_message_once(group: Group, b
         ).scalar()
     )
     assert lease_rows == 64
+
+
+def test_a_members_half_written_line_is_not_read_yet(tmp_path: Path) -> None:
+    """The member appends one JSON line per event; a test that reads while it is mid-line
+    (a loaded machine makes that likely) sees the events before it, not a JSONDecodeError."""
+    out = tmp_path / "member.jsonl"
+    out.write_text('{"event": "started", "member": "m-1"}\n{"event": "handled", "id": "m')
+    member = Member("sqlite:///unused", out, [])
+    assert member.events() == [{"event": "started", "member": "m-1"}]
+    assert member.id() == "m-1" and member.handled() == []
+    with out.open("a") as appending:
+        appending.write('1"}\n')
+    assert [e["id"] for e in member.handled()] == ["m1"]

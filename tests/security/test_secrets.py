@@ -248,12 +248,13 @@ def failing_logins(
             closed_port = sock.getsockname()[1]
         url = sa.make_url(target.url).set(port=closed_port).render_as_string(hide_password=False)
         waiting = make_daemon(tmp, "unreachable", url, ci.runner_toml(webhooks=True) + QUEUE, env)
-        process = subprocess.Popen(
-            [BUILDQ, "run", "--config", str(waiting.config)],
-            stdout=open(tmp / "unreachable" / "daemon-0.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-        )
+        with open(tmp / "unreachable" / "daemon-0.log", "wb") as log:
+            process = subprocess.Popen(
+                [BUILDQ, "run", "--config", str(waiting.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+            )
         wait_until(
             lambda: "database_unavailable" in (tmp / "unreachable" / "daemon-0.log").read_text(),
             timeout=30,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from buildq.systemd import Notifier
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-UNIT = REPO / "config" / "systemd" / "buildq.service"
+UNIT = REPO / "buildq" / "host" / "buildq.service"
 BUILDQ = Path(sys.executable).with_name("buildq")
 SHIPPED_BUILDQ = "/opt/buildq/venv/bin/buildq"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -115,7 +118,7 @@ def _settings(unit_text: str) -> dict[str, list[str]]:
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config" / "buildq.toml"
     path.parent.mkdir()
-    path.write_text(CONFIG.format(db=tmp_path / "buildq.db"))
+    path.write_text(CONFIG.format(db=tmp_path / "state" / "buildq.db"))
     return path
 
 
@@ -178,21 +181,64 @@ def test_daemon_notifies_ready_watchdog_and_stopping(
             daemon.wait()
 
 
-@pytest.mark.parametrize("broken", ["unmigrated", "bad_config"])
-def test_bad_start_exits_2(tmp_path: Path, config_file: Path, broken: str) -> None:
-    """Exit status 2 is what the unit's RestartPreventExitStatus=2 keeps from crash-looping."""
-    if broken == "bad_config":
-        config_file.write_text(config_file.read_text().replace("port = 0", "port = -1"))
-    result = subprocess.run(
-        [str(BUILDQ), "run", "--config", str(config_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
-    )
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "missing",
+        "unmigrated",
+        "bad_config",
+        "port_in_use",
+        "secret_file_mode",
+        "bad_database_url",
+    ],
+)
+def test_bad_start_is_one_line_and_exits_2(tmp_path: Path, config_file: Path, broken: str) -> None:
+    """Exit status 2 is what the unit's RestartPreventExitStatus=2 keeps from crash-looping;
+    the one line on stderr says what is wrong and how to fix it (no traceback)."""
+    if broken == "unmigrated":
+        (tmp_path / "state").mkdir()
+        sqlite3.connect(tmp_path / "state" / "buildq.db").close()  # empty, never migrated
+    elif broken != "missing":
+        _upgrade(config_file)
+    text = config_file.read_text()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if broken == "bad_config":
+            text = text.replace("port = 0", "port = -1")
+        elif broken == "port_in_use":
+            text = text.replace("port = 0", f"port = {taken.getsockname()[1]}")
+        elif broken == "secret_file_mode":
+            secret = tmp_path / "token"
+            secret.write_text("s3cret-token-value")
+            secret.chmod(0o644)
+            text += f'\n[runners.bk]\ntype = "buildkite"\norganization = "o"\npipeline = "p"\ntoken_file = "{secret}"\n'
+        elif broken == "bad_database_url":
+            text = text.replace('url = "sqlite:///', 'url = "mysql+pymysql://buildq@db:port/x" #')
+        config_file.write_text(text)
+        result = subprocess.run(
+            [str(BUILDQ), "run", "--config", str(config_file)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
+        )
     assert result.returncode == 2, result.stderr[-3000:]
-    expected = "db upgrade" if broken == "unmigrated" else "http.port"
-    assert expected in result.stderr
+    expected = {
+        "missing": f"does not exist: run 'buildq db upgrade --config {config_file}'",
+        "unmigrated": f"run 'buildq db upgrade --config {config_file}'",
+        "bad_config": "http.port = -1",
+        "port_in_use": "in use by another process",
+        "secret_file_mode": "chmod 600",
+        "bad_database_url": "database.url",
+    }[broken]
+    # Log events of what did start (JSON) may come first; the error is one plain line.
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and lines[0].startswith("buildq: "), result.stderr[-3000:]
+    assert result.stderr.rstrip().endswith(lines[0]) and expected in lines[0]
+    assert "s3cret" not in result.stderr
+    if broken == "missing":  # a daemon never creates its database
+        assert not (tmp_path / "state").exists()
 
 
 # --- Notifier, in process -----------------------------------------------------------------------
@@ -224,3 +270,87 @@ def test_notifier_reaches_an_abstract_socket() -> None:
 
 def test_notifier_survives_a_vanished_socket(tmp_path: Path) -> None:
     assert not Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")}).ready()
+
+
+# --- journald priorities --------------------------------------------------------------------
+
+
+def _journal_env(stream: Path) -> dict[str, str]:
+    """What systemd sets when the daemon's stderr is its journal stream: the stream's
+    device and inode (systemd.exec(5), $JOURNAL_STREAM)."""
+    stat = stream.stat()
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    return {**env, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}"}
+
+
+def _lines(path: Path) -> list[str]:
+    """Complete lines only: the daemon may be mid-line when the test reads."""
+    return path.read_text(errors="replace").split("\n")[:-1]
+
+
+@pytest.mark.slow
+def test_each_line_carries_its_priority_for_journald(tmp_path: Path, config_file: Path) -> None:
+    # An unreachable database: the daemon logs `database_unavailable` (a warning) and waits.
+    text = config_file.read_text()
+    config_file.write_text(
+        text.replace('url = "sqlite:///', 'url = "mysql+pymysql://u@127.0.0.1:1/x" #')
+    )
+    log = tmp_path / "journal.log"
+    log.touch()
+    with log.open("ab") as stream:
+        daemon = subprocess.Popen(
+            [str(BUILDQ), "run", "--config", str(config_file)],
+            stderr=stream,
+            env=_journal_env(log),
+        )
+    try:
+        wait_until(
+            lambda: any('"database_unavailable"' in line for line in _lines(log)),
+            timeout=30,
+            message="a database_unavailable warning",
+        )
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    by_event = {}
+    for line in _lines(log):
+        priority, _, rest = line.partition(">")
+        by_event[json.loads(rest)["event"]] = priority + ">"
+    assert by_event["database_unavailable"] == "<4>"  # warning
+    assert by_event["ops_http_listening"] == "<6>"  # info
+
+
+def test_a_start_up_error_is_priority_err_in_the_journal(tmp_path: Path, config_file: Path) -> None:
+    config_file.write_text(config_file.read_text().replace("port = 0", "port = -1"))
+    log = tmp_path / "journal.log"
+    log.touch()
+    with log.open("ab") as stream:
+        result = subprocess.run(
+            [str(BUILDQ), "run", "--config", str(config_file)],
+            stderr=stream,
+            env=_journal_env(log),
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert _lines(log) == ["<3>buildq: config http.port = -1: expected a value >= 0"]
+
+
+def test_no_priority_prefix_when_stderr_is_not_the_journal(
+    tmp_path: Path, config_file: Path
+) -> None:
+    """A JOURNAL_STREAM inherited by a process whose stderr goes elsewhere (a redirect in a
+    unit's shell script, a child of the daemon) must not prefix that file's lines."""
+    config_file.write_text(config_file.read_text().replace("port = 0", "port = -1"))
+    other = tmp_path / "other"
+    other.touch()
+    result = subprocess.run(
+        [str(BUILDQ), "run", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        env=_journal_env(other),
+        timeout=60,
+    )
+    assert result.stderr.startswith("buildq: config http.port = -1")

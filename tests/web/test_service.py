@@ -15,7 +15,7 @@ import pytest
 from tests.support import run_cli
 from tests.system.test_systemd import BUILDQ, SHIPPED_BUILDQ, _receive, _settings, _systemd_analyze
 
-UNIT = Path(__file__).resolve().parents[2] / "config" / "systemd" / "buildq-web.service"
+UNIT = Path(__file__).resolve().parents[2] / "buildq" / "host" / "buildq-web.service"
 
 
 @pytest.fixture
