@@ -18,7 +18,17 @@ import sys
 import time
 from collections.abc import Callable
 
-from bench import ceiling, e2e, p1_cycle, p2_publish, p3_idle, p4_delay, p5_capacity, peers
+from bench import (
+    ceiling,
+    drivers,
+    e2e,
+    p1_cycle,
+    p2_publish,
+    p3_idle,
+    p4_delay,
+    p5_capacity,
+    peers,
+)
 from bench.common import (
     BACKENDS,
     PROFILES,
@@ -44,6 +54,7 @@ BENCHES: dict[str, Callable[[Backend, Profile], Result]] = {
     "p5": p5_capacity.run,
     "e2e": e2e.run,
     "peers": peers.run,
+    "drivers": drivers.run,
 }
 #: Results whose headline ratio is a share of the ceiling: the summary's ratio is their mean.
 TO_CEILING = ("p1", "p2", "p5", "e2e")

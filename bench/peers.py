@@ -18,6 +18,7 @@ delay 0: 2,605 cycles/s).
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from buildq.queue.sql.schema import messages as m
 BEST_PEER_CYCLES_PER_S = 2_605
 POLLS = 5
 DELAYS_MS = (0, 200)
+_RUNS = itertools.count()
 
 CONFIG = """
 [runners.sim]
@@ -61,8 +63,9 @@ def _results(prefix: str) -> Select[tuple[int]]:
     )
 
 
-def measure(backend: Backend, builds: int, delay_ms: int) -> dict[str, float]:
-    """One daemon, ``builds`` requests at once; cycles/s, CPU per poll and queries per poll."""
+def measure(backend: Backend, builds: int, delay_ms: int, tag: str = "peers") -> dict[str, float]:
+    """One daemon, ``builds`` requests at once; cycles/s, CPU per poll and queries per poll.
+    ``tag`` keeps the request ids of measurements in one database apart."""
     with tempfile.TemporaryDirectory(prefix="buildq-bench-peers-") as tmp:
         directory = Path(tmp)
         body = CONFIG.format(polls=POLLS, delay_s=delay_ms / 1000)
@@ -71,7 +74,7 @@ def measure(backend: Backend, builds: int, delay_ms: int) -> dict[str, float]:
         queue = SqlQueue(db)
         daemon = DaemonProcess(config, directory).start()
         try:
-            prefix = f"peers{delay_ms}"
+            prefix = f"{tag}{delay_ms}-{next(_RUNS)}"
             batch = requests(builds, prefix)
             results = _results(prefix)
             before = daemon.fresh_stats()

@@ -18,6 +18,7 @@ from buildq.queue.contract import (
     PublisherClosed,
     Settled,
     Step,
+    dlq_topic,
 )
 from buildq.queue.memory import MemoryDelivery, MemoryOutbox, MemoryQueue
 from tests.unit.doubles import FAST, ManualClock, drain
@@ -99,7 +100,7 @@ def test_nack_backs_off_and_dead_letters_at_max_attempts(
     delivery.nack(error="boom 3")
     clock.advance(10**6)
     assert subscription.fetch(1) == []
-    [letter] = drain(queue, TOPIC + "_dlq")
+    [letter] = drain(queue, dlq_topic(TOPIC))
     assert letter.message == original
     assert letter.dead_letter == DeadLetter(TOPIC, "g", failed_at, 3, "boom 3")
     # The move is the failing group's: another group still has the message.
@@ -122,7 +123,7 @@ def test_reject_moves_to_the_dlq_at_once(queue: MemoryQueue, clock: ManualClock)
 
     clock.advance(10**6)
     assert subscription.fetch(1) == []
-    [letter] = drain(queue, TOPIC + "_dlq")
+    [letter] = drain(queue, dlq_topic(TOPIC))
     assert letter.dead_letter == DeadLetter(TOPIC, "g", clock() - 10**6, 1, "can never work")
 
 
@@ -183,7 +184,7 @@ def test_an_abandoned_claim_at_max_attempts_is_dead_lettered(
     clock.advance(1_000)
 
     assert subscription.fetch(1) == []
-    [letter] = drain(queue, TOPIC + "_dlq")
+    [letter] = drain(queue, dlq_topic(TOPIC))
     assert letter.dead_letter is not None
     assert (letter.dead_letter.failure_count, letter.dead_letter.last_error) == (
         1,

@@ -8,6 +8,8 @@ import dataclasses
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -22,12 +24,15 @@ from buildq.queue.contract import (
     Message,
     Outbox,
     Reject,
+    dlq_topic,
 )
 from buildq.queue.memory import MemoryQueue, MemorySubscription
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.worker import (
+    _STOP_MARGIN_S,
     INLINE,
     Classifier,
+    Job,
     LaneSettings,
     Postpone,
     Retry,
@@ -52,9 +57,8 @@ from tests.unit.doubles import (
 )
 
 TOPIC = "t"
-#: After the grace period, stop() gives the commit thread this long (worker._STOP_MARGIN_S);
-#: the bound a test allows stop() adds as much again for a loaded machine.
-STOP_MARGIN_S = 3.0
+#: What a test allows stop() beyond its grace: the worker's own margin, twice (a loaded machine).
+STOP_BOUND_S = 2 * _STOP_MARGIN_S
 
 
 def make_worker(
@@ -82,12 +86,22 @@ def publishes(message_id: str) -> Effect:
     return effect
 
 
+def waits_for(gate: threading.Event) -> Callable[[Delivery], Effect | None]:
+    """A job that waits until ``gate`` is set (a call to a CI service that hangs)."""
+
+    def run(delivery: Delivery) -> Effect | None:
+        gate.wait(BLOCK_S)
+        return None
+
+    return run
+
+
 def out_ids(queue: MemoryQueue) -> list[str]:
     return sorted(d.message.id for d in published(queue, "out"))
 
 
 def dead_letters(queue: MemoryQueue) -> dict[str, DeadLetter | None]:
-    return {d.message.id: d.dead_letter for d in published(queue, TOPIC + "_dlq")}
+    return {d.message.id: d.dead_letter for d in published(queue, dlq_topic(TOPIC))}
 
 
 # --- lanes --------------------------------------------------------------------------------------
@@ -120,7 +134,7 @@ def test_a_job_blocked_in_one_lane_delays_neither_another_lane_nor_inline_jobs(
             queue.publish(TOPIC, message("later", payload=b""))  # fetched after A blocked
             assert events.wait_outcomes("mlater") == ["ack"]
             assert events.outcomes("ma") == []
-            assert worker.lane_load()["A"] == (1, 0)
+            wait_until(lambda: worker.lane_load()["A"] == (1, 0))
         finally:
             gate.set()
         assert events.wait_outcomes("ma") == ["ack"]
@@ -164,7 +178,7 @@ def test_a_lane_over_its_room_defers_the_extra_deliveries_without_a_retry(
     queue: MemoryQueue, clock: ManualClock
 ) -> None:
     gate = threading.Event()
-    handler = FnHandler(TOPIC, lambda d: gate.wait(BLOCK_S) and None, lane="L")
+    handler = FnHandler(TOPIC, waits_for(gate), lane="L")
     events = Events()
     lanes = {"L": LaneSettings(concurrency=1, room=1, defer_ms=5_000)}
     worker, subscription = make_worker(queue, handler, events, lanes=lanes)
@@ -175,7 +189,7 @@ def test_a_lane_over_its_room_defers_the_extra_deliveries_without_a_retry(
         try:
             assert events.wait_outcomes("m2") == ["defer"]
             assert events.wait_outcomes("m3") == ["defer"]
-            assert worker.lane_load()["L"] == (1, 1)
+            wait_until(lambda: worker.lane_load()["L"] == (1, 1))
             assert subscription.next_due_ms() == 5_000
         finally:
             gate.set()
@@ -480,7 +494,7 @@ def test_a_job_whose_claim_was_lost_before_it_started_does_not_run(
     queue: MemoryQueue, clock: ManualClock
 ) -> None:
     gate = threading.Event()
-    handler = FnHandler(TOPIC, lambda d: gate.wait(BLOCK_S) and None, lane="L")
+    handler = FnHandler(TOPIC, waits_for(gate), lane="L")
     events = Events()
     settings = dataclasses.replace(FAST, visibility_timeout_ms=10_000)
     worker, subscription = make_worker(
@@ -512,7 +526,7 @@ def test_stop_hands_back_jobs_not_started_and_gives_running_ones_the_grace(
     queue: MemoryQueue,
 ) -> None:
     gate = threading.Event()
-    handler = FnHandler(TOPIC, lambda d: gate.wait(BLOCK_S) and None, lane="L")
+    handler = FnHandler(TOPIC, waits_for(gate), lane="L")
     events = Events()
     worker, subscription = make_worker(
         queue, handler, events, lanes={"L": LaneSettings(concurrency=1)}
@@ -543,7 +557,7 @@ def test_stop_hands_back_jobs_not_started_and_gives_running_ones_the_grace(
 
 def test_stop_hands_back_a_job_still_running_after_the_grace(queue: MemoryQueue) -> None:
     gate = threading.Event()
-    handler = FnHandler(TOPIC, lambda d: gate.wait(BLOCK_S) and None, lane="L")
+    handler = FnHandler(TOPIC, waits_for(gate), lane="L")
     events = Events()
     worker, subscription = make_worker(
         queue, handler, events, lanes={"L": LaneSettings(concurrency=1)}
@@ -560,7 +574,7 @@ def test_stop_hands_back_a_job_still_running_after_the_grace(queue: MemoryQueue)
     finally:
         gate.set()
 
-    assert elapsed < grace_s + 2 * STOP_MARGIN_S
+    assert elapsed < grace_s + STOP_BOUND_S
     assert events.outcomes("m0") == ["handback"]
     assert events.outcomes("m1") == ["handback"]
     again = subscription.fetch(10)
@@ -571,7 +585,7 @@ def test_stop_returns_within_the_grace_and_a_margin_when_the_committer_keeps_fai
     queue: MemoryQueue,
 ) -> None:
     gate = threading.Event()
-    handler = FnHandler(TOPIC, lambda d: gate.wait(BLOCK_S) and None, lane="L")
+    handler = FnHandler(TOPIC, waits_for(gate), lane="L")
     events = Events()
     committer = CountingCommitter(queue.committer())
     committer.down.set()
@@ -591,7 +605,7 @@ def test_stop_returns_within_the_grace_and_a_margin_when_the_committer_keeps_fai
         gate.set()
         committer.down.clear()
 
-    assert elapsed < grace_s + 2 * STOP_MARGIN_S
+    assert elapsed < grace_s + STOP_BOUND_S
     assert committer.calls()  # it did try
     # Nothing was settled, and nothing counted as a failure.
     assert not [o for _, o in events.processed() if o in ("ack", "nack", "reject")]
@@ -611,7 +625,7 @@ def test_stop_gives_up_every_claim_it_could_not_settle_when_the_database_hangs(
     queue: MemoryQueue, clock: ManualClock
 ) -> None:
     gate = threading.Event()
-    handler = FnHandler(TOPIC, lambda d: gate.wait(BLOCK_S) and None, lane="L")
+    handler = FnHandler(TOPIC, waits_for(gate), lane="L")
     events = Events()
     committer = CountingCommitter(queue.committer())
     committer.hold.clear()  # a commit call waits on the database, then fails
@@ -633,7 +647,7 @@ def test_stop_gives_up_every_claim_it_could_not_settle_when_the_database_hangs(
         grace_s = 0.5
         started = time.monotonic()
         worker.stop(grace_s)
-        assert time.monotonic() - started < grace_s + 2 * STOP_MARGIN_S
+        assert time.monotonic() - started < grace_s + STOP_BOUND_S
         assert committer.holding.is_set()  # the hand-back of m1, m2 is the call in progress
 
         clock.advance(10_000)  # every claim stop() could not settle is back by now
@@ -703,7 +717,31 @@ def test_health_reports_a_fetch_loop_that_stopped_ticking() -> None:
             subscription.fetching.set()
 
 
-def test_processed_reports_each_outcome_once(queue: MemoryQueue) -> None:
+@pytest.mark.parametrize(("never_dead_letter", "outcome"), [(False, "reject"), (True, "nack")])
+def test_a_plan_that_raises_fails_each_delivery_on_its_own(
+    queue: MemoryQueue, never_dead_letter: bool, outcome: str
+) -> None:
+    class BrokenPlan(FnHandler):
+        def plan(self, deliveries: Sequence[Delivery]) -> list[Job]:
+            raise RuntimeError("a bug in plan")
+
+    handler = BrokenPlan(TOPIC, lambda d: None, never_dead_letter=never_dead_letter)
+    events = Events()
+    worker, _ = make_worker(queue, handler, events)
+    for i in (1, 2):
+        queue.publish(TOPIC, message(i))
+
+    with running(worker):
+        assert events.wait_outcomes("m1") == [outcome]
+        assert events.wait_outcomes("m2") == [outcome]
+
+    expected = set() if never_dead_letter else {"m1", "m2"}
+    assert set(dead_letters(queue)) == expected
+
+
+def test_processed_reports_each_outcome_once(
+    queue: MemoryQueue, logs: list[MutableMapping[str, Any]]
+) -> None:
     gate = threading.Event()
 
     def run(delivery: Delivery) -> Effect | None:
@@ -745,3 +783,9 @@ def test_processed_reports_each_outcome_once(queue: MemoryQueue) -> None:
         ("mreject", "reject"): 1,
         ("mdefer", "defer"): 1,
     }
+    failures = [
+        (e["event"], e["message_id"])
+        for e in logs
+        if e["event"] in ("delivery_nacked", "delivery_rejected")
+    ]
+    assert sorted(failures) == [("delivery_nacked", "mnack"), ("delivery_rejected", "mreject")]
