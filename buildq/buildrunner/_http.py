@@ -27,6 +27,7 @@ from buildq.buildrunner._ratelimit import ETagCache, RateBudget, RateLimitWait, 
 from buildq.buildrunner.contract import (
     BuildNotFound,
     RunnerError,
+    RunnerThrottled,
     RunnerUnauthorized,
     TransientRunnerError,
 )
@@ -50,7 +51,7 @@ class HttpSettings:
     retry_attempts: int = 3
     retry_backoff_s: float = 0.5
     retry_max_backoff_s: float = 5.0
-    max_rate_wait_s: float = 30.0
+    max_rate_wait_s: float = 1.0
     pace_below_fraction: float = 0.5
     etag_cache_size: int = 2048
     lookup_attempts: int = 5
@@ -70,7 +71,7 @@ class HttpSettings:
             retry_attempts=table.int("retry_attempts", 3, min=1, max=20),
             retry_backoff_s=table.float("retry_backoff_s", 0.5, min=0.0),
             retry_max_backoff_s=table.float("retry_max_backoff_s", 5.0, min=0.0),
-            max_rate_wait_s=table.float("max_rate_wait_s", 30.0, min=0.0),
+            max_rate_wait_s=table.float("max_rate_wait_s", 1.0, min=0.0),
             pace_below_fraction=table.float("pace_below_fraction", 0.5, min=0.0, max=1.0),
             etag_cache_size=table.int("etag_cache_size", 2048, min=0),
             lookup_attempts=table.int("lookup_attempts", 5, min=1, max=100),
@@ -291,9 +292,12 @@ class HttpCore:
             try:
                 self.budget.acquire(self.settings.max_rate_wait_s)
             except RateLimitWait as wait:
-                raise TransientRunnerError(
+                # Not sent, and not a failure: the daemon hands the delivery back until then
+                # instead of holding a thread (or a retry) for the wait.
+                raise RunnerThrottled(
                     f"{self.vendor} rate limit: {wait} (more than max_rate_wait_s="
-                    f"{self.settings.max_rate_wait_s:g})"
+                    f"{self.settings.max_rate_wait_s:g})",
+                    wait.wait_s,
                 ) from None
             try:
                 response = self.client.request(

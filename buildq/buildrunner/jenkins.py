@@ -38,6 +38,7 @@ from buildq.buildrunner.contract import (
     BuildStatus,
     Change,
     RunnerError,
+    RunnerUnauthorized,
 )
 from buildq.config.base import ConfigError, Table
 
@@ -271,9 +272,10 @@ class JenkinsRunner(_vendor.HttpRunner):
     def _with_crumb(self, send: Callable[[], T]) -> T:
         try:
             return send()
-        except _http.VendorError as err:
+        except RunnerUnauthorized as err:
             # A 403 created nothing, so asking again with a crumb cannot duplicate a build.
-            if err.status != 403 or "crumb" not in str(err).lower():
+            # Jenkins says "No valid crumb" in a 403 like any refusal: only that text tells.
+            if "answered 403" not in str(err) or "crumb" not in str(err).lower():
                 raise
         reply = self._core.read("GET", "/crumbIssuer/api/json", missing_is_not_found=False)
         body = reply.body if isinstance(reply.body, Mapping) else {}
