@@ -34,17 +34,16 @@ STATS_INTERVAL_S = 0.5
 # --- the parent side -------------------------------------------------------------------------
 
 
-def write_config(directory: Path, url: str, body: str, *, workers: int = 8) -> Path:
+def write_config(directory: Path, url: str, body: str) -> Path:
     """A daemon config: the database, quiet logs, defaults otherwise; ``body`` holds runners
     and queues."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "buildq.toml"
     path.write_text(
-        f'[database]\nurl = "{url}"\npool_size = {workers + 2}\n\n'
+        f'[database]\nurl = "{url}"\n\n'
         '[daemon]\nshutdown_grace_s = 5\nlog_level = "warning"\nlog_format = "json"\n\n'
         # HTTP on, as shipped: its metrics refresher queries the database too (port 0: any).
-        '[http]\nenabled = true\nbind = "127.0.0.1"\nport = 0\n\n'
-        f"[consumer]\nworkers = {workers}\n\n" + textwrap.dedent(body)
+        '[http]\nenabled = true\nbind = "127.0.0.1"\nport = 0\n\n' + textwrap.dedent(body)
     )
     path.chmod(0o600)
     return path

@@ -1,6 +1,6 @@
 """End to end: ``buildq`` with the ``noop`` runner, requests/s from submit to result.
 
-One daemon process (``bench.daemon``: ``buildq run`` with counters; 8 workers, default
+One daemon process (``bench.daemon``: ``buildq run`` with counters; default
 consumer settings, the first poll 10 ms after the trigger). ``requests`` build requests are
 submitted at once (``publish_many`` on ``build``, as ``buildq submit`` publishes one); each goes
 through the build controller (trigger, store, first poll: one hand-off) and one poll (``noop``
@@ -27,7 +27,8 @@ from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.schema import messages as m
 
-WORKERS = 8
+#: Connections of the ceiling (b) these figures are divided by.
+CEILING_CONNECTIONS = 8
 CONFIG = """
 [runners.noop]
 type = "noop"
@@ -74,10 +75,12 @@ _LATENCIES = (
 def run(backend: Backend, profile: Profile) -> Result:
     count = profile.e2e_requests
     ceiling = Ceiling(backend, profile.ceiling_s)
-    before_ceiling = ceiling.txn(WORKERS)  # and again after: the mean of the two is the ceiling
+    before_ceiling = ceiling.txn(
+        CEILING_CONNECTIONS
+    )  # and again after: the mean of the two is the ceiling
     with tempfile.TemporaryDirectory(prefix="buildq-bench-e2e-") as tmp:
         directory = Path(tmp)
-        config = write_config(directory, backend.url, CONFIG, workers=WORKERS)
+        config = write_config(directory, backend.url, CONFIG)
         db = backend.database(pool_size=4)
         queue = SqlQueue(db)
         daemon = DaemonProcess(config, directory).start()
@@ -103,7 +106,7 @@ def run(backend: Backend, profile: Profile) -> Result:
     if not done:
         raise RuntimeError(f"end to end: not every request got a result:\n{daemon.log_text()}")
     rate = count / elapsed
-    ceil = {f"b_c{WORKERS}": (before_ceiling + ceiling.txn(WORKERS)) / 2}
+    ceil = {f"b_c{CEILING_CONNECTIONS}": (before_ceiling + ceiling.txn(CEILING_CONNECTIONS)) / 2}
     trips = round_trips(queries(before, after))
     log(f"e2e {backend.name}: {rate:.0f} req/s, {trips / count:.1f} queries per request")
     return Result(
@@ -116,6 +119,6 @@ def run(backend: Backend, profile: Profile) -> Result:
             "queries_per_req": trips / count,
         },
         ceiling=ceil,
-        ratio=rate / ceil[f"b_c{WORKERS}"],
-        ratio_means=f"requests/s / (b) at {WORKERS} connections (each request is 2 hand-offs)",
+        ratio=rate / ceil[f"b_c{CEILING_CONNECTIONS}"],
+        ratio_means=f"requests/s / (b) at {CEILING_CONNECTIONS} connections (each request is 2 hand-offs)",
     )

@@ -1,7 +1,7 @@
 """P5 — capacity: how many concurrent ``sim`` builds daemons keep at a 10 s poll cadence.
 
 The daemons are real processes (``bench.daemon``: ``buildq run`` with counters), default
-consumer settings (8 workers), the ``sim`` runner with builds that never finish, and a poll
+consumer settings, the ``sim`` runner with builds that never finish, and a poll
 policy of exactly "every 10 s ± 10 %", no deadlines. Builds are seeded as the build controller
 leaves them (stored, first poll pending). Each poll is the daemon's full cycle: read the build,
 ask the runner, record the poll and publish the next one + ack in one transaction.
@@ -52,7 +52,8 @@ from buildq.queue.sql.schema import deliveries as d
 
 CADENCE_S = 10.0
 MAX_LAG_MS = 2_000
-WORKERS = 8
+#: Connections of the ceiling (b) these figures are divided by.
+CEILING_CONNECTIONS = 8
 _RUNS = itertools.count()
 #: Age of the oldest poll that is due and not claimed (0 when none is): the daemons' lag.
 OLDEST_DUE_AGE_MS = (
@@ -106,9 +107,7 @@ def _run_daemons(
         tempfile.TemporaryDirectory(prefix="buildq-bench-p5-") as tmp,
     ):
         directory = Path(tmp)
-        config = write_config(
-            directory, backend.url, FOREVER_RUNNER + poll_every(CADENCE_S), workers=WORKERS
-        )
+        config = write_config(directory, backend.url, FOREVER_RUNNER + poll_every(CADENCE_S))
         db = backend.database(pool_size=4)
         queue = SqlQueue(db)
         seed_builds(db, queue, builds, first_poll_ms=first_poll_ms, prefix=f"b{builds}")
@@ -182,7 +181,7 @@ def verify(backend_name: str, daemons: int, builds: int, seconds: float) -> dict
 
 def run(backend: Backend, profile: Profile) -> Result:
     ceiling = Ceiling(backend, profile.ceiling_s)
-    before = ceiling.txn(WORKERS)  # and again after: the mean of the two is the ceiling
+    before = ceiling.txn(CEILING_CONNECTIONS)  # and again after: the mean of the two is the ceiling
     metrics: dict[str, Any] = {}
     notes: dict[str, Any] = {}
     for daemons in profile.p5_daemons:
@@ -202,15 +201,15 @@ def run(backend: Backend, profile: Profile) -> Result:
             log(f"p5 {backend.name} verify {level} builds, 1 daemon: {figures}")
             metrics[f"keeps_{level}"] = int(figures["keeps_up"])
             notes[f"verify_{level}"] = figures
-    ceil = {f"b_c{WORKERS}": (before + ceiling.txn(WORKERS)) / 2}
-    ratio = metrics["polls_per_s_d1"] / ceil[f"b_c{WORKERS}"]
+    ceil = {f"b_c{CEILING_CONNECTIONS}": (before + ceiling.txn(CEILING_CONNECTIONS)) / 2}
+    ratio = metrics["polls_per_s_d1"] / ceil[f"b_c{CEILING_CONNECTIONS}"]
     return Result(
         bench="p5",
         backend=backend.name,
         metrics=metrics,
         ceiling=ceil,
         ratio=ratio,
-        ratio_means=f"one daemon's polls/s at saturation / (b) at {WORKERS} connections",
+        ratio_means=f"one daemon's polls/s at saturation / (b) at {CEILING_CONNECTIONS} connections",
         target=">= 10,000 builds at 10 s (1 daemon, MariaDB) with RSS <= 150 MB",
         met=capacity >= 10_000 and metrics["rss_mb_d1"] <= 150,
         notes=notes,

@@ -258,7 +258,15 @@ class SimRunner:
             raise TransientRunnerError(f"simulated status failure ({fault} exists)")
         cancelled_ms = self._cancelled_at(build_id)
         now_ms = self._now_ms() if cancelled_ms is None else cancelled_ms
-        state = self._scripted(build_id, plan) if plan.polls else _state_at(plan, now_ms)
+        if plan.polls and cancelled_ms is None:
+            # Scripted by poll count: the count decides, and the clock says nothing.
+            state = self._scripted(build_id, plan)
+            scripted: BuildMetadata = {"url": f"sim://{build_id.id}"}
+            scripted["native_state"] = state.value.lower()
+            if state is BuildStatus.FAILED:
+                scripted["failure_reason"] = "verdict"
+            return state, scripted
+        state = _state_at(plan, now_ms)
         meta: BuildMetadata = {"url": f"sim://{build_id.id}"}
         if now_ms >= plan.started_ms:
             meta["started_at"] = _iso(plan.started_ms)

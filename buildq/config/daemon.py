@@ -132,7 +132,8 @@ class BuildQueueConfig:
 
 @dataclass(frozen=True)
 class ConsumerConfig:
-    workers: int = 8
+    #: No longer used (runner calls run in per-runner lanes); read so older configs load.
+    workers: int | None = None
     defaults: SubscriptionSettings = field(default_factory=SubscriptionSettings)
     topics: Mapping[str, SubscriptionSettings] = field(default_factory=dict)
 
@@ -146,9 +147,8 @@ class ConsumerConfig:
         topics = {
             name: _subscription(topics_table.table(name), defaults) for name in topics_table.data
         }
-        config = cls(
-            workers=table.int("workers", 8, min=1, max=256), defaults=defaults, topics=topics
-        )
+        workers = table.int("workers", min=1, max=256) if "workers" in table.data else None
+        config = cls(workers=workers, defaults=defaults, topics=topics)
         table.reject_unknown()
         return config
 

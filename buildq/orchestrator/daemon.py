@@ -115,6 +115,11 @@ class Daemon:
             self.subscriptions.append(subscription)
             self.worker.add(handler, subscription)
         self.worker.start()
+        if self.config.consumer.workers is not None:
+            log.warning(
+                "consumer_workers_ignored",
+                why="runner calls run in per-runner lanes: [runners.NAME] max_concurrent_calls",
+            )
         if webhook_config.enabled:
             self.webhooks = WebhookServer(webhook_config, self.wired.routes, self._on_build_event)
             self.webhooks.start()

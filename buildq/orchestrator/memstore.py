@@ -8,6 +8,7 @@ fast tests of the handlers' decisions, beside the tests of the SQL store on real
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -205,7 +206,7 @@ def _state(build: Build) -> BuildState:
         queue=build.queue,
         runner=build.runner,
         status=build.build_status,
-        metadata=build.metadata,
+        metadata_json=json.dumps(dict(build.metadata)),
         polls=build.polls,
         created_at_ms=build.created_at_ms,
         cancel_requested_at_ms=build.cancel_requested_at_ms,

@@ -150,7 +150,9 @@ class BuildState:
     queue: str
     runner: str
     status: BuildStatus
-    metadata: Mapping[str, str]
+    #: The last metadata the runner gave, as stored: read only by the rare paths that keep
+    #: it (a timeout, a dead letter), so a poll does not parse it.
+    metadata_json: str
     polls: int
     created_at_ms: int
     cancel_requested_at_ms: int | None
@@ -159,6 +161,11 @@ class BuildState:
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        value = json.loads(self.metadata_json or "{}")
+        return value if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,7 +83,7 @@ def to_state(row: Any) -> BuildState:
         queue=row.queue,
         runner=row.runner,
         status=BuildStatus(row.status),
-        metadata=json.loads(row.metadata or "{}"),
+        metadata_json=row.metadata or "{}",
         polls=int(row.polls),
         created_at_ms=int(row.created_at),
         cancel_requested_at_ms=None

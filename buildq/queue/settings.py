@@ -48,8 +48,9 @@ class SubscriptionSettings:
     backoff: Backoff = Backoff()
     #: Longest wait between fetches when nothing is due (a local publish wakes it sooner).
     poll_interval_ms: int = 200
-    #: Most deliveries claimed per fetch.
-    batch_size: int = 64
+    #: Most deliveries claimed per fetch. Under load, bigger claims cost fewer transactions
+    #: per delivery (bench P1/peers: 64 → 256 is ~15 % more polls/s on MariaDB).
+    batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.slots < 1:

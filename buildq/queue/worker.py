@@ -223,7 +223,7 @@ class Worker:
         self._partitions: dict[tuple[str, str], deque[_Task]] = {}
         self._inbox: deque[_Task] = deque()
         self._inbox_ready = threading.Condition(self._lock)
-        self._committing = 0
+        self._committing: list[_Task] = []  # the batch the commit thread holds
         self._threads: list[threading.Thread] = []
         self._commit_thread: threading.Thread | None = None
         self._closed = False
@@ -311,8 +311,11 @@ class Worker:
         for delivery in deliveries:
             self._observe_lag(delivery)
         tasks = [_Task(route, job, fetched_at) for job in self._plan(route, deliveries)]
-        for task in tasks:
-            self._admit(task)
+        ready = self._admit(tasks)
+        self._run_inline([t for t in ready if t.job.lane in self._inline])
+        for task in ready:
+            if task.job.lane not in self._inline:
+                self._start(task)
 
     def _plan(self, route: _Route, deliveries: Sequence[Delivery]) -> Sequence[Job]:
         try:
@@ -324,16 +327,20 @@ class Worker:
             log.exception("plan_failed", topic=route.subscription.topic)
             return [Job(d, _raiser(err)) for d in deliveries]
 
-    def _admit(self, task: _Task) -> None:
-        """Start ``task`` unless its partition is busy, then it waits for its predecessor."""
+    def _admit(self, tasks: list[_Task]) -> list[_Task]:
+        """The tasks that may start now; each one whose partition is busy waits behind its
+        predecessor instead."""
+        ready = []
         with self._lock:
-            waiting = self._partitions.get(task.partition)
-            if waiting is not None:
-                waiting.append(task)
-                _uncount(task)
-                return
-            self._partitions[task.partition] = deque()
-        self._start(task)
+            for task in tasks:
+                waiting = self._partitions.get(task.partition)
+                if waiting is not None:
+                    waiting.append(task)
+                    _uncount(task)
+                else:
+                    self._partitions[task.partition] = deque()
+                    ready.append(task)
+        return ready
 
     def _start_released(self, route: _Route) -> None:
         with self._lock:
@@ -343,7 +350,7 @@ class Worker:
 
     def _start(self, task: _Task) -> None:
         if task.job.lane in self._inline:
-            self._run(task)
+            self._run_inline([task])
             return
         lane = self._lane(task.job.lane)
         with self._lock:
@@ -363,7 +370,7 @@ class Worker:
                     self._spawn(f"lane-{lane.name}", self._lane_loop, lane)
         if deferred:
             log.info("lane_full", lane=lane.name, message_id=task.job.delivery.message.id)
-            self._to_commit(task, Defer(lane.settings.defer_ms))
+            self._to_commit([(task, Defer(lane.settings.defer_ms))])
 
     # --- lanes -----------------------------------------------------------------------------
 
@@ -398,21 +405,31 @@ class Worker:
     # --- running a job ------------------------------------------------------------------------
 
     def _run(self, task: _Task) -> None:
+        action = self._execute(task)
+        if action is not None and not self._to_commit([(task, action)]):
+            self._ended_after_abandon(task, None)
+
+    def _run_inline(self, tasks: list[_Task]) -> None:
+        """Jobs without I/O, one after the other here; their steps queue together."""
+        done = [(task, action) for task in tasks if (action := self._execute(task)) is not None]
+        if done:
+            self._to_commit(done)
+
+    def _execute(self, task: _Task) -> Action | None:
+        """Run the task's job: what to do with its delivery (None: nothing, it is gone)."""
         delivery = task.job.delivery
         if delivery.lost or not self._claim_confirmed(task):
             self._emit("delivery_expired_before_start", topic=delivery.topic)
-            self._finish(task, Settled.LOST)
-            return
+            self._finish([task], [Settled.LOST])
+            return None
         task.started_at = time.monotonic()
         try:
-            action: Action = Ack(task.job.run())
+            return Ack(task.job.run())
         except Exception as err:
             if task.abandoned:  # a failure of work given up on is nobody's failure
                 self._ended_after_abandon(task, err)
-                return
-            action = self._action_for(task, err)
-        if not self._to_commit(task, action):
-            self._ended_after_abandon(task, None)
+                return None
+            return self._action_for(task, err)
 
     def _ended_after_abandon(self, task: _Task, err: Exception | None) -> None:
         delivery = task.job.delivery
@@ -468,16 +485,20 @@ class Worker:
 
     # --- committing -----------------------------------------------------------------------------
 
-    def _to_commit(self, task: _Task, action: Action) -> bool:
-        """Queue the task's step; False if it already has one (given up meanwhile)."""
+    def _to_commit(self, done: list[tuple[_Task, Action]]) -> bool:
+        """Queue these tasks' steps; False if one already had a step (it was given up
+        meanwhile: its step stands, this one is dropped)."""
+        queued = True
         with self._lock:
-            if task.step is not None:
-                return False
-            task.step = Step(task.job.delivery, action)
-            _count(task)
-            self._inbox.append(task)
+            for task, action in done:
+                if task.step is not None:
+                    queued = False
+                    continue
+                task.step = Step(task.job.delivery, action)
+                _count(task)
+                self._inbox.append(task)
             self._inbox_ready.notify()
-        return True
+        return queued
 
     def _commit_loop(self) -> None:
         delay = 0.0
@@ -489,10 +510,12 @@ class Worker:
                     return
                 count = min(len(self._inbox), self._max_commit_batch)
                 batch = [self._inbox.popleft() for _ in range(count)]
-                self._committing = len(batch)
+                self._committing = batch
             retry = self._commit(batch)
             with self._lock:
-                self._committing = 0
+                self._committing = []
+                if retry and self._closed:  # stop() gave these up: the timeout brings them back
+                    return
                 if retry:
                     self._inbox.extendleft(reversed(retry))
             if retry:
@@ -522,8 +545,7 @@ class Worker:
             return retry
         if self._metrics is not None:
             self._metrics.observe_commit(len(batch), time.monotonic() - started)
-        for task, result in zip(batch, results, strict=True):
-            self._finish(task, result)
+        self._finish(batch, results)
         return []
 
     def _commit_failed_alone(self, task: _Task, err: BaseException) -> list[_Task]:
@@ -536,44 +558,48 @@ class Worker:
         log.error(
             "settle_failed", message_id=task.job.delivery.message.id, error=_describe(err)[:300]
         )
-        self._finish(task, None)
+        self._finish([task], [None])
         return []
 
-    def _finish(self, task: _Task, result: Settled | None) -> None:
-        """The step is settled (or given up): account for it and start what waited on it."""
-        delivery = task.job.delivery
-        route = task.route
-        outcome = _outcome(task.step, result)
-        elapsed = time.monotonic() - (task.started_at or task.fetched_at)
-        if self._metrics is not None:
-            self._metrics.observe_delivery(delivery.topic, delivery.group, outcome, elapsed)
-        if result is Settled.LOST:
-            log.warning(
-                "delivery_lost",
-                topic=delivery.topic,
-                message_id=delivery.message.id,
-                **task.job.context,
+    def _finish(self, tasks: Sequence[_Task], results: Sequence[Settled | None]) -> None:
+        """The steps are settled (or given up): account for them and start what waited."""
+        now = time.monotonic()
+        for task, result in zip(tasks, results, strict=True):
+            delivery = task.job.delivery
+            outcome = _outcome(task.step, result)
+            if self._metrics is not None:
+                elapsed = now - (task.started_at or task.fetched_at)
+                self._metrics.observe_delivery(delivery.topic, delivery.group, outcome, elapsed)
+            if result is Settled.LOST:
+                log.warning(
+                    "delivery_lost",
+                    topic=delivery.topic,
+                    message_id=delivery.message.id,
+                    **task.job.context,
+                )
+            elif result is None:  # not settled: the visibility timeout brings it back
+                task.route.subscription.abandon([delivery])
+            self._emit(
+                "processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome
             )
-        if result is None:  # not settled: the visibility timeout brings it back
-            route.subscription.abandon([delivery])
-        self._emit(
-            "processed", topic=delivery.topic, message_id=delivery.message.id, outcome=outcome
-        )
+        roomier = {id(t.route): t.route for t in tasks}
+        released: dict[int, _Route] = {}
         with self._lock:
-            _uncount(task)
-            waiting = self._partitions.get(task.partition)
-            if waiting:
-                successor = waiting.popleft()
-                _count(successor)
-                successor.route.released.append(successor)
-                assert successor.route.room is not None
-                successor.route.room.notify_all()
-            else:
-                self._partitions.pop(task.partition, None)
-            assert route.room is not None
-            route.room.notify_all()
-        if waiting:
-            successor.route.subscription.wake()
+            for task in tasks:
+                _uncount(task)
+                waiting = self._partitions.get(task.partition)
+                if waiting:
+                    successor = waiting.popleft()
+                    _count(successor)
+                    successor.route.released.append(successor)
+                    released[id(successor.route)] = successor.route
+                else:
+                    self._partitions.pop(task.partition, None)
+            for route in (roomier | released).values():
+                assert route.room is not None
+                route.room.notify_all()
+        for route in released.values():  # its fetcher may be waiting for due work instead
+            route.subscription.wake()
 
     # --- watching -----------------------------------------------------------------------------
 
@@ -600,7 +626,7 @@ class Worker:
                     f"the call did not return within its lane's call_timeout_s="
                     f"{lane.settings.call_timeout_s:g} (lane {lane.name!r})"
                 )
-                if self._to_commit(task, Nack(None, error)):
+                if self._to_commit([(task, Nack(None, error))]):
                     log.warning(
                         "call_timed_out", lane=lane.name, message_id=task.job.delivery.message.id
                     )
@@ -662,7 +688,7 @@ class Worker:
             self._inbox_ready.notify_all()
             for lane in self._lanes.values():
                 lane.ready.notify_all()
-            left = list(self._inbox)
+            left = list(self._inbox) + self._committing
             self._inbox.clear()
         if left:  # the database did not take them in time: the visibility timeout will
             log.warning("stop_left_unsettled", steps=len(left))
@@ -685,13 +711,12 @@ class Worker:
         return tasks
 
     def _hand_back(self, tasks: Sequence[_Task]) -> None:
-        for task in tasks:
-            self._to_commit(task, HandBack())
+        self._to_commit([(task, HandBack()) for task in tasks])
 
     def _wait_idle(self, deadline: float, *, count_running: bool = True) -> None:
         while time.monotonic() < deadline:
             with self._lock:
-                busy = bool(self._inbox) or self._committing > 0
+                busy = bool(self._inbox) or bool(self._committing)
                 if count_running:
                     busy = busy or any(lane.running for lane in self._lanes.values())
                 if not busy:

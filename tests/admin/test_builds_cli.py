@@ -6,7 +6,7 @@ from buildq.buildrunner import Change
 from buildq.db import Database
 from buildq.migrations import head_revision
 from buildq.orchestrator.model import BuildRequest
-from buildq.orchestrator.sqlstore import SqlBuildWrites
+from buildq.orchestrator.sqlbatch import SqlBuildBatch
 from tests.support import run_cli
 
 LONG_BUILD = "gh:a-rather-long-organisation/and-its-repository-name/12345678901/1"
@@ -15,7 +15,11 @@ LONG_REQUEST = "merge-queue/main/batch-2026-11-30T01:02:03Z-7f3a9c"
 
 def _trigger(db: Database, request_id: str, build_id: str) -> None:
     request = BuildRequest(request_id, "main", (), (Change("c1", "r1"),))
-    db.write(lambda conn: SqlBuildWrites(conn).insert_triggered(request, build_id, "gha"))
+    db.write(
+        lambda conn: SqlBuildBatch(conn, 1_000, immediate=True).insert_triggered(
+            request, build_id, "gha"
+        )
+    )
 
 
 def test_columns_fit_the_longest_ids(cli, db: Database) -> None:

@@ -24,9 +24,6 @@ from tests.support import read_json_lines, wait_until
 BUILDQ = str(Path(sys.executable).parent / "buildq")
 
 FAST_CONSUMER = """
-[consumer]
-workers = 8
-
 [consumer.defaults]
 slots = 16
 lease_duration_ms = 2000

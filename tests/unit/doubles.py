@@ -182,10 +182,13 @@ def message(n: int | str, key: str | None = None, payload: bytes = b"") -> Messa
     return Message(id=f"m{n}", payload=payload, partition_key=key or f"p{n}")
 
 
-def drain(queue: MemoryQueue, topic: str, group: str = "audit") -> list[MemoryDelivery]:
-    """Every message of ``topic`` visible now, through a group of its own (which starts from
-    everything the topic ever held), acked as read."""
-    subscription = queue.subscribe(topic, group)
+_audit_groups = itertools.count(1)
+
+
+def published(queue: MemoryQueue, topic: str) -> list[MemoryDelivery]:
+    """Every message ever published to ``topic`` that is visible now, in order: read (and
+    acked) through a consumer group of its own, new at each call."""
+    subscription = queue.subscribe(topic, f"audit-{next(_audit_groups)}")
     seen: list[MemoryDelivery] = []
     try:
         while batch := subscription.fetch(1_000):
@@ -195,14 +198,6 @@ def drain(queue: MemoryQueue, topic: str, group: str = "audit") -> list[MemoryDe
     finally:
         subscription.close()
     return seen
-
-
-_groups = itertools.count(1)
-
-
-def published(queue: MemoryQueue, topic: str) -> list[MemoryDelivery]:
-    """Every message ever published to ``topic`` and visible now (a fresh group each call)."""
-    return drain(queue, topic, f"audit-{next(_groups)}")
 
 
 @contextmanager

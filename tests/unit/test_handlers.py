@@ -18,6 +18,7 @@ from buildq.buildrunner import (
     BuildRunner,
     BuildStatus,
     Change,
+    RunnerUnauthorized,
     TransientRunnerError,
 )
 from buildq.buildrunner.noop import NoopRunner
@@ -64,14 +65,16 @@ _NEVER = 2**31 - 1
 
 
 class RecordingRunner:
-    """A runner's calls, recorded. ``status_fails`` makes status raise a transient error;
-    a status call waits while ``status_open`` is clear (a slow CI); ``forward_cancel = False``
-    keeps cancels from the runner (a CI that ignores them)."""
+    """A runner's calls, recorded. ``status_fails`` makes status raise a transient error,
+    ``status_refused`` an unauthorized one (a revoked token); a status call waits while
+    ``status_open`` is clear (a slow CI); ``forward_cancel = False`` keeps cancels from the
+    runner (a CI that ignores them)."""
 
     def __init__(self, inner: BuildRunner, store: MemoryBuildStore) -> None:
         self.inner = inner
         self.store = store
         self.status_fails = threading.Event()
+        self.status_refused = threading.Event()
         self.status_open = threading.Event()
         self.status_open.set()
         self.forward_cancel = True
@@ -104,6 +107,8 @@ class RecordingRunner:
         self.status_open.wait(BLOCK_S)
         if self.status_fails.is_set():
             raise TransientRunnerError("simulated: the CI service is down")
+        if self.status_refused.is_set():
+            raise RunnerUnauthorized("simulated: 401 Unauthorized", "token refused")
         return self.inner.status(build_id)
 
     def cancel(self, build_id: BuildID) -> None:
@@ -429,6 +434,42 @@ def test_a_cancel_is_not_sent_again_while_the_runner_has_not_acted_on_it(
     assert build.build_status is BuildStatus.SUCCEEDED  # it finished before it stopped
     assert h.runner.count("cancel") == 1
     assert len(h.results()) == 1
+
+
+def test_a_refused_token_keeps_the_build_polled_without_spending_retries(
+    clock: ManualClock, queue: MemoryQueue
+) -> None:
+    h = Harness(clock, queue, sim_polls=3, max_attempts=2)
+    with running(h.worker):
+        build_id = h.triggered("r1")
+        h.poll(build_id, 1)  # the sim's first answer: RUNNING
+        h.runner.status_refused.set()
+        for n in (2, 3, 4):  # more refusals than max_attempts
+            build = h.poll(build_id, n)
+            assert (build.build_status, build.polls) == (BuildStatus.RUNNING, n)
+        h.runner.status_refused.clear()  # the operator fixed the token
+        h.poll(build_id, 5)  # the sim's second answer: RUNNING
+        build = h.poll(build_id, 6)
+
+    assert build.build_status is BuildStatus.SUCCEEDED
+    assert h.seen(BUILDSIGNAL) == [(poll_id(build_id, n), 0, 1) for n in range(1, 7)]
+    assert [r["status"] for r in h.results()] == ["SUCCEEDED"]
+
+
+def test_a_refused_token_does_not_keep_a_build_past_its_deadline(
+    clock: ManualClock, queue: MemoryQueue
+) -> None:
+    h = Harness(clock, queue, poll=dataclasses.replace(POLL, finish_by_s=2.5))
+    h.runner.status_refused.set()
+    with running(h.worker):
+        build_id = h.triggered("r1")
+        for n in (1, 2):
+            assert h.poll(build_id, n).build_status is BuildStatus.ACCEPTED
+        build = h.poll(build_id, 3)
+
+    assert (build.build_status, build.failure_reason) == (BuildStatus.FAILED, "timeout")
+    assert h.runner.count("cancel") == 1
+    assert [r["failure_reason"] for r in h.results()] == ["timeout"]
 
 
 # --- dead letters -------------------------------------------------------------------------------

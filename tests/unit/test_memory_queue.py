@@ -21,7 +21,7 @@ from buildq.queue.contract import (
     dlq_topic,
 )
 from buildq.queue.memory import MemoryDelivery, MemoryOutbox, MemoryQueue
-from tests.unit.doubles import FAST, ManualClock, drain
+from tests.unit.doubles import FAST, ManualClock, published
 
 TOPIC = "t"
 
@@ -45,7 +45,7 @@ def test_publish_is_idempotent_on_topic_key_and_id(queue: MemoryQueue) -> None:
     ]
     assert [r.duplicate for r in in_one_batch] == [False, True]
     stored = {
-        (d.message.partition_key, d.message.id): d.message.payload for d in drain(queue, TOPIC)
+        (d.message.partition_key, d.message.id): d.message.payload for d in published(queue, TOPIC)
     }
     assert stored == {("k", "a"): b"first", ("k2", "a"): b"other key", ("k", "b"): b"1"}
 
@@ -100,7 +100,7 @@ def test_nack_backs_off_and_dead_letters_at_max_attempts(
     delivery.nack(error="boom 3")
     clock.advance(10**6)
     assert subscription.fetch(1) == []
-    [letter] = drain(queue, dlq_topic(TOPIC))
+    [letter] = published(queue, dlq_topic(TOPIC))
     assert letter.message == original
     assert letter.dead_letter == DeadLetter(TOPIC, "g", failed_at, 3, "boom 3")
     # The move is the failing group's: another group still has the message.
@@ -123,7 +123,7 @@ def test_reject_moves_to_the_dlq_at_once(queue: MemoryQueue, clock: ManualClock)
 
     clock.advance(10**6)
     assert subscription.fetch(1) == []
-    [letter] = drain(queue, dlq_topic(TOPIC))
+    [letter] = published(queue, dlq_topic(TOPIC))
     assert letter.dead_letter == DeadLetter(TOPIC, "g", clock() - 10**6, 1, "can never work")
 
 
@@ -184,7 +184,7 @@ def test_an_abandoned_claim_at_max_attempts_is_dead_lettered(
     clock.advance(1_000)
 
     assert subscription.fetch(1) == []
-    [letter] = drain(queue, dlq_topic(TOPIC))
+    [letter] = published(queue, dlq_topic(TOPIC))
     assert letter.dead_letter is not None
     assert (letter.dead_letter.failure_count, letter.dead_letter.last_error) == (
         1,
@@ -201,7 +201,7 @@ def test_a_transaction_acks_and_publishes_together(queue: MemoryQueue) -> None:
         tx.ack(delivery)
         tx.publish_after("out", Message("next", b"", "k"), 0)
 
-    assert ids(drain(queue, "out")) == ["next"]
+    assert ids(published(queue, "out")) == ["next"]
     assert subscription.fetch(1) == []
     with pytest.raises(AlreadyAcknowledged):
         delivery.ack()
@@ -217,7 +217,7 @@ def test_a_transaction_that_raises_writes_nothing(queue: MemoryQueue) -> None:
         tx.publish("out", Message("next", b"", "k"))
         raise RuntimeError("the handler failed half-way")
 
-    assert drain(queue, "out") == []
+    assert published(queue, "out") == []
     delivery.ack()  # still in flight, still ours
 
 
@@ -233,7 +233,7 @@ def test_a_transaction_with_a_lost_claim_writes_nothing(queue: MemoryQueue) -> N
         tx.ack(lost)
         tx.publish("out", Message("next", b"", "k"))
 
-    assert drain(queue, "out") == []
+    assert published(queue, "out") == []
     live.ack()
 
 
@@ -301,7 +301,7 @@ def test_the_committer_reports_a_fenced_step_lost_without_sinking_the_others(
     )
 
     assert results == [Settled.LOST, Settled.DONE, Settled.DONE]
-    assert ids(drain(queue, "out")) == ["from-fine"]
+    assert ids(published(queue, "out")) == ["from-fine"]
     assert fenced.lost
     redelivered.ack()  # the current claim was not touched
     clock.advance(60_000)
@@ -323,7 +323,7 @@ def test_the_committer_writes_nothing_when_an_effect_raises(queue: MemoryQueue) 
             [Step(good, Ack(_publishes("out", "from-good"))), Step(bad, Ack(explode))]
         )
 
-    assert drain(queue, "out") == []
+    assert published(queue, "out") == []
     assert queue.committer().commit([Step(good, Ack()), Step(bad, HandBack())]) == [
         Settled.DONE,
         Settled.DONE,

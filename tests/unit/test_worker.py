@@ -611,16 +611,6 @@ def test_stop_returns_within_the_grace_and_a_margin_when_the_committer_keeps_fai
     assert not [o for _, o in events.processed() if o in ("ack", "nack", "reject")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker.py stop()/_commit_loop: the batch the commit thread holds when stop() gives up "
-        "(a commit call still waiting on the database) is neither settled nor abandoned: "
-        "stop() abandons only what is left in the inbox, and the commit thread keeps retrying "
-        "that batch after stop() returned (for ever while the database fails), so those "
-        "claims are never given up to the visibility timeout"
-    ),
-)
 def test_stop_gives_up_every_claim_it_could_not_settle_when_the_database_hangs(
     queue: MemoryQueue, clock: ManualClock
 ) -> None:
