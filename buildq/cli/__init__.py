@@ -8,12 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from buildq.cli import common
+from buildq.cli.argtypes import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from buildq.cli import admin, builds, db, dlq, doctor, host, run, web
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="buildq",
         description="Trigger builds on CI systems and follow each to a terminal state.",
     )

@@ -14,13 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from buildq.cli import common
+from buildq.cli import argtypes, common
 from buildq.cli.output import (
     add_command,
-    duration_ms,
     emit,
     format_duration,
-    positive_int,
     print_fields,
     print_table,
     report,
@@ -50,7 +48,7 @@ def register(commands: Any) -> None:
     topic_command(sub, "stats", _stats, "size of one topic and its groups' progress")
     p = topic_command(sub, "messages", _messages, "the newest messages of a topic")
     p.add_argument("--partition", metavar="KEY", help="only this partition key")
-    p.add_argument("--limit", type=positive_int, default=50, help="at most N (default 50)")
+    p.add_argument("--limit", type=argtypes.positive_int, default=50, help="at most N (default 50)")
     p = topic_command(sub, "inspect", _inspect, "one message in full, with its deliveries")
     p.add_argument("--id", required=True, help="message id")
     p.add_argument("--partition", metavar="KEY", help="only this partition key")
@@ -66,7 +64,7 @@ def _register_leases(sub: Any) -> None:
     p = add_command(sub, "stale-leases", _stale, "expired leases and silent members")
     p.add_argument(
         "--older-than",
-        type=duration_ms,
+        type=argtypes.duration_ms,
         default=30_000,
         metavar="DURATION",
         help="a member is silent after this long without a heartbeat (default 30s)",
@@ -74,7 +72,7 @@ def _register_leases(sub: Any) -> None:
     p = topic_command(sub, "release-lease", _release, "free leases of a group", confirm=True)
     p.add_argument("--group", required=True)
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--slot", type=int, action="append", help="this slot (repeatable)")
+    which.add_argument("--slot", type=argtypes.slot, action="append", help="this slot (repeatable)")
     which.add_argument("--owner", metavar="MEMBER", help="every lease this member holds")
     which.add_argument("--all", action="store_true", help="every lease of the group")
 
@@ -85,7 +83,7 @@ def _register_changes(sub: Any) -> None:
     p.add_argument(
         "--to",
         required=True,
-        type=_offset,
+        type=argtypes.offset,
         metavar="OFFSET",
         help="an offset, 'earliest' or 'latest'",
     )
@@ -103,7 +101,12 @@ def _register_changes(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="a metadata entry (repeatable)",
     )
-    p.add_argument("--delay-ms", type=int, default=0, help="invisible for this long")
+    p.add_argument(
+        "--delay-ms",
+        type=argtypes.delay_ms,
+        default=0,
+        help="invisible for this long (at most 3650 days)",
+    )
     p = topic_command(sub, "delete", _delete, "delete a message and its deliveries", confirm=True)
     p.add_argument("--id", required=True, help="message id")
     p.add_argument("--partition", metavar="KEY", help="only this partition key")
@@ -296,18 +299,6 @@ def _key_value(item: str) -> tuple[str, str]:
     if not sep or not key:
         raise common.CliError(f"--metadata {item!r}: expected KEY=VALUE")
     return key, value
-
-
-def _offset(text: str) -> int | str:
-    if text in ("earliest", "latest"):
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected an offset, 'earliest' or 'latest'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("an offset is >= 0")
-    return value
 
 
 def _topic_json(stats: TopicStats) -> dict[str, Any]:

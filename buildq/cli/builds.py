@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from buildq.buildrunner import BuildStatus, Change
-from buildq.cli import common
+from buildq.cli import argtypes, common
 from buildq.cli.output import print_table
 from buildq.db import Database
 from buildq.orchestrator import topics
@@ -47,7 +47,10 @@ def register(commands: Any) -> None:
         "--wait", action="store_true", help="follow the build; exit 0 if it succeeds, 1 if not"
     )
     submit.add_argument(
-        "--timeout", type=float, default=0, help="with --wait: give up after this many seconds"
+        "--timeout",
+        type=argtypes.seconds(0, 30 * 86_400),
+        default=0,
+        help="with --wait: give up after this many seconds (default 0: never)",
     )
     common.add_json_option(submit)
     submit.set_defaults(handler=_submit)
@@ -58,7 +61,9 @@ def register(commands: Any) -> None:
     common.add_target_options(ls)
     ls.add_argument("--status", action="append", choices=STATUSES, help="only these statuses")
     ls.add_argument("--queue", help="only this queue")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument(
+        "--limit", type=argtypes.positive_int, default=50, help="at most N (default 50)"
+    )
     common.add_json_option(ls)
     ls.set_defaults(handler=_ls)
     show = sub.add_parser("show", help="one build, by build id or request id")
@@ -69,7 +74,12 @@ def register(commands: Any) -> None:
 
     watch = commands.add_parser("watch", help="live view of in-flight builds")
     common.add_target_options(watch)
-    watch.add_argument("--interval", type=float, default=1.0, help="refresh every N seconds")
+    watch.add_argument(
+        "--interval",
+        type=argtypes.seconds(0.1, 3600),
+        default=1.0,
+        help="refresh every N seconds",
+    )
     watch.add_argument("--once", action="store_true", help="print one view and exit")
     watch.set_defaults(handler=_watch)
 

@@ -8,14 +8,11 @@ delivery (retry count 0), and removes the dead letter; one transaction per messa
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
-from buildq.cli import common
+from buildq.cli import argtypes, common
 from buildq.cli.output import (
-    duration_ms,
     emit,
-    positive_int,
     print_table,
     report,
     show_messages,
@@ -40,7 +37,9 @@ def register(commands: Any) -> None:
     sub = parser.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
     p = _command(sub, "ls", _ls, "dead letters of a topic, oldest first")
     _add_filters(p)
-    p.add_argument("--limit", type=positive_int, default=100, help="at most N (default 100)")
+    p.add_argument(
+        "--limit", type=argtypes.positive_int, default=100, help="at most N (default 100)"
+    )
     p = _command(sub, "inspect", _inspect, "one dead letter in full")
     p.add_argument("--id", required=True, help="message id")
     p.add_argument("--partition", metavar="KEY", help="only this partition key")
@@ -51,7 +50,9 @@ def register(commands: Any) -> None:
     which.add_argument("--all", action="store_true", help="every dead letter the filters match")
     _add_filters(p, with_id=False)
     p.add_argument("--dry-run", action="store_true", help="list what would be requeued")
-    p.add_argument("--rate", type=_rate, metavar="N/s", help="at most N messages per second")
+    p.add_argument(
+        "--rate", type=argtypes.rate, metavar="N/s", help="at most N messages per second"
+    )
     p = _command(sub, "purge", _purge, "delete dead letters for good", True)
     _add_filters(p)
 
@@ -71,7 +72,10 @@ def _add_filters(parser: argparse.ArgumentParser, *, with_id: bool = True) -> No
     parser.add_argument("--group", help="only letters this consumer group left")
     parser.add_argument("--error-contains", metavar="TEXT", help="last error contains TEXT")
     parser.add_argument(
-        "--older-than", type=duration_ms, metavar="DURATION", help="failed longer ago (2h, 1d)"
+        "--older-than",
+        type=argtypes.duration_ms,
+        metavar="DURATION",
+        help="failed longer ago (2h, 1d)",
     )
 
 
@@ -131,10 +135,3 @@ def _purge(args: argparse.Namespace, admin: QueueAdmin) -> int:
     common.confirm(args, f"delete {count} dead letter(s) of {args.topic!r} for good?")
     deleted = admin.purge_dead_letters(args.topic, where)
     return report(args, {"deleted": deleted}, f"deleted {deleted} dead letter(s)")
-
-
-def _rate(text: str) -> float:
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*s)?\s*", text)
-    if match is None or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a rate like 10/s")
-    return float(match.group(1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 from rich.cells import cell_len
 
 from buildq.cli import common
+from buildq.cli.argtypes import UNITS_MS
 from buildq.db import Database
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.store import MessageStore
@@ -156,34 +156,18 @@ def cell(key: str, value: Any, *, limit: int = _MAX_CELL) -> str:
 def format_time(epoch_ms: int) -> str:
     if epoch_ms <= 0:
         return "-"
-    moment = datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    try:
+        moment = datetime.fromtimestamp(epoch_ms / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        # Past year 9999: a row written around the CLI (or by a version that let any delay
+        # through, which MariaDB clamps to the largest BIGINT). Show it, don't crash on it.
+        return f"{epoch_ms} ms"
     return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
-
-
-_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
 def format_duration(ms: int) -> str:
     sign, ms = ("-" if ms < 0 else ""), abs(ms)
     for unit in ("d", "h", "m", "s"):
-        if ms >= _UNITS_MS[unit]:
-            return f"{sign}{ms / _UNITS_MS[unit]:.1f}{unit}".replace(".0" + unit, unit)
+        if ms >= UNITS_MS[unit]:
+            return f"{sign}{ms / UNITS_MS[unit]:.1f}{unit}".replace(".0" + unit, unit)
     return f"{sign}{ms}ms"
-
-
-def duration_ms(text: str) -> int:
-    """``30s``, ``10m``, ``2h``, ``1d`` or ``500ms`` as milliseconds; the unit is required."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*", text)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a duration like 30s, 10m, 2h, 1d")
-    return int(float(match.group(1)) * _UNITS_MS[match.group(2)])
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
-    return value

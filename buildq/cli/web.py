@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from buildq.cli import common
+from buildq.cli import argtypes, common
 
 
 def register(commands: Any) -> None:
@@ -18,7 +18,9 @@ def register(commands: Any) -> None:
         help=f"config file (default: ${common.CONFIG_ENV} or {common.DEFAULT_CONFIG})",
     )
     parser.add_argument("--bind", metavar="ADDRESS", help="listen address (default: [web] bind)")
-    parser.add_argument("--port", type=int, metavar="N", help="listen port (default: [web] port)")
+    parser.add_argument(
+        "--port", type=argtypes.port, metavar="N", help="listen port (default: [web] port)"
+    )
     parser.set_defaults(handler=_web)
 
 
@@ -26,6 +28,7 @@ def _web(args: argparse.Namespace) -> int:
     import dataclasses
 
     from buildq.config import ConfigError
+    from buildq.db import DatabaseMissing
 
     config = common.load(args)
     try:
@@ -44,4 +47,8 @@ def _web(args: argparse.Namespace) -> int:
     }
     if "bind" in overrides:
         overrides["allowed_hosts"] = tuple(dict.fromkeys([*web.allowed_hosts, args.bind]))
-    return serve(config, dataclasses.replace(web, **overrides))
+    try:
+        return serve(config, dataclasses.replace(web, **overrides))
+    except DatabaseMissing as err:
+        hint = common.upgrade_hint(args, config.database.url)
+        raise common.CliError(f"{err}: {hint} to create it", exit_code=1) from None
