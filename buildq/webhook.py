@@ -11,6 +11,10 @@ Buildkite ``X-Buildkite-Signature: timestamp=T,signature=S`` (HMAC-SHA256 over `
 within ``tolerance_s`` of now), GitHub ``X-Hub-Signature-256: sha256=S`` (HMAC-SHA256 over the
 body), GitLab ``X-Gitlab-Token`` (the secret itself), and whatever a plugin kind checks.
 Anything else is refused before its JSON is parsed.
+
+The server (``buildq.httpserver``) receives each request whole before a worker sees it: a
+client gets ``read_timeout_s`` for its whole request (headers and body), slow or idle ones cost
+no thread, and at most ``MAX_CONNECTIONS`` are open at once.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import structlog
 
 from buildq.buildrunner import registry
 from buildq.buildrunner.contract import BuildID
 from buildq.config.base import ConfigError, Secret, Table
+from buildq.httpserver import (
+    BoundedHTTPServer,
+    Limits,
+    ReceivedRequestHandler,
+    content_length,
+)
 from buildq.orchestrator.http import bind_server
 
 OnBuildEvent = Callable[[str, BuildID], None]
@@ -38,6 +46,14 @@ OnBuildEvent = Callable[[str, BuildID], None]
 PATH_PREFIX = "/webhooks/"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _log = structlog.get_logger("buildq.webhook")
+
+#: Open connections at most. A delivery is answered in milliseconds (while the database
+#: answers), so this many at once means a flood, not CI traffic; each may buffer up to
+#: ``max_body_bytes``. Excess ones are cut off (see ``buildq.httpserver``).
+MAX_CONNECTIONS = 64
+#: Threads that verify and dispatch deliveries. The dispatch writes to the database and waits
+#: for it while it is unavailable: more threads would only queue on it too.
+WORKERS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +65,8 @@ class WebhookConfig:
     port: int = 8787
     max_body_bytes: int = 1_048_576
     tolerance_s: float = 300.0
+    #: The whole request (line, headers and body) must arrive within this; it is also the
+    #: socket timeout while the answer is written.
     read_timeout_s: float = 10.0
 
     @classmethod
@@ -59,7 +77,17 @@ class WebhookConfig:
             port=table.int("port", 8787, min=0, max=65535),
             max_body_bytes=table.int("max_body_bytes", 1_048_576, min=1024),
             tolerance_s=table.float("tolerance_s", 300.0, min=1.0),
-            read_timeout_s=table.float("read_timeout_s", 10.0, min=0.1),
+            read_timeout_s=table.float("read_timeout_s", 10.0, min=0.1, max=300.0),
+        )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_connections=MAX_CONNECTIONS,
+            request_timeout_s=self.read_timeout_s,
+            workers=WORKERS,
+            max_body_bytes=self.max_body_bytes,
+            write_timeout_s=self.read_timeout_s,
         )
 
 
@@ -148,14 +176,14 @@ class WebhookServer:
             self._routes[route.runner_name] = route
         self._on_build_event = on_build_event
         self._clock = clock
-        self._server: _Server | None = None
+        self._server: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("webhook server is not started")
-        return int(self._server.server_address[1])
+        return self._server.port
 
     @property
     def url(self) -> str:
@@ -165,9 +193,13 @@ class WebhookServer:
         if self._server is not None:
             return
         server = bind_server(
-            _Server, self.config.bind, self.config.port, _Handler, table="webhooks"
+            self.config.bind,
+            self.config.port,
+            _handler_for(self),
+            self.config.limits,
+            table="webhooks",
+            name="webhooks",
         )
-        server.receiver = self
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -239,39 +271,31 @@ class WebhookServer:
         )
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 64  # a burst of deliveries must not be refused by the backlog
-    receiver: WebhookServer
+def _handler_for(receiver: WebhookServer) -> type[ReceivedRequestHandler]:
+    class Handler(_Handler):
+        pass
+
+    Handler.receiver = receiver
+    return Handler
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # A client that stops sending mid-body must not hold a thread forever.
-        self.connection.settimeout(self.server.receiver.config.read_timeout_s)
+class _Handler(ReceivedRequestHandler):
+    receiver: WebhookServer  # set on the subclass ``_handler_for`` makes
 
     def do_POST(self) -> None:
-        receiver = self.server.receiver
+        receiver = self.receiver
         route = receiver.route(self.path)
         if route is None:
             self._answer(Outcome(404, "unknown_runner"), None)
             return
-        length = self._content_length()
+        length = content_length(self.headers)
         if length is None:
             self._answer(Outcome(411, "length_required"), route)
             return
         if length > receiver.config.max_body_bytes:
             self._answer(Outcome(413, "too_large"), route)
             return
-        try:
-            body = self.rfile.read(length)
-        except OSError:
-            self.close_connection = True
-            return
+        body = self.rfile.read(length)  # received already: the server read it in full
         if len(body) != length:
             self._answer(Outcome(400, "short_body"), route)
             return
@@ -288,12 +312,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_GET
 
-    def _content_length(self) -> int | None:
-        if self.headers.get("Transfer-Encoding"):
-            return None
-        value = self.headers.get("Content-Length", "")
-        return int(value) if value.isdigit() else None
-
     def _answer(self, outcome: Outcome, route: WebhookRoute | None) -> None:
         if outcome.status >= 400:
             _log.warning(
@@ -303,15 +321,21 @@ class _Handler(BaseHTTPRequestHandler):
                 reason=outcome.reason,
             )
         payload = json.dumps({"status": outcome.reason}).encode()
-        self.send_response(outcome.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        if outcome.status in (411, 413):
-            # The body was not read: the connection cannot carry another request.
-            self.send_header("Connection", "close")
+        try:
+            self.send_response(outcome.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Connection", "close")  # one request per connection
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
+        except OSError as err:
+            # The client hung up (or stopped reading) before the answer: what it asked for
+            # is done or refused all the same, and there is no one left to tell.
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Silenced: outcomes are logged once, structured, by ``_answer``/``handle``."""
+            _log.info(
+                "webhook_client_gone",
+                runner=route.runner_name if route else None,
+                status=outcome.status,
+                error=type(err).__name__,
+            )

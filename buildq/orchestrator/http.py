@@ -2,7 +2,8 @@
 
 None of them touches the database: /metrics serves the registry (its database gauges are read
 by the daemon's refresher thread), and the checks read state the daemon's loops keep. So a
-scrape or probe answers at once even while the database hangs. docs/operations.md#metrics.
+scrape or probe answers at once even while the database hangs. Slow or idle clients cost
+no thread and are cut off after a few seconds (``buildq.httpserver``). docs/operations.md#metrics.
 """
 
 from __future__ import annotations
@@ -10,34 +11,38 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TypeVar
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from buildq.config import ConfigError
+from buildq.httpserver import BoundedHTTPServer, Limits, ReceivedRequestHandler
 from buildq.metrics import Metrics
 
 log = structlog.get_logger("buildq.http")
 
 Check = Callable[[], tuple[bool, str]]
-ServerT = TypeVar("ServerT", bound=ThreadingHTTPServer)
+
+#: Scrapers and probes send their request at once and are answered from memory: two workers,
+#: a 5 s deadline for the whole request and 32 connections are plenty (a Prometheus server
+#: scrapes one at a time, a kubelet probes twice), and nothing an operator needs to tune.
+OPS_LIMITS = Limits(max_connections=32, request_timeout_s=5.0, workers=2)
 
 
 def bind_server(
-    server_class: type[ServerT],
     bind: str,
     port: int,
-    handler: type[BaseHTTPRequestHandler],
+    handler: type[ReceivedRequestHandler],
+    limits: Limits,
     *,
     table: str,
-) -> ServerT:
-    """``server_class((bind, port), handler)``, or a ConfigError naming the ``[table]`` key to
+    name: str,
+) -> BoundedHTTPServer:
+    """A server for ``handler`` on ``bind:port``, or a ConfigError naming the ``[table]`` key to
     change: a port in use or an address that is not this host's is an operator's fix, and
     restarting would not make it go away (the unit treats the exit status 2 as final)."""
     try:
-        return server_class((bind, port), handler)
+        return BoundedHTTPServer((bind, port), handler, limits, name=name)
     except OSError as err:
         raise _bind_error(table, bind, port, err) from None
 
@@ -77,7 +82,7 @@ class OpsServer:
             ok, text = check()
             return (200 if ok else 503), "text/plain", (text + "\n").encode()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(ReceivedRequestHandler):
             def do_GET(self) -> None:
                 self._answer(with_body=True)
 
@@ -99,21 +104,17 @@ class OpsServer:
                     self.end_headers()
                     if with_body:
                         self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
+                except OSError:
                     self.close_connection = True  # the prober gave up; nothing to tell it
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # scrapes every few seconds would drown the journal
-
-        self._httpd = bind_server(ThreadingHTTPServer, bind, port, Handler, table="http")
-        self._httpd.daemon_threads = True
+        self._httpd = bind_server(bind, port, Handler, OPS_LIMITS, table="http", name="ops")
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="ops-http", daemon=True
         )
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return self._httpd.port
 
     def start(self) -> None:
         self._thread.start()
