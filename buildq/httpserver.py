@@ -297,8 +297,7 @@ class BoundedHTTPServer(socketserver.BaseServer):
         self._forget(pending)
         sock = pending.sock
         try:
-            sock.setblocking(True)
-            sock.settimeout(self.limits.write_timeout_s)
+            sock.settimeout(self.limits.write_timeout_s)  # blocking again, for the worker
         except OSError:
             sock.close()
             return

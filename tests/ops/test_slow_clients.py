@@ -154,7 +154,9 @@ def test_slow_clients_cost_no_threads_and_are_cut_off(daemon: DaemonProcess) -> 
         # Meanwhile, an ordinary scrape, probe and delivery are answered.
         assert httpx.get(f"http://127.0.0.1:{ops}/healthz", timeout=30).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{ops}/metrics", timeout=30).status_code == 200
-        delivery = httpx.post(f"http://127.0.0.1:{hooks}/webhooks/nobody", content=b"{}")
+        delivery = httpx.post(
+            f"http://127.0.0.1:{hooks}/webhooks/nobody", content=b"{}", timeout=30
+        )
         assert delivery.status_code == 404  # answered: no runner of that name
 
         # The daemon's own threads, plus a fixed few for its endpoints: not one per client.
