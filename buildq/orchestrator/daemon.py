@@ -321,6 +321,9 @@ class Daemon:
         healthy, why = self.healthz()
         if not healthy:
             return False, why
+        failing = self.worker.commit_problem()
+        if failing is not None:
+            return False, failing
         refused = self.runner_health.problems()
         if refused:
             # Builds on these runners wait (they are polled until their deadline): an
