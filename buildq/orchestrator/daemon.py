@@ -53,6 +53,9 @@ _RETENTION_INTERVAL_S = 60.0
 _NEVER = 2**31 - 1
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
 _HEALTH_INTERVAL_S = 2.0
+#: How much longer than the grace a stop may take, whatever the database does (systemd's
+#: TimeoutStopSec must be larger than shutdown_grace_s plus this).
+_STOP_MARGIN_S = 5.0
 #: /readyz fails when the database probe has not succeeded for this long (a hung server).
 _PROBE_STALE_S = 3 * _HEALTH_INTERVAL_S + 5.0
 
@@ -343,14 +346,11 @@ class Daemon:
         self.notifier.stopping()
         if not quiet:
             log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
+        grace_s = self.config.daemon.shutdown_grace_s
+        deadline = time.monotonic() + grace_s + _STOP_MARGIN_S
         if self.worker is not None:
-            self.worker.stop(self.config.daemon.shutdown_grace_s)
-        for subscription in self.subscriptions:
-            try:
-                assert self.queue is not None
-                self.queue.unsubscribe(subscription)
-            except Exception as err:  # leases expire on their own
-                log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+            self.worker.stop(grace_s)
+        self._leave_groups(deadline)
         if self.webhooks is not None:
             self.webhooks.stop()
         if self.ops is not None:
@@ -361,6 +361,33 @@ class Daemon:
             self.db.dispose()
         if not quiet:
             log.info("daemon_stopped")
+
+    def _leave_groups(self, deadline: float) -> None:
+        """Hand back what is left and release the leases, all subscriptions at once, for as
+        long as ``deadline`` allows: with the database down each write would retry for half a
+        minute. Whatever is not done by then is safe to leave: the claims time out and the
+        leases expire, and the other daemons take over."""
+        assert self.queue is not None or not self.subscriptions
+        queue = self.queue
+
+        def leave(subscription: SqlSubscription) -> None:
+            try:
+                assert queue is not None
+                queue.unsubscribe(subscription)
+            except Exception as err:  # leases expire on their own
+                log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+
+        threads = [
+            threading.Thread(target=leave, args=(s,), name=f"leave-{s.topic}", daemon=True)
+            for s in self.subscriptions
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        left = [t.name for t in threads if t.is_alive()]
+        if left:
+            log.warning("stop_left_leases_to_expire", subscriptions=left)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""
