@@ -223,8 +223,10 @@ class Database:
             reraise=True,
         )
 
-    def write(self, fn: Callable[[Connection], T]) -> T:
-        return self.retrying(lambda: self._once(fn, read_only=False))
+    def write(self, fn: Callable[[Connection], T], *, retry_for_s: float | None = None) -> T:
+        """Run ``fn`` in a write transaction; transient errors are retried for this database's
+        ``retry_for_s`` (or the one given: a loop that tries again on its own passes less)."""
+        return self.retrying(lambda: self._once(fn, read_only=False), retry_for_s)
 
     def read(self, fn: Callable[[Connection], T]) -> T:
         """Run reads; on MySQL each statement sees its own snapshot (autocommit): a read that
@@ -248,8 +250,11 @@ class Database:
             finally:
                 conn.close()
 
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        return self._retry_policy.copy()(attempt)
+    def retrying(self, attempt: Callable[[], T], retry_for_s: float | None = None) -> T:
+        policy = self._retry_policy.copy()
+        if retry_for_s is not None:
+            policy = policy.copy(stop=stop_after_delay(retry_for_s))
+        return policy(attempt)
 
     def dispose(self) -> None:
         self.engine.dispose()

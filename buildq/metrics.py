@@ -171,6 +171,12 @@ class Metrics:
         self.database_up = Gauge(
             "buildq_database_up", "1 while the daemon's database probe succeeds", registry=r
         )
+        self.database_writable = Gauge(
+            "buildq_database_writable",
+            "0 while the database refuses the daemon's writes (hand-offs or lease renewals"
+            " failing: down, or a full disk); everything is retried meanwhile",
+            registry=r,
+        )
         self.stats_failures = Counter(
             "buildq_stats_refresh_failures_total",
             "Failed reads of the database gauges (they keep their last values)",

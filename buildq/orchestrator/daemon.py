@@ -274,6 +274,8 @@ class Daemon:
                 if self._db_ok:
                     self._db_ok_at = time.monotonic()
             self.metrics.database_up.set(1 if self._db_ok else 0)
+            writable = self.worker is None or self.worker.problem() is None
+            self.metrics.database_writable.set(1 if writable else 0)
             if was_ok != self._db_ok:  # say it once when it changes, not on every probe
                 if self._db_ok:
                     log.info("database_available")
@@ -324,7 +326,7 @@ class Daemon:
         healthy, why = self.healthz()
         if not healthy:
             return False, why
-        failing = self.worker.commit_problem()
+        failing = self.worker.problem()
         if failing is not None:
             return False, failing
         refused = self.runner_health.problems()

@@ -298,6 +298,11 @@ class Subscription(Protocol):
         """Wait until this member holds its share of the topic's leases (it can fetch)."""
         ...
 
+    def problem(self) -> str | None:
+        """Why this member cannot do its work now (its leases cannot be renewed: the database
+        refuses writes), or None."""
+        ...
+
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         """Return unprocessed deliveries without counting a retry (shutdown, rebalance)."""
         ...

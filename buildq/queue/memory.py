@@ -426,6 +426,9 @@ class MemorySubscription:
     def wait_for_leases(self, timeout_s: float) -> bool:
         return True  # the only member holds every partition
 
+    def problem(self) -> str | None:
+        return None
+
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         self.queue.committer().commit([Step(d, HandBack()) for d in deliveries])
 

@@ -675,14 +675,19 @@ class Worker:
             return False, f"fetch loops stalled: {', '.join(stalled)}"
         return True, "ok"
 
-    def commit_problem(self, min_age_s: float = 2.0) -> str | None:
-        """Why hand-offs have been failing for at least ``min_age_s`` (the database is down,
-        or cannot write: a full disk), or None. They are being retried meanwhile: for
-        /readyz, not /healthz."""
+    def problem(self, min_age_s: float = 2.0) -> str | None:
+        """Why work cannot be done now, though it will be when the database lets it: hand-offs
+        failing for at least ``min_age_s``, or a subscription's leases not renewed (the
+        database is down, or refuses writes: a full disk). Everything is retried meanwhile:
+        for /readyz, not /healthz."""
         failing = self._commit_failing
-        if failing is None or time.monotonic() - failing[0] < min_age_s:
-            return None
-        return f"hand-offs failing for {time.monotonic() - failing[0]:.0f}s: {failing[1]}"
+        if failing is not None and time.monotonic() - failing[0] >= min_age_s:
+            return f"hand-offs failing for {time.monotonic() - failing[0]:.0f}s: {failing[1]}"
+        for route in self._routes:
+            problem = route.subscription.problem()
+            if problem is not None:
+                return problem
+        return None
 
     def lane_load(self) -> dict[str, tuple[int, int]]:
         """Running and waiting jobs per lane."""
