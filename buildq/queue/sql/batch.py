@@ -189,10 +189,14 @@ def _delete_acked(conn: Connection, acked: list[SqlDelivery]) -> None:
         by_group[delivery.group].append(delivery)
     sql = bq.BatchSql.of(conn.dialect)
     for group, claims in by_group.items():
-        params: list[Any] = [group, *(d.offset for d in claims)]
-        for delivery in claims:
-            params += (delivery.offset, delivery.attempt)
-        deleted = conn.exec_driver_sql(sql.delete_acked(len(claims)), tuple(params)).rowcount
+        if sql.row_by_row:
+            rows = [(d.offset, group, d.attempt) for d in claims]
+            deleted = conn.exec_driver_sql(sql.delete_acked_row, rows).rowcount
+        else:
+            params: list[Any] = [group, *(d.offset for d in claims)]
+            for delivery in claims:
+                params += (delivery.offset, delivery.attempt)
+            deleted = conn.exec_driver_sql(sql.delete_acked(len(claims)), tuple(params)).rowcount
         if deleted != len(claims):
             raise _Fenced
 

@@ -236,10 +236,14 @@ class SqlSubscription:
     def _extend_in(self, conn: Connection, claims: list[SqlDelivery], ms: int) -> set[int]:
         """Extend ``claims`` by ``ms``; the offsets of those no longer ours."""
         sql = bq.BatchSql.of(conn.dialect)
-        params: list[Any] = [ms, self.group, *(d.offset for d in claims)]
-        for delivery in claims:
-            params += (delivery.offset, delivery.attempt)
-        extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
+        if sql.row_by_row:
+            rows = [(ms, d.offset, self.group, d.attempt) for d in claims]
+            extended = conn.exec_driver_sql(sql.extend_claim_row, rows).rowcount
+        else:
+            params: list[Any] = [ms, self.group, *(d.offset for d in claims)]
+            for delivery in claims:
+                params += (delivery.offset, delivery.attempt)
+            extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
         if extended == len(claims):
             return set()
         held = inflight_attempts(conn, self.group, [d.offset for d in claims])
