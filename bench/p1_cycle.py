@@ -46,7 +46,7 @@ TOPIC = "bench_poll"
 GROUP = "bench"
 MAX_DELAY_MS = 500
 SETTINGS = SubscriptionSettings(
-    slots=64, batch_size=64, poll_interval_ms=50, visibility_timeout_ms=120_000
+    slots=64, poll_interval_ms=50, visibility_timeout_ms=120_000
 )
 
 
