@@ -827,7 +827,7 @@ def _outcome(step: Step | None, result: Settled | None) -> str:
         return "reject"
     if isinstance(action, Defer):
         return "defer"
-    return "handback"
+    return "handed_back"
 
 
 def _describe(err: BaseException) -> str:
