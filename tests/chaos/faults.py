@@ -9,11 +9,18 @@ each dead letter by one of these windows, and anything it cannot explain is a fi
   (``ProxyOutage``: a real outage for the daemons, the shared server keeps running) or by
   stopping and starting the real MariaDB server (``ServerRestart``, ``make chaos`` only).
 - ``status_fault``: the ``sim`` runner of one queue fails every ``status`` call for a while.
+- ``clock_step``: one daemon's wall clock (``time.time`` in its process, through the shim of
+  tests/shims) jumps two hours ahead, and back at the end of the window. Nothing may notice:
+  deadlines are measured on the database's clock, advanced by the monotonic one.
+- ``disk_full``: the database refuses every write of some daemons (the shim fails their write
+  statements with MariaDB's "disk full", error 1021) for a while; ``detail`` names them. A
+  storage fault the operator can fix: retried, never a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -144,6 +151,23 @@ class Schedule:
     outage_for_s: float = 10.0
     status_fault_at_s: float = 50.0
     status_fault_for_s: float = 6.0
+    clock_step_at_s: float = 5.0
+    clock_step_for_s: float = 40.0
+    clock_step_s: float = 2 * 3600.0
+    disk_full_at_s: float = 6.0
+    disk_full_for_s: float = 10.0
+    #: How many daemons' writes fail; 0: all of them (the database's disk is everyone's).
+    disk_full_nodes: int = 0
+
+    def phases_end_s(self) -> float:
+        """When the last phase (every fault but the kills) is over."""
+        return max(
+            self.pause_at_s + self.pause_for_s,
+            self.outage_at_s + self.outage_for_s,
+            self.status_fault_at_s + self.status_fault_for_s,
+            self.clock_step_at_s + self.clock_step_for_s,
+            self.disk_full_at_s + self.disk_full_for_s,
+        )
 
 
 class Injector:
@@ -170,6 +194,8 @@ class Injector:
         self._threads: list[threading.Thread] = []
         self.outage_hooks = on_outage
         self.errors: list[str] = []
+        #: Steps of a daemon's wall clock made (ahead and back count one each).
+        self.clock_steps = 0
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -178,12 +204,18 @@ class Injector:
             ("pause", self._pause),
             ("outage", self._outage),
             ("status", self._status_fault),
+            ("clock", self._clock_step),
+            ("disk", self._disk_full),
         ):
             thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Let every phase play out (each ends by itself), then stop the kills."""
+        left_s = self.schedule.phases_end_s() - self._elapsed()
+        for thread in self._threads[1:]:
+            thread.join(timeout=max(0.0, left_s) + 60)
         self.stopping.set()
         for thread in self._threads:
             thread.join(timeout=180)
@@ -257,3 +289,55 @@ class Injector:
         finally:
             self.fault_file.unlink(missing_ok=True)
             window.end = time.time()
+
+    def _clock_step(self) -> None:
+        if not self._sleep_until(self.schedule.clock_step_at_s):
+            return
+        node = self.rng.choice(self.nodes)
+        step_s = self.schedule.clock_step_s
+        window = self.log.open("clock_step", f"{node.name} {step_s:+g}s")
+        _write_atomically(node.clock_step_file, str(step_s))
+        self.clock_steps += 1
+        try:
+            self._confirm_step(node, step_s)
+            self._sleep_until(self.schedule.clock_step_at_s + self.schedule.clock_step_for_s)
+        finally:
+            _write_atomically(node.clock_step_file, "0")  # and back, as NTP would correct it
+            self.clock_steps += 1
+            window.end = time.time()
+
+    def _confirm_step(self, node: Node, step_s: float) -> None:
+        """The step is in effect in the daemon: the time its /metrics says it last read the
+        database gauges (``time.time()`` in its process) is ahead by about the step. Without
+        this a phase whose shim did nothing would pass for a fault survived."""
+
+        def stepped() -> bool:
+            refreshed = node.metric("buildq_stats_refreshed_timestamp_seconds")
+            return refreshed is not None and refreshed > time.time() + step_s / 2
+
+        try:  # the gauges are read at start-up and every 10 s; a kill may come in between
+            wait_until(lambda: stepped() or self.stopping.is_set(), timeout=60, interval=0.5)
+        except AssertionError:
+            self.errors.append(f"the clock step of {node.name} never showed in its /metrics")
+
+    def _disk_full(self) -> None:
+        if not self._sleep_until(self.schedule.disk_full_at_s):
+            return
+        count = self.schedule.disk_full_nodes or len(self.nodes)
+        nodes = self.rng.sample(self.nodes, count)
+        window = self.log.open("disk_full", ",".join(sorted(n.name for n in nodes)))
+        for node in nodes:
+            node.disk_full_file.touch()
+        try:
+            self._sleep_until(self.schedule.disk_full_at_s + self.schedule.disk_full_for_s)
+        finally:
+            for node in nodes:
+                node.disk_full_file.unlink(missing_ok=True)
+            window.end = time.time()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """The shim reads the file on every clock reading: it must never see it half-written."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
