@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection
 from buildq.orchestrator import topics
 from tests.chaos.causes import (
     DISK_FULL_CAUSES,
+    DISK_FULL_ERROR,
     DeadLetter,
     Retry,
     dead_letters,
@@ -284,6 +285,10 @@ def _check_logs(verdict: Verdict, lives: list[Lifetime]) -> None:
                 verdict.log_findings[name] += 1
             if name in ("delivery_nacked", "delivery_rejected"):
                 verdict.log_findings[name] += 1
+            if name in ("commit_failed", "lease_renewal_failed") and DISK_FULL_ERROR.search(
+                str(event.get("error", ""))
+            ):  # a write the full disk refused: said once per process and streak, retried
+                verdict.log_findings[f"{name}_disk_full"] += 1
         text = life.log.read_text(errors="replace") if life.log.exists() else ""
         # Tracebacks outside the JSON lines: an uncaught exception printed by the interpreter.
         for block in text.split("Traceback (most recent call last)")[1:]:

@@ -184,7 +184,7 @@ def _owner(retry: Retry, lives: list[Lifetime]) -> Lifetime | None:
 def _cause(retry: Retry, on_faulted_queue: bool, faults: FaultLog, life: Lifetime | None) -> str:
     outages = faults.of("db_outage")
     # The full disks of the daemon that held the claim (another daemon's writes went on).
-    full = [w for w in faults.of("disk_full") if life and life.node in w.detail.split(",")]
+    full = [w for w in faults.of("disk_full") if life and life.node in w.nodes]
     claimed, at = retry.claimed_s, retry.at_s
     if retry.kind == "nack":
         if STATUS_FAULT_ERROR in retry.error:

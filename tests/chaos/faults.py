@@ -13,8 +13,11 @@ each dead letter by one of these windows, and anything it cannot explain is a fi
   tests/shims) jumps two hours ahead, and back at the end of the window. Nothing may notice:
   deadlines are measured on the database's clock, advanced by the monotonic one.
 - ``disk_full``: the database refuses every write of some daemons (the shim fails their write
-  statements with MariaDB's "disk full", error 1021) for a while; ``detail`` names them. A
-  storage fault the operator can fix: retried, never a failure.
+  statements with MariaDB's "disk full", error 1021) for a while; ``nodes`` names them. A
+  storage fault the operator can fix: retried, never a failure. The kills go on, but spare one
+  of them (``witness``), so that a daemon rides the whole phase out without a restart. The
+  CI calls of one runner are held from just before the disk fills until just after, so the
+  hand-offs of the polls they answer meet the full disk on every daemon.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tests.chaos.cluster import Node
 from tests.support import wait_until
@@ -44,6 +47,10 @@ class Window:
     start: float  # epoch s
     end: float = float("inf")
     detail: str = ""
+    #: The daemons it affects, where that is not all of them or one by its pid.
+    nodes: tuple[str, ...] = ()
+    #: The affected daemon no kill may hit during the window.
+    witness: str = ""
 
     def overlaps(self, start: float, end: float, slack: float = 0.0) -> bool:
         return start <= self.end + slack and end >= self.start - slack
@@ -54,8 +61,8 @@ class FaultLog:
     windows: list[Window] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def open(self, kind: str, detail: str = "") -> Window:
-        window = Window(kind, time.time(), detail=detail)
+    def open(self, kind: str, detail: str = "", **extra: Any) -> Window:
+        window = Window(kind, time.time(), detail=detail, **extra)
         with self._lock:
             self.windows.append(window)
         return window
@@ -158,6 +165,8 @@ class Schedule:
     disk_full_for_s: float = 10.0
     #: How many daemons' writes fail; 0: all of them (the database's disk is everyone's).
     disk_full_nodes: int = 0
+    #: The held CI calls are held from this long before the disk fills to this long after.
+    hold_calls_s: float = 1.0
 
     def phases_end_s(self) -> float:
         """When the last phase (every fault but the kills) is over."""
@@ -182,8 +191,10 @@ class Injector:
         log: FaultLog,
         rng: random.Random,
         on_outage: Sequence[Callable[[str], None]] = (),
+        hold_calls_file: Path | None = None,
     ) -> None:
         self.nodes = nodes
+        self.hold_file = hold_calls_file
         self.outage = outage
         self.fault_file = status_fault_file
         self.schedule = schedule
@@ -196,6 +207,8 @@ class Injector:
         self.errors: list[str] = []
         #: Steps of a daemon's wall clock made (ahead and back count one each).
         self.clock_steps = 0
+        #: Daemons the kills leave alone for now (a phase's witness).
+        self.spared: set[str] = set()
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -238,7 +251,11 @@ class Injector:
             if self._elapsed() >= self.schedule.duration_s:
                 return
             with self._lock:
-                candidates = [n for n in self.nodes if not n.paused and n.alive()]
+                candidates = [
+                    n
+                    for n in self.nodes
+                    if not n.paused and n.alive() and n.name not in self.spared
+                ]
                 if not candidates:
                     continue
                 node = self.rng.choice(candidates)
@@ -321,19 +338,39 @@ class Injector:
             self.errors.append(f"the clock step of {node.name} never showed in its /metrics")
 
     def _disk_full(self) -> None:
-        if not self._sleep_until(self.schedule.disk_full_at_s):
+        at_s, hold_s = self.schedule.disk_full_at_s, self.schedule.hold_calls_s
+        if not self._sleep_until(at_s - hold_s):
             return
-        count = self.schedule.disk_full_nodes or len(self.nodes)
-        nodes = self.rng.sample(self.nodes, count)
-        window = self.log.open("disk_full", ",".join(sorted(n.name for n in nodes)))
-        for node in nodes:
-            node.disk_full_file.touch()
+        if self.hold_file is not None:
+            self.hold_file.touch()
         try:
+            self._sleep_until(at_s)
+            self._fill_disks(release_at_s=at_s + hold_s)
+        finally:
+            if self.hold_file is not None:
+                self.hold_file.unlink(missing_ok=True)
+
+    def _fill_disks(self, release_at_s: float) -> None:
+        count = self.schedule.disk_full_nodes or len(self.nodes)
+        with self._lock:  # no kill in between: the witness is alive when the phase starts
+            up = [n for n in self.nodes if n.alive() and not n.paused]
+            nodes = self.rng.sample(up, min(count, len(up)))
+            witness = nodes[0].name
+            self.spared.add(witness)
+            names = tuple(sorted(n.name for n in nodes))
+            window = self.log.open("disk_full", witness=witness, nodes=names)
+            for node in nodes:
+                node.disk_full_file.touch()
+        try:
+            self._sleep_until(release_at_s)
+            if self.hold_file is not None:  # the held calls answer now, into a full disk
+                self.hold_file.unlink(missing_ok=True)
             self._sleep_until(self.schedule.disk_full_at_s + self.schedule.disk_full_for_s)
         finally:
             for node in nodes:
                 node.disk_full_file.unlink(missing_ok=True)
             window.end = time.time()
+            self.spared.discard(witness)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -82,7 +82,11 @@ FULL = Profile(
 #: (reported: the framework does not renew a claim that waited before processing it). The
 #: buildsignal retry budget (5 attempts: 0.3 + 0.6 + 1.2 + 2.4 s of backoff) outlasts a short
 #: status fault for polls that meet its end and not for those that meet its start: both paths
-#: are taken. The deadlines are far above any build's life here (seconds, a minute with the
+#: are taken. Queue a's status calls can be held (``status_hang_file``), so they run in the
+#: runner's lane of threads (queue b's run on the fetcher's thread: both paths are taken); the
+#: full-disk phase holds them for a moment before the disk fills and lets them answer after,
+#: so that every daemon has hand-offs to commit while its writes are refused.
+#: The deadlines are far above any build's life here (seconds, a minute with the
 #: faults) and far below the clock step (two hours): a daemon that read its deadlines off
 #: the stepped wall clock would time builds out, and the audit fails the run on any timeout.
 START_BY_S = 600
@@ -125,6 +129,7 @@ running_s = 1.5
 running_max_s = 4.0
 failure_probability = 0.3
 state_dir = "{state}"
+status_hang_file = "{hang}"
 
 [runners.sim_b]
 type = "sim"

@@ -27,6 +27,9 @@ from tests.support import wait_until
 #: How long a daemon may take to notice a fault and turn red (its database probe runs every
 #: 2 s; a refused lease renewal shows within one renewal interval), on a loaded machine.
 NOTICE_S = 3.0
+#: How soon a daemon whose writes were refused is ready again once they are not: its lease
+#: renewal succeeds within an interval, a hand-off within its back-off (5 s at most).
+RECOVER_S = 20.0
 #: How a full disk reads in a /readyz answer: MariaDB's error 1021, or SQLite's message.
 DISK_FULL = re.compile(r"Disk full|1021|disk is full")
 
@@ -82,25 +85,33 @@ class Readiness:
                 verdict.readiness.append(f"{node.name} /readyz is {node.readyz()} at the end")
 
     def _check_disk_full(self, window: Window, verdict: Verdict) -> None:
-        affected = set(window.detail.split(","))
-        during = [p for p in self._during(window) if p.node in affected]
+        during = [p for p in self._during(window) if p.node in window.nodes]
         self.green_starting += sum(1 for p in during if p.code == 200 and p.starting)
         green = sorted({p.node for p in during if p.code == 200 and not p.starting})
         if green:
             verdict.readiness.append(f"/readyz green while writes were refused: {green}")
         told = [p for p in during if p.code == 503 and DISK_FULL.search(p.text)]
         self.red_disk_full += len(told)
-        # A daemon restarted during the phase cannot join its groups until it ends, and says
-        # so otherwise: every affected daemon that was up must have said why, at least once.
-        for name in sorted(affected):
+        # A daemon restarted during the phase cannot join its groups until it ends: the
+        # witness, which no kill hit, must have said why; every daemon that was up must have.
+        for name in window.nodes:
             answered = [p for p in during if p.node == name and p.code == 503 and not p.starting]
-            if answered and not any(p.node == name for p in told):
+            if (answered or name == window.witness) and not any(p.node == name for p in told):
+                last = answered[-1].text if answered else "no red answer"
                 verdict.readiness.append(
-                    f"{name} /readyz red without the reason while its writes were refused:"
-                    f" {answered[-1].text!r}"
+                    f"{name} /readyz did not say its writes were refused: {last!r}"
                 )
-        if not told:
-            verdict.readiness.append("no /readyz said the disk was full during the phase")
+        # And green again soon after: the witness has nothing left to wait for.
+        after = [
+            p
+            for p in self.probes
+            if p.node == window.witness and window.end < p.at <= window.end + RECOVER_S
+        ]
+        if not any(p.code == 200 for p in after):
+            verdict.readiness.append(
+                f"{window.witness} /readyz not green within {RECOVER_S:g}s of the disk's"
+                f" space coming back: {sorted({(p.code, p.text) for p in after})[:3]}"
+            )
 
     def _during(self, window: Window) -> list[Probe]:
         # The last probe sent before the fault ended may be answered after it.

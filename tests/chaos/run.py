@@ -186,12 +186,14 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
     assert outage is not None
     daemon_url = server.set(host="127.0.0.1", port=proxy.port) if proxy else server
     fault_file = workdir / "status-fault-b"
+    hold_file = workdir / "hold-calls-a"
     config = workdir / "buildq.toml"
     config.write_text(
         CONFIG.format(
             url=daemon_url.render_as_string(hide_password=False),
             state=workdir / "sim",
             fault=fault_file,
+            hang=hold_file,
             start_by_s=START_BY_S,
             finish_by_s=FINISH_BY_S,
         )
@@ -209,7 +211,15 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
         _wait(lambda: all(n.ready() for n in run.nodes), 60, "daemons ready")
         sampler.start()
         rng = random.Random(run.seed)
-        injector = Injector(run.nodes, outage, fault_file, profile.schedule, faults, rng)
+        injector = Injector(
+            run.nodes,
+            outage,
+            fault_file,
+            profile.schedule,
+            faults,
+            rng,
+            hold_calls_file=hold_file,
+        )
         threads = [
             threading.Thread(target=target, args=args, daemon=True)
             for target, args in (
@@ -292,10 +302,11 @@ def _summary(
         status_fault_s=schedule.status_fault_for_s,
         clock_steps=injector.clock_steps,
         disk_full_s=round(sum(w.end - w.start for w in faults.of("disk_full")), 1),
-        disk_full_daemons=sum(len(w.detail.split(",")) for w in faults.of("disk_full")),
+        disk_full_daemons=sum(len(w.nodes) for w in faults.of("disk_full")),
         readyz_red=run.readiness.red_in_outage,
         readyz_red_disk_full=run.readiness.red_disk_full,
         readyz_green_starting=run.readiness.green_starting,
+        commit_failed_disk_full=verdict.log_findings["commit_failed_disk_full"],
         restarts_in_outage=restarted_in_outage,
         cancels=run.cancels_sent,
         retriggers_same_build=verdict.retriggered_same_build,
