@@ -227,8 +227,9 @@ class Injector:
     def stop(self) -> None:
         """Let every phase play out (each ends by itself), then stop the kills."""
         left_s = self.schedule.phases_end_s() - self._elapsed()
-        for thread in self._threads[1:]:
-            thread.join(timeout=max(0.0, left_s) + 60)
+        for thread in self._threads:
+            if thread.name != "kills":  # the kills go on until told
+                thread.join(timeout=max(0.0, left_s) + 60)
         self.stopping.set()
         for thread in self._threads:
             thread.join(timeout=180)
