@@ -6,14 +6,14 @@
   tmpfs this test mounts (it runs as root here, as CI does).
 - A wall-clock step on the daemon's host (NTP, a VM resumed) changes no deadline: the daemon
   reads the database's clock and advances it by the monotonic clock. The step is injected by
-  a shim that moves ``time.time`` inside the daemon process only, so on MariaDB the database's
-  clock does not move; on SQLite the database clock is the host's own (docs/scaling.md).
+  the shim in tests/shims, which moves ``time.time`` inside the daemon process only, so on
+  MariaDB the database's clock does not move; on SQLite the database clock is the host's own
+  (docs/scaling.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 
 from buildq.migrations import upgrade
+from tests import shims
 from tests.e2e.harness import DaemonProcess, World, write_config
 from tests.ops.scrape import get, ops_port, scrape
 from tests.support import wait_until
@@ -119,30 +120,11 @@ def test_a_full_disk_is_retried_and_the_builds_finish_when_space_returns(
         world.close()
 
 
-#: Imported by the daemon process through PYTHONPATH: moves time.time by what the step file
-#: says (seconds), read on every call, as a host's clock that NTP stepped would.
-SHIM = """
-import os, time
-_step_file = os.environ["BUILDQ_TEST_CLOCK_STEP_FILE"]
-_real = time.time
-def _stepped():
-    try:
-        with open(_step_file) as f:
-            return _real() + float(f.read() or 0)
-    except (OSError, ValueError):
-        return _real()
-time.time = _stepped
-"""
-
-
 def test_a_wall_clock_step_on_the_daemons_host_times_nothing_out(
     backend_url: str, tmp_path: Path
 ) -> None:
     if sa.make_url(backend_url).get_backend_name() == "sqlite":
         pytest.skip("SQLite's clock is the host's own: a step moves the database's too")
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(SHIM)
     step = tmp_path / "step"
     step.write_text("0")
     world = World(backend_url)
@@ -151,11 +133,9 @@ def test_a_wall_clock_step_on_the_daemons_host_times_nothing_out(
     config = write_config(
         tmp_path / "config", backend_url, SCRIPTED.format(polls=60, finish_by_s=300)
     )
-    env = {
-        "PYTHONPATH": f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "BUILDQ_TEST_CLOCK_STEP_FILE": str(step),
-    }
-    daemon = DaemonProcess(config, tmp_path, env)
+    # The sim runner's clock is stepped too; its answers are scripted by poll count, so the
+    # step does not change them.
+    daemon = DaemonProcess(config, tmp_path, shims.env(clock_step_file=step))
     try:
         daemon.start()
         requests = world.submit("main", 10)
