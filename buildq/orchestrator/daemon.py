@@ -38,6 +38,8 @@ from buildq.orchestrator.instrumented import (
 )
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
+from buildq.queue.contract import TransientQueueError
+from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.retention import Retention
@@ -114,7 +116,9 @@ class Daemon:
             if handler.never_dead_letter:
                 # A reconciler retries until it succeeds: there is nowhere further to send it.
                 settings = dataclasses.replace(settings, max_attempts=_NEVER)
-            subscription = self.queue.subscribe(handler.topic, topics.GROUP, settings)
+            subscription = self._join(handler.topic, settings)
+            if subscription is None:
+                return  # stopped while waiting for the database
             self.subscriptions.append(subscription)
             self.worker.add(handler, subscription)
         self.worker.start()
@@ -178,6 +182,22 @@ class Daemon:
             self._db_ok, self._db_ok_at = True, time.monotonic()
             self.metrics.database_up.set(1)
             return db
+        return None
+
+    def _join(self, topic: str, settings: SubscriptionSettings) -> SqlSubscription | None:
+        """Join the group on ``topic``, waiting while the database refuses the writes that
+        takes (down, or a full disk: an operator may need minutes): a daemon that cannot
+        join yet waits as one that cannot connect does, rather than exit. None if stopped."""
+        assert self.queue is not None
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                return self.queue.subscribe(topic, topics.GROUP, settings)
+            except TransientQueueError as err:
+                self._db_error = f"cannot join the consumer group on {topic!r}: {_first_line(err)}"
+                log.warning("join_failed", topic=topic, error=_first_line(err), retry_in_s=delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
         return None
 
     def _start_ops_server(self) -> None:
@@ -321,7 +341,7 @@ class Daemon:
         db_ok, db_error = self._database_ok()
         if not db_ok:
             return False, f"database unavailable: {db_error}"
-        if self.worker is None:
+        if self.worker is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
             return False, "starting"
         healthy, why = self.healthz()
         if not healthy:

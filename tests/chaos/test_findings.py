@@ -164,11 +164,6 @@ def _happens_within(timeout_s: float, condition: Callable[[], bool]) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Daemon.readyz takes healthz's 'starting' for healthy and answers 200 before the "
-    "consumer groups are joined (for up to 11 s, until the probe's age makes it 503)",
-)
 def test_readyz_is_red_while_a_starting_daemon_cannot_join_its_groups(tmp_path: Path) -> None:
     node = _started_on_a_full_disk(tmp_path)
     try:
@@ -184,11 +179,6 @@ def test_readyz_is_red_while_a_starting_daemon_cannot_join_its_groups(tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write refused for longer than Database's retry budget (30 s) while joining the "
-    "consumer groups escapes Daemon.start: 'buildq run' exits 1 with a traceback",
-)
 def test_a_daemon_started_on_a_full_disk_waits_for_space(tmp_path: Path) -> None:
     node = _started_on_a_full_disk(tmp_path)
     try:
