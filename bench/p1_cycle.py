@@ -45,9 +45,7 @@ from buildq.queue.worker import Job, Worker
 TOPIC = "bench_poll"
 GROUP = "bench"
 MAX_DELAY_MS = 500
-SETTINGS = SubscriptionSettings(
-    slots=64, batch_size=64, poll_interval_ms=50, visibility_timeout_ms=120_000
-)
+SETTINGS = SubscriptionSettings(slots=64, poll_interval_ms=50, visibility_timeout_ms=120_000)
 
 
 def seed_builds(queue: SqlQueue, runner: SimRunner, topic: str, builds: int) -> list[str]:

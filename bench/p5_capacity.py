@@ -6,9 +6,9 @@ policy of exactly "every 10 s ± 10 %", no deadlines. Builds are seeded as the b
 leaves them (stored, first poll pending). Each poll is the daemon's full cycle: read the build,
 ask the runner, record the poll and publish the next one + ack in one transaction.
 
-- **Saturation**: N builds all due at once, far more than a cadence's worth; the daemons'
-  sustained polls/s over the window is the most they can do. Capacity at a 10 s cadence is
-  that rate × 10 s (a daemon at capacity has no slack: in practice stay below it).
+- **Saturation**: 10,000 builds polled every second, far more polls than the daemons make;
+  their sustained polls/s over the window is the most they can do. Capacity at a 10 s cadence
+  is that rate × 10 s (a daemon at capacity has no slack: in practice stay below it).
 - **Verification** (full profile): N builds at the real cadence for a while, first polls spread
   over the first 10 s; the daemon keeps up when the lag (now − the oldest due, unclaimed poll)
   stays under ``MAX_LAG_MS`` over the second half and the poll rate is ≥ 90 % of N / 10 s.
@@ -51,6 +51,10 @@ from buildq.queue.sql.dialect import db_now_ms
 from buildq.queue.sql.schema import deliveries as d
 
 CADENCE_S = 10.0
+#: Saturation: this many builds, each due every second, is more polls than any daemon here
+#: makes (a demand of 10,000/s).
+SATURATION_BUILDS = 10_000
+SATURATION_CADENCE_S = 1.0
 MAX_LAG_MS = 2_000
 #: Connections of the ceiling (b) these figures are divided by.
 CEILING_CONNECTIONS = 8
@@ -98,16 +102,17 @@ def _run_daemons(
     seconds: float,
     warmup_s: float,
     pyspy: str | None = None,
+    cadence_s: float = CADENCE_S,
 ) -> dict[str, Any]:
     """In a database of its own: seed, start ``daemons``, measure polls/s, lag and RSS over
-    ``seconds`` after warm-up."""
+    ``seconds`` after warm-up, builds polled every ``cadence_s``."""
     tag = f"p5run{next(_RUNS)}"
     with (
         fresh_database(backend_name, tag) as backend,
         tempfile.TemporaryDirectory(prefix="buildq-bench-p5-") as tmp,
     ):
         directory = Path(tmp)
-        config = write_config(directory, backend.url, FOREVER_RUNNER + poll_every(CADENCE_S))
+        config = write_config(directory, backend.url, FOREVER_RUNNER + poll_every(cadence_s))
         db = backend.database(pool_size=4)
         queue = SqlQueue(db)
         seed_builds(db, queue, builds, first_poll_ms=first_poll_ms, prefix=f"b{builds}")
@@ -162,9 +167,18 @@ def _run_daemons(
 def saturate(
     backend_name: str, daemons: int, seconds: float, pyspy: str | None = None
 ) -> dict[str, Any]:
-    """The most polls/s ``daemons`` sustain, from a backlog that outlasts the window."""
-    builds = 5_000 * daemons  # > (warm-up + window) x the best rate seen, with room to spare
-    return _run_daemons(backend_name, daemons, builds, (0, 0), seconds, warmup_s=2.0, pyspy=pyspy)
+    """The most polls/s ``daemons`` sustain: builds polled every second, many more than they
+    can poll, so work is always due (a backlog drained once would measure the backlog)."""
+    return _run_daemons(
+        backend_name,
+        daemons,
+        SATURATION_BUILDS,
+        (0, 1_000),
+        seconds,
+        warmup_s=3.0,
+        pyspy=pyspy,
+        cadence_s=SATURATION_CADENCE_S,
+    )
 
 
 def verify(backend_name: str, daemons: int, builds: int, seconds: float) -> dict[str, Any]:

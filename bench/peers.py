@@ -68,7 +68,8 @@ def measure(backend: Backend, builds: int, delay_ms: int, tag: str = "peers") ->
     ``tag`` keeps the request ids of measurements in one database apart."""
     with tempfile.TemporaryDirectory(prefix="buildq-bench-peers-") as tmp:
         directory = Path(tmp)
-        body = CONFIG.format(polls=POLLS, delay_s=delay_ms / 1000)
+        # 0 is "due at once": the next poll's delay is the loop's minimum, 1 ms.
+        body = CONFIG.format(polls=POLLS, delay_s=max(delay_ms, 1) / 1000)
         config = write_config(directory, backend.url, body)
         db = backend.database(pool_size=4)
         queue = SqlQueue(db)

@@ -36,6 +36,11 @@ READ_ONLY = "buildq_read_only"
 # MySQL error codes worth retrying: deadlock, lock wait timeout, server gone / lost / refused,
 # read-only during failover, too many connections.
 _MYSQL_TRANSIENT = {1213, 1205, 2002, 2003, 2006, 2013, 2014, 2055, 1290, 1040, 1927, 4031}
+# A storage fault an operator can fix, and then the same write succeeds: disk full (1021),
+# table full (1114: the disk, or a size limit), out of memory/resources (1037, 1041). Retried
+# with back-off, never turned into a message's failure.
+_MYSQL_STORAGE = {1021, 1114, 1037, 1041}
+_SQLITE_TRANSIENT = re.compile(r"locked|busy|disk is full|disk I/O error", re.IGNORECASE)
 
 
 class DatabaseMissing(Exception):
@@ -141,9 +146,11 @@ def is_transient(err: BaseException) -> bool:
         return True
     orig = err.orig
     if isinstance(orig, sqlite3.OperationalError):
-        return bool(re.search(r"locked|busy", str(orig)))
+        return bool(_SQLITE_TRANSIENT.search(str(orig)))
     code = orig.args[0] if orig is not None and orig.args else None
-    return isinstance(code, int) and code in _MYSQL_TRANSIENT
+    if code == 1030:  # "Got error N from storage engine": 28 is ENOSPC, a full disk
+        return " 28 " in f" {orig} "
+    return isinstance(code, int) and (code in _MYSQL_TRANSIENT or code in _MYSQL_STORAGE)
 
 
 @contextmanager
@@ -216,8 +223,10 @@ class Database:
             reraise=True,
         )
 
-    def write(self, fn: Callable[[Connection], T]) -> T:
-        return self.retrying(lambda: self._once(fn, read_only=False))
+    def write(self, fn: Callable[[Connection], T], *, retry_for_s: float | None = None) -> T:
+        """Run ``fn`` in a write transaction; transient errors are retried for this database's
+        ``retry_for_s`` (or the one given: a loop that tries again on its own passes less)."""
+        return self.retrying(lambda: self._once(fn, read_only=False), retry_for_s)
 
     def read(self, fn: Callable[[Connection], T]) -> T:
         """Run reads; on MySQL each statement sees its own snapshot (autocommit): a read that
@@ -241,8 +250,11 @@ class Database:
             finally:
                 conn.close()
 
-    def retrying(self, attempt: Callable[[], T]) -> T:
-        return self._retry_policy.copy()(attempt)
+    def retrying(self, attempt: Callable[[], T], retry_for_s: float | None = None) -> T:
+        policy = self._retry_policy.copy()
+        if retry_for_s is not None:
+            policy = policy.copy(stop=stop_after_delay(retry_for_s))
+        return policy(attempt)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -254,28 +266,38 @@ class DbClock:
     """The database's clock without a round trip per reading.
 
     Deadlines are compared against the database's time (the one clock every daemon shares);
-    reading it costs a query, so the offset to the local clock is measured every
-    ``refresh_s`` and applied to local readings in between.
+    reading it costs a query, so it is read every ``refresh_s`` and advanced in between by
+    this host's *monotonic* clock. The host's wall clock is never used: a step of it (NTP, a
+    VM resumed) must not make young builds look hours old. A step of the database host's
+    clock does show, from the next reading on (docs/scaling.md, "Clocks").
     """
 
-    def __init__(self, db: Database, *, refresh_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        refresh_s: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._db = db
         self._refresh_s = refresh_s
-        self._offset_ms = 0.0
+        self._monotonic = monotonic
+        self._db_ms = 0.0  # the database's clock at _measured_at
         self._measured_at = float("-inf")
         self._lock = threading.Lock()
 
     def now_ms(self) -> int:
         with self._lock:
-            if time.monotonic() - self._measured_at > self._refresh_s:
+            if self._monotonic() - self._measured_at > self._refresh_s:
                 self._measure()
-            return int(time.time() * 1000 + self._offset_ms)
+            return int(self._db_ms + (self._monotonic() - self._measured_at) * 1000)
 
     def _measure(self) -> None:
         from buildq.queue.sql.dialect import db_now_ms  # the dialect module imports this one
 
-        before = time.time() * 1000
+        before = self._monotonic()
         db_now = self._db.read(lambda conn: conn.execute(sa.select(db_now_ms())).scalar_one())
-        after = time.time() * 1000
-        self._offset_ms = float(db_now) - (before + after) / 2
-        self._measured_at = time.monotonic()
+        after = self._monotonic()
+        # The reading was taken about halfway through the round trip.
+        self._db_ms = float(db_now)
+        self._measured_at = (before + after) / 2

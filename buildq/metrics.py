@@ -171,6 +171,12 @@ class Metrics:
         self.database_up = Gauge(
             "buildq_database_up", "1 while the daemon's database probe succeeds", registry=r
         )
+        self.database_writable = Gauge(
+            "buildq_database_writable",
+            "0 while the database refuses the daemon's writes (hand-offs or lease renewals"
+            " failing: down, or a full disk); everything is retried meanwhile",
+            registry=r,
+        )
         self.stats_failures = Counter(
             "buildq_stats_refresh_failures_total",
             "Failed reads of the database gauges (they keep their last values)",
@@ -263,6 +269,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
+        self.commit_failures = Counter(
+            "buildq_commit_failures_total",
+            "Hand-off batches the database could not take (down, deadlock, disk full): each is"
+            " retried with back-off, and nothing is counted against the messages",
+            registry=r,
+        )
         self.commit_seconds = Histogram(
             "buildq_commit_duration_seconds",
             "Time to commit one batch of hand-offs",
@@ -288,6 +300,9 @@ class Metrics:
         self.lane_running.labels(lane).set(running)
         self.lane_waiting.labels(lane).set(waiting)
         self.lane_oldest.labels(lane).set(round(oldest_s, 3))
+
+    def observe_commit_failure(self) -> None:
+        self.commit_failures.inc()
 
     def observe_commit(self, steps: int, seconds: float) -> None:
         self.commit_steps.observe(steps)

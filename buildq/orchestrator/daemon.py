@@ -38,6 +38,8 @@ from buildq.orchestrator.instrumented import (
 )
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
+from buildq.queue.contract import TransientQueueError
+from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.retention import Retention
@@ -53,6 +55,9 @@ _RETENTION_INTERVAL_S = 60.0
 _NEVER = 2**31 - 1
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
 _HEALTH_INTERVAL_S = 2.0
+#: How much longer than the grace a stop may take, whatever the database does (systemd's
+#: TimeoutStopSec must be larger than shutdown_grace_s plus this).
+_STOP_MARGIN_S = 5.0
 #: /readyz fails when the database probe has not succeeded for this long (a hung server).
 _PROBE_STALE_S = 3 * _HEALTH_INTERVAL_S + 5.0
 
@@ -111,7 +116,9 @@ class Daemon:
             if handler.never_dead_letter:
                 # A reconciler retries until it succeeds: there is nowhere further to send it.
                 settings = dataclasses.replace(settings, max_attempts=_NEVER)
-            subscription = self.queue.subscribe(handler.topic, topics.GROUP, settings)
+            subscription = self._join(handler.topic, settings)
+            if subscription is None:
+                return  # stopped while waiting for the database
             self.subscriptions.append(subscription)
             self.worker.add(handler, subscription)
         self.worker.start()
@@ -175,6 +182,22 @@ class Daemon:
             self._db_ok, self._db_ok_at = True, time.monotonic()
             self.metrics.database_up.set(1)
             return db
+        return None
+
+    def _join(self, topic: str, settings: SubscriptionSettings) -> SqlSubscription | None:
+        """Join the group on ``topic``, waiting while the database refuses the writes that
+        takes (down, or a full disk: an operator may need minutes): a daemon that cannot
+        join yet waits as one that cannot connect does, rather than exit. None if stopped."""
+        assert self.queue is not None
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                return self.queue.subscribe(topic, topics.GROUP, settings)
+            except TransientQueueError as err:
+                self._db_error = f"cannot join the consumer group on {topic!r}: {_first_line(err)}"
+                log.warning("join_failed", topic=topic, error=_first_line(err), retry_in_s=delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
         return None
 
     def _start_ops_server(self) -> None:
@@ -271,6 +294,8 @@ class Daemon:
                 if self._db_ok:
                     self._db_ok_at = time.monotonic()
             self.metrics.database_up.set(1 if self._db_ok else 0)
+            writable = self.worker is None or self.worker.problem() is None
+            self.metrics.database_writable.set(1 if writable else 0)
             if was_ok != self._db_ok:  # say it once when it changes, not on every probe
                 if self._db_ok:
                     log.info("database_available")
@@ -316,11 +341,14 @@ class Daemon:
         db_ok, db_error = self._database_ok()
         if not db_ok:
             return False, f"database unavailable: {db_error}"
-        if self.worker is None:
+        if self.worker is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
             return False, "starting"
         healthy, why = self.healthz()
         if not healthy:
             return False, why
+        failing = self.worker.problem()
+        if failing is not None:
+            return False, failing
         refused = self.runner_health.problems()
         if refused:
             # Builds on these runners wait (they are polled until their deadline): an
@@ -340,14 +368,11 @@ class Daemon:
         self.notifier.stopping()
         if not quiet:
             log.info("daemon_stopping", grace_s=self.config.daemon.shutdown_grace_s)
+        grace_s = self.config.daemon.shutdown_grace_s
+        deadline = time.monotonic() + grace_s + _STOP_MARGIN_S
         if self.worker is not None:
-            self.worker.stop(self.config.daemon.shutdown_grace_s)
-        for subscription in self.subscriptions:
-            try:
-                assert self.queue is not None
-                self.queue.unsubscribe(subscription)
-            except Exception as err:  # leases expire on their own
-                log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+            self.worker.stop(grace_s)
+        self._leave_groups(deadline)
         if self.webhooks is not None:
             self.webhooks.stop()
         if self.ops is not None:
@@ -358,6 +383,33 @@ class Daemon:
             self.db.dispose()
         if not quiet:
             log.info("daemon_stopped")
+
+    def _leave_groups(self, deadline: float) -> None:
+        """Hand back what is left and release the leases, all subscriptions at once, for as
+        long as ``deadline`` allows: with the database down each write would retry for half a
+        minute. Whatever is not done by then is safe to leave: the claims time out and the
+        leases expire, and the other daemons take over."""
+        assert self.queue is not None or not self.subscriptions
+        queue = self.queue
+
+        def leave(subscription: SqlSubscription) -> None:
+            try:
+                assert queue is not None
+                queue.unsubscribe(subscription)
+            except Exception as err:  # leases expire on their own
+                log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+
+        threads = [
+            threading.Thread(target=leave, args=(s,), name=f"leave-{s.topic}", daemon=True)
+            for s in self.subscriptions
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        left = [t.name for t in threads if t.is_alive()]
+        if left:
+            log.warning("stop_left_leases_to_expire", subscriptions=left)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; a second signal exits at once."""

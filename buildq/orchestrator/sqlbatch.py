@@ -27,7 +27,12 @@ from buildq.buildrunner import BuildStatus
 from buildq.orchestrator.model import BuildRequest, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.store import BatchConflict
-from buildq.queue.sql.dialect import insert_ignore, insert_ignore_sql, placeholder
+from buildq.queue.sql.dialect import (
+    insert_ignore,
+    insert_ignore_sql,
+    placeholder,
+    updates_row_by_row,
+)
 
 TERMINAL = tuple(s.value for s in BuildStatus if s.is_terminal)
 _ERROR_MAX = 10_000
@@ -99,6 +104,18 @@ class _Sql:
     def __init__(self, dialect: Dialect) -> None:
         self.p = placeholder(dialect)
         self.insert_ignore = insert_ignore_sql(dialect)
+        self.row_by_row = updates_row_by_row(dialect)
+        p = self.p
+        #: The row-by-row forms (executemany; see ``dialect.updates_row_by_row``).
+        self.record_poll_row = (
+            f"UPDATE builds SET status = {p}, metadata = {p}, polls = {p}, "  # noqa: S608
+            f"next_poll_at = {p}, updated_at = {p} WHERE build_id = {p} AND {_NOT_TERMINAL}"
+        )
+        self.finish_row = (
+            f"UPDATE builds SET status = {p}, metadata = {p}, failure_reason = {p}, "  # noqa: S608
+            f"error = {p}, polls = {p}, finished_at = {p}, next_poll_at = NULL, "
+            f"updated_at = {p} WHERE build_id = {p} AND {_NOT_TERMINAL}"
+        )
 
     def _case(self, column: str, n: int) -> str:
         arms = " ".join(f"WHEN {self.p} THEN {self.p}" for _ in range(n))
@@ -323,6 +340,11 @@ class SqlBuildBatch:
 
     def _flush_polls(self) -> None:
         rows, self._polls = self._polls, []
+        if rows and self._sql.row_by_row:
+            now = self.now_ms
+            per_row = [(st, meta, polls, at, now, b) for b, st, meta, polls, at in rows]
+            self.conn.exec_driver_sql(self._sql.record_poll_row, per_row)
+            return
         for start in range(0, len(rows), _MAX_ROWS):
             chunk = rows[start : start + _MAX_ROWS]
             params = [*_pairs(chunk, 1), *_pairs(chunk, 2), *_pairs(chunk, 3), *_pairs(chunk, 4)]
@@ -332,6 +354,10 @@ class SqlBuildBatch:
     def _flush_finishes(self) -> bool:
         """True if every buffered finish landed."""
         rows, self._finishes = self._finishes, []
+        if rows and self._sql.row_by_row:
+            now = self.now_ms
+            per_row = [(st, meta, why, err, n, now, now, b) for b, st, meta, why, err, n in rows]
+            return self.conn.exec_driver_sql(self._sql.finish_row, per_row).rowcount == len(rows)
         landed = 0
         for start in range(0, len(rows), _MAX_ROWS):
             chunk = rows[start : start + _MAX_ROWS]

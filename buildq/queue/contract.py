@@ -183,6 +183,22 @@ class Outbox(Protocol):
     def publish_after(self, topic: str, message: Message, delay_ms: int) -> None: ...
 
 
+class BufferedOutbox:
+    """An ``Outbox`` that keeps what was published, for the committer to write in its batch's
+    transaction: (topic, message, delay in ms), in publish order."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, Message, int]] = []
+
+    def publish(self, topic: str, message: Message) -> None:
+        self.messages.append((topic, message, 0))
+
+    def publish_after(self, topic: str, message: Message, delay_ms: int) -> None:
+        self.messages.append((topic, message, delay_ms))
+
+
 #: What an ack writes besides itself. The committer calls it inside the batch transaction with
 #: its step transaction: an ``Outbox`` for the queue's own committer, or whatever a committer
 #: built with an ``apply`` hook passes (the orchestrator's carries the build store as well).
@@ -296,6 +312,11 @@ class Subscription(Protocol):
 
     def wait_for_leases(self, timeout_s: float) -> bool:
         """Wait until this member holds its share of the topic's leases (it can fetch)."""
+        ...
+
+    def problem(self) -> str | None:
+        """Why this member cannot do its work now (its leases cannot be renewed: the database
+        refuses writes), or None."""
         ...
 
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:

@@ -24,6 +24,7 @@ from typing import TypeVar
 from buildq.queue.contract import (
     Ack,
     AlreadyAcknowledged,
+    BufferedOutbox,
     DeadLetter,
     Defer,
     Delivery,
@@ -107,19 +108,6 @@ class MemoryDelivery:
         self._subscription.queue.extend(self, ms)
 
 
-class MemoryOutbox:
-    __slots__ = ("messages",)
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, Message, int]] = []
-
-    def publish(self, topic: str, message: Message) -> None:
-        self.messages.append((topic, message, 0))
-
-    def publish_after(self, topic: str, message: Message, delay_ms: int) -> None:
-        self.messages.append((topic, message, delay_ms))
-
-
 @dataclass(slots=True)
 class MemorySession:
     """A batch being committed: stores register what to write if it commits."""
@@ -132,7 +120,7 @@ class MemorySession:
 class MemoryAckedStep:
     delivery: MemoryDelivery
     effect: Effect | None
-    outbox: MemoryOutbox = field(default_factory=MemoryOutbox)
+    outbox: BufferedOutbox = field(default_factory=BufferedOutbox)
 
 
 MemoryApply = Callable[[MemorySession, Sequence[MemoryAckedStep]], None]
@@ -426,6 +414,9 @@ class MemorySubscription:
     def wait_for_leases(self, timeout_s: float) -> bool:
         return True  # the only member holds every partition
 
+    def problem(self) -> str | None:
+        return None
+
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         self.queue.committer().commit([Step(d, HandBack()) for d in deliveries])
 
@@ -484,7 +475,7 @@ class MemoryTransaction:
 
     def __init__(self, queue: MemoryQueue) -> None:
         self._queue = queue
-        self._outbox = MemoryOutbox()
+        self._outbox = BufferedOutbox()
         self._steps: list[Step] = []
 
     def publish(self, topic: str, message: Message) -> PublishResult:

@@ -59,6 +59,8 @@ log = structlog.get_logger("buildq.worker")
 INLINE = ""
 _IDLE_TICK_S = 0.5
 _COMMIT_BACKOFF_MAX_S = 5.0
+#: A batch whose plan could not read what it needs is deferred this long (no retry counted).
+_REPLAN_AFTER_MS = 1_000
 #: After the grace period, how long stop() still gives the commit thread to hand back.
 _STOP_MARGIN_S = 3.0
 
@@ -146,6 +148,9 @@ class WorkerMetrics(Protocol):
         ...
 
     def observe_commit(self, steps: int, seconds: float) -> None: ...
+    def observe_commit_failure(self) -> None:
+        """A batch the database could not take now (down, deadlocked, disk full)."""
+        ...
 
 
 @dataclass(eq=False)
@@ -224,6 +229,8 @@ class Worker:
         self._inbox: deque[_Task] = deque()
         self._inbox_ready = threading.Condition(self._lock)
         self._committing: list[_Task] = []  # the batch the commit thread holds
+        #: Since when (monotonic) and why commits fail transiently; None while they succeed.
+        self._commit_failing: tuple[float, str] | None = None
         self._threads: list[threading.Thread] = []
         self._commit_thread: threading.Thread | None = None
         self._closed = False
@@ -323,6 +330,10 @@ class Worker:
             if len(jobs) != len(deliveries):
                 raise RuntimeError(f"plan returned {len(jobs)} jobs for {len(deliveries)}")
             return jobs
+        except TransientQueueError as err:  # its read failed: nobody's failure, try later
+            log.warning("plan_failed", topic=route.subscription.topic, error=_describe(err))
+            later = Postpone(f"planning failed: {_describe(err)}", _REPLAN_AFTER_MS)
+            return [Job(d, _raiser(later)) for d in deliveries]
         except Exception as err:  # a bug in plan: each delivery fails on its own
             log.exception("plan_failed", topic=route.subscription.topic)
             return [Job(d, _raiser(err)) for d in deliveries]
@@ -343,9 +354,15 @@ class Worker:
         return ready
 
     def _start_released(self, route: _Route) -> None:
+        """Start what waited behind its partition, planned again: what the plan read when it
+        was claimed may have changed since (its predecessor just wrote)."""
         with self._lock:
             released, route.released = route.released, []
-        for task in released:
+        if not released:
+            return
+        jobs = self._plan(route, [task.job.delivery for task in released])
+        for task, job in zip(released, jobs, strict=True):
+            task.job = job
             self._start(task)
 
     def _start(self, task: _Task) -> None:
@@ -533,7 +550,12 @@ class Worker:
         try:
             results = self._committer.commit([t.step for t in batch if t.step is not None])
         except TransientQueueError as err:
-            log.warning("commit_failed", steps=len(batch), error=_describe(err)[:300])
+            error = _describe(err)[:300]
+            if self._commit_failing is None:  # said once when it starts, not on every retry
+                log.warning("commit_failed", steps=len(batch), error=error)
+                self._commit_failing = (time.monotonic(), error)
+            if self._metrics is not None:
+                self._metrics.observe_commit_failure()
             return batch
         except Exception as err:
             if len(batch) == 1:
@@ -543,6 +565,11 @@ class Worker:
             for task in batch:
                 retry += self._commit([task])
             return retry
+        if self._commit_failing is not None:
+            log.info(
+                "commit_recovered", failed_s=round(time.monotonic() - self._commit_failing[0], 1)
+            )
+            self._commit_failing = None
         if self._metrics is not None:
             self._metrics.observe_commit(len(batch), time.monotonic() - started)
         self._finish(batch, results)
@@ -647,6 +674,20 @@ class Worker:
         if stalled:
             return False, f"fetch loops stalled: {', '.join(stalled)}"
         return True, "ok"
+
+    def problem(self, min_age_s: float = 2.0) -> str | None:
+        """Why work cannot be done now, though it will be when the database lets it: hand-offs
+        failing for at least ``min_age_s``, or a subscription's leases not renewed (the
+        database is down, or refuses writes: a full disk). Everything is retried meanwhile:
+        for /readyz, not /healthz."""
+        failing = self._commit_failing
+        if failing is not None and time.monotonic() - failing[0] >= min_age_s:
+            return f"hand-offs failing for {time.monotonic() - failing[0]:.0f}s: {failing[1]}"
+        for route in self._routes:
+            problem = route.subscription.problem()
+            if problem is not None:
+                return problem
+        return None
 
     def lane_load(self) -> dict[str, tuple[int, int]]:
         """Running and waiting jobs per lane."""
@@ -786,7 +827,7 @@ def _outcome(step: Step | None, result: Settled | None) -> str:
         return "reject"
     if isinstance(action, Defer):
         return "defer"
-    return "handback"
+    return "handed_back"
 
 
 def _describe(err: BaseException) -> str:

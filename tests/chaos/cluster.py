@@ -5,6 +5,11 @@ A ``Node`` is one daemon slot: every (re)start is a new process with its own log
 readiness, since a daemon restarted during a database outage is not ready until it ends (and
 must not crash-loop meanwhile). The ``Lifetime`` of each process (pid, start, end, why it
 ended) is what explains a redelivery later: a delivery whose owner was SIGKILLed comes back.
+
+Every process runs with the host-fault shims of tests/shims, off until the harness writes a
+node's files: ``clock_step_file`` (seconds its wall clock is ahead) and ``disk_full_file``
+(while it exists, the process's writes fail as on a full database disk). The files outlive a
+restart, as a host's clock and disk do.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from typing import Any
 
 import httpx
 
+from tests import shims
 from tests.e2e.harness import BUILDQ
+from tests.ops.scrape import scrape
 from tests.support import read_json_lines
 
 
@@ -29,6 +36,7 @@ class Lifetime:
     """One process of a node."""
 
     pid: int
+    node: str
     log: Path
     started: float  # epoch s
     ended: float | None = None
@@ -48,17 +56,36 @@ class Node:
     lifetimes: list[Lifetime] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = None
     paused: bool = False
+    #: What the current process's log already said (pid -> port; pids that were ready): the
+    #: log grows to megabytes, and /readyz is probed twice a second.
+    _ports: dict[int, int] = field(default_factory=dict, repr=False)
+    _ready: set[int] = field(default_factory=set, repr=False)
+
+    @property
+    def clock_step_file(self) -> Path:
+        return self.log_dir / f"{self.name}.clock-step"
+
+    @property
+    def disk_full_file(self) -> Path:
+        return self.log_dir / f"{self.name}.disk-full"
 
     def spawn(self) -> Lifetime:
         log = self.log_dir / f"{self.name}-run{len(self.lifetimes)}.log"
+        faults = shims.env(
+            clock_step_file=self.clock_step_file,
+            # The sim runners play the CI services, on hosts of their own: a step of this
+            # host's clock must not make their builds look two hours older or younger.
+            clock_step_exempt=(shims.SIM_RUNNER,),
+            disk_full_file=self.disk_full_file,
+        )
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 [BUILDQ, "run", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env},
+                env={**os.environ, **faults, **self.env},
             )
-        life = Lifetime(self.process.pid, log, time.time())
+        life = Lifetime(self.process.pid, self.name, log, time.time())
         self.lifetimes.append(life)
         return life
 
@@ -122,22 +149,46 @@ class Node:
         yield from read_events((life or self.current).log)
 
     def ready(self) -> bool:
-        return self.alive() and any(e.get("event") == "daemon_ready" for e in self.events())
+        if not self.alive():
+            return False
+        pid = self.current.pid
+        if pid not in self._ready and any(e.get("event") == "daemon_ready" for e in self.events()):
+            self._ready.add(pid)
+        return pid in self._ready
 
     def ops_port(self) -> int | None:
-        for event in self.events():
-            if event.get("event") == "ops_http_listening":
-                return int(event["port"])
-        return None
+        pid = self.current.pid
+        if pid not in self._ports:
+            for event in self.events():
+                if event.get("event") == "ops_http_listening":
+                    self._ports[pid] = int(event["port"])
+                    break
+        return self._ports.get(pid)
 
     def readyz(self) -> int | None:
         """/readyz status code of the current process, None if it does not answer."""
+        return self.readyz_answer()[0]
+
+    def readyz_answer(self) -> tuple[int | None, str]:
+        """/readyz status code and text of the current process; None if it does not answer."""
+        port = self.ops_port()
+        if port is None or not self.alive() or self.paused:
+            return None, ""
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        except httpx.HTTPError:
+            return None, ""
+        return answer.status_code, answer.text.strip()
+
+    def metric(self, name: str) -> float | None:
+        """A metric of the current process (the sum of its series), None if it does not
+        answer."""
         port = self.ops_port()
         if port is None or not self.alive() or self.paused:
             return None
         try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code
-        except httpx.HTTPError:
+            return scrape(port).value(name)
+        except (httpx.HTTPError, AssertionError):  # AssertionError: not a 200
             return None
 
 

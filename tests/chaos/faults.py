@@ -9,11 +9,21 @@ each dead letter by one of these windows, and anything it cannot explain is a fi
   (``ProxyOutage``: a real outage for the daemons, the shared server keeps running) or by
   stopping and starting the real MariaDB server (``ServerRestart``, ``make chaos`` only).
 - ``status_fault``: the ``sim`` runner of one queue fails every ``status`` call for a while.
+- ``clock_step``: one daemon's wall clock (``time.time`` in its process, through the shim of
+  tests/shims) jumps two hours ahead, and back at the end of the window. Nothing may notice:
+  deadlines are measured on the database's clock, advanced by the monotonic one.
+- ``disk_full``: the database refuses every write of some daemons (the shim fails their write
+  statements with MariaDB's "disk full", error 1021) for a while; ``nodes`` names them. A
+  storage fault the operator can fix: retried, never a failure. The kills go on, but spare one
+  of them (``witness``), so that a daemon rides the whole phase out without a restart. The
+  CI calls of one runner are held from just before the disk fills until just after, so the
+  hand-offs of the polls they answer meet the full disk on every daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -25,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tests.chaos.cluster import Node
 from tests.support import wait_until
@@ -37,6 +47,10 @@ class Window:
     start: float  # epoch s
     end: float = float("inf")
     detail: str = ""
+    #: The daemons it affects, where that is not all of them or one by its pid.
+    nodes: tuple[str, ...] = ()
+    #: The affected daemon no kill may hit during the window.
+    witness: str = ""
 
     def overlaps(self, start: float, end: float, slack: float = 0.0) -> bool:
         return start <= self.end + slack and end >= self.start - slack
@@ -47,8 +61,8 @@ class FaultLog:
     windows: list[Window] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def open(self, kind: str, detail: str = "") -> Window:
-        window = Window(kind, time.time(), detail=detail)
+    def open(self, kind: str, detail: str = "", **extra: Any) -> Window:
+        window = Window(kind, time.time(), detail=detail, **extra)
         with self._lock:
             self.windows.append(window)
         return window
@@ -144,6 +158,25 @@ class Schedule:
     outage_for_s: float = 10.0
     status_fault_at_s: float = 50.0
     status_fault_for_s: float = 6.0
+    clock_step_at_s: float = 5.0
+    clock_step_for_s: float = 40.0
+    clock_step_s: float = 2 * 3600.0
+    disk_full_at_s: float = 6.0
+    disk_full_for_s: float = 10.0
+    #: How many daemons' writes fail; 0: all of them (the database's disk is everyone's).
+    disk_full_nodes: int = 0
+    #: The held CI calls are held from this long before the disk fills to this long after.
+    hold_calls_s: float = 1.0
+
+    def phases_end_s(self) -> float:
+        """When the last phase (every fault but the kills) is over."""
+        return max(
+            self.pause_at_s + self.pause_for_s,
+            self.outage_at_s + self.outage_for_s,
+            self.status_fault_at_s + self.status_fault_for_s,
+            self.clock_step_at_s + self.clock_step_for_s,
+            self.disk_full_at_s + self.disk_full_for_s,
+        )
 
 
 class Injector:
@@ -158,8 +191,10 @@ class Injector:
         log: FaultLog,
         rng: random.Random,
         on_outage: Sequence[Callable[[str], None]] = (),
+        hold_calls_file: Path | None = None,
     ) -> None:
         self.nodes = nodes
+        self.hold_file = hold_calls_file
         self.outage = outage
         self.fault_file = status_fault_file
         self.schedule = schedule
@@ -170,6 +205,10 @@ class Injector:
         self._threads: list[threading.Thread] = []
         self.outage_hooks = on_outage
         self.errors: list[str] = []
+        #: Steps of a daemon's wall clock made (ahead and back count one each).
+        self.clock_steps = 0
+        #: Daemons the kills leave alone for now (a phase's witness).
+        self.spared: set[str] = set()
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -178,12 +217,19 @@ class Injector:
             ("pause", self._pause),
             ("outage", self._outage),
             ("status", self._status_fault),
+            ("clock", self._clock_step),
+            ("disk", self._disk_full),
         ):
             thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Let every phase play out (each ends by itself), then stop the kills."""
+        left_s = self.schedule.phases_end_s() - self._elapsed()
+        for thread in self._threads:
+            if thread.name != "kills":  # the kills go on until told
+                thread.join(timeout=max(0.0, left_s) + 60)
         self.stopping.set()
         for thread in self._threads:
             thread.join(timeout=180)
@@ -206,7 +252,11 @@ class Injector:
             if self._elapsed() >= self.schedule.duration_s:
                 return
             with self._lock:
-                candidates = [n for n in self.nodes if not n.paused and n.alive()]
+                candidates = [
+                    n
+                    for n in self.nodes
+                    if not n.paused and n.alive() and n.name not in self.spared
+                ]
                 if not candidates:
                     continue
                 node = self.rng.choice(candidates)
@@ -257,3 +307,75 @@ class Injector:
         finally:
             self.fault_file.unlink(missing_ok=True)
             window.end = time.time()
+
+    def _clock_step(self) -> None:
+        if not self._sleep_until(self.schedule.clock_step_at_s):
+            return
+        node = self.rng.choice(self.nodes)
+        step_s = self.schedule.clock_step_s
+        window = self.log.open("clock_step", f"{node.name} {step_s:+g}s")
+        _write_atomically(node.clock_step_file, str(step_s))
+        self.clock_steps += 1
+        try:
+            self._confirm_step(node, step_s)
+            self._sleep_until(self.schedule.clock_step_at_s + self.schedule.clock_step_for_s)
+        finally:
+            _write_atomically(node.clock_step_file, "0")  # and back, as NTP would correct it
+            self.clock_steps += 1
+            window.end = time.time()
+
+    def _confirm_step(self, node: Node, step_s: float) -> None:
+        """The step is in effect in the daemon: the time its /metrics says it last read the
+        database gauges (``time.time()`` in its process) is ahead by about the step. Without
+        this a phase whose shim did nothing would pass for a fault survived."""
+
+        def stepped() -> bool:
+            refreshed = node.metric("buildq_stats_refreshed_timestamp_seconds")
+            return refreshed is not None and refreshed > time.time() + step_s / 2
+
+        try:  # the gauges are read at start-up and every 10 s; a kill may come in between
+            wait_until(lambda: stepped() or self.stopping.is_set(), timeout=60, interval=0.5)
+        except AssertionError:
+            self.errors.append(f"the clock step of {node.name} never showed in its /metrics")
+
+    def _disk_full(self) -> None:
+        at_s, hold_s = self.schedule.disk_full_at_s, self.schedule.hold_calls_s
+        if not self._sleep_until(at_s - hold_s):
+            return
+        if self.hold_file is not None:
+            self.hold_file.touch()
+        try:
+            self._sleep_until(at_s)
+            self._fill_disks(release_at_s=at_s + hold_s)
+        finally:
+            if self.hold_file is not None:
+                self.hold_file.unlink(missing_ok=True)
+
+    def _fill_disks(self, release_at_s: float) -> None:
+        count = self.schedule.disk_full_nodes or len(self.nodes)
+        with self._lock:  # no kill in between: the witness is alive when the phase starts
+            up = [n for n in self.nodes if n.alive() and not n.paused]
+            nodes = self.rng.sample(up, min(count, len(up)))
+            witness = nodes[0].name
+            self.spared.add(witness)
+            names = tuple(sorted(n.name for n in nodes))
+            window = self.log.open("disk_full", witness=witness, nodes=names)
+            for node in nodes:
+                node.disk_full_file.touch()
+        try:
+            self._sleep_until(release_at_s)
+            if self.hold_file is not None:  # the held calls answer now, into a full disk
+                self.hold_file.unlink(missing_ok=True)
+            self._sleep_until(self.schedule.disk_full_at_s + self.schedule.disk_full_for_s)
+        finally:
+            for node in nodes:
+                node.disk_full_file.unlink(missing_ok=True)
+            window.end = time.time()
+            self.spared.discard(witness)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """The shim reads the file on every clock reading: it must never see it half-written."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text)
+    os.replace(staging, path)

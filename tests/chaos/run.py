@@ -12,7 +12,6 @@ work directory, for a post-mortem). The last line printed is the summary:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import secrets
@@ -36,131 +35,25 @@ from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
-from tests.chaos import audit
+from tests.chaos import audit, causes
 from tests.chaos.cluster import Node
-from tests.chaos.faults import FaultLog, Injector, ProxyOutage, Schedule, ServerRestart
+from tests.chaos.faults import FaultLog, Injector, ProxyOutage, ServerRestart
+from tests.chaos.profiles import (
+    BOUNDED,
+    CONFIG,
+    FAULTED_QUEUE,
+    FINISH_BY_S,
+    FULL,
+    QUEUES,
+    START_BY_S,
+    Profile,
+)
+from tests.chaos.readiness import Readiness
+from tests.chaos.sampler import Sampler
 from tests.e2e.harness import BUILDQ
 from tests.support import wait_until
 
 DEFAULT_SERVER = "mysql+pymysql://root@127.0.0.1:3306/test"
-FAULTED_QUEUE = "b"
-QUEUES = ("a", FAULTED_QUEUE)
-
-
-@dataclass(frozen=True)
-class Profile:
-    builds: int
-    submit_over_s: float
-    schedule: Schedule
-    drain_timeout_s: float
-    real_restart: bool
-    cancels: int
-    daemons: int = 3
-
-
-BOUNDED = Profile(
-    builds=150,
-    submit_over_s=55.0,
-    schedule=Schedule(
-        duration_s=65.0,
-        pause_at_s=10.0,
-        pause_for_s=13.0,
-        outage_at_s=25.0,
-        outage_for_s=8.0,
-        status_fault_at_s=42.0,
-        status_fault_for_s=6.0,
-    ),
-    drain_timeout_s=120.0,
-    real_restart=False,
-    cancels=6,
-)
-
-FULL = Profile(
-    builds=1000,
-    submit_over_s=240.0,
-    schedule=Schedule(
-        duration_s=250.0,
-        pause_at_s=40.0,
-        pause_for_s=13.0,
-        outage_at_s=100.0,
-        outage_for_s=10.0,
-        status_fault_at_s=170.0,
-        status_fault_for_s=8.0,
-    ),
-    drain_timeout_s=300.0,
-    real_restart=True,
-    cancels=30,
-)
-
-#: Fast leases so a kill is taken over within seconds. The visibility timeout (10 s) stays
-#: well above how long a claim may wait in a busy daemon's memory on a small CI machine: with
-#: 4 s, claims of a CPU-starved (not faulted) daemon timed out there and were delivered twice
-#: (reported: the framework does not renew a claim that waited before processing it). The
-#: buildsignal retry budget (5 attempts: 0.3 + 0.6 + 1.2 + 2.4 s of backoff) outlasts a short
-#: status fault for polls that meet its end and not for those that meet its start: both paths
-#: are taken.
-CONFIG = """\
-[database]
-url = "{url}"
-pool_size = 6
-
-[daemon]
-shutdown_grace_s = 20
-log_format = "json"
-log_level = "debug"
-
-[http]
-port = 0
-
-[consumer]
-workers = 8
-
-[consumer.defaults]
-slots = 16
-lease_duration_ms = 2000
-renew_interval_ms = 300
-heartbeat_stale_ms = 2000
-visibility_timeout_ms = 10000
-max_attempts = 5
-backoff_initial_ms = 300
-backoff_multiplier = 2.0
-backoff_cap_ms = 3000
-backoff_jitter = 0.0
-poll_interval_ms = 50
-batch_size = 16
-
-[runners.sim_a]
-type = "sim"
-accepted_s = 0.5
-accepted_max_s = 1.5
-running_s = 1.5
-running_max_s = 4.0
-failure_probability = 0.3
-state_dir = "{state}"
-
-[runners.sim_b]
-type = "sim"
-accepted_s = 0.5
-accepted_max_s = 1.5
-running_s = 1.5
-running_max_s = 4.0
-failure_probability = 0.3
-state_dir = "{state}"
-status_fault_file = "{fault}"
-
-[poll]
-accepted_interval_s = 0.3
-running_interval_s = 0.5
-growth = 1.1
-max_interval_s = 1.0
-jitter = 0.2
-
-[queues.a]
-runner = "sim_a"
-
-[queues.b]
-runner = "sim_b"
-"""
 
 
 @dataclass
@@ -174,7 +67,7 @@ class Run:
     nodes: list[Node] = field(default_factory=list)
     submitted: list[str] = field(default_factory=list)
     cancels_sent: int = 0
-    readyz: list[tuple[float, str, int | None]] = field(default_factory=list)
+    readiness: Readiness = field(default_factory=Readiness)
 
 
 @contextmanager
@@ -189,7 +82,7 @@ def chaos_database(server_url: str, keep: bool = False) -> Iterator[str]:
     try:
         upgrade(url)
         engine = sa.create_engine(url)
-        audit.install(engine)
+        causes.install(engine)
         engine.dispose()
         yield url
     finally:
@@ -256,35 +149,6 @@ def cancel_some(run: Run, config: Path, world: Database, stop: threading.Event) 
             run.cancels_sent += 1
 
 
-def watch_readiness(run: Run, stop: threading.Event) -> None:
-    while not stop.wait(0.5):
-        for node in run.nodes:
-            run.readyz.append((time.time(), node.name, node.readyz()))
-
-
-def check_readiness(run: Run, faults: FaultLog, verdict: audit.Verdict) -> int:
-    """/readyz went red during the outage (once the probe noticed) and green after it.
-
-    Returns how many red answers were seen during outages.
-    """
-    red = 0
-    for window in faults.of("db_outage"):
-        during = [c for t, _, c in run.readyz if window.start + 3 <= t <= window.end]
-        red += during.count(503)
-        if 503 not in during:
-            verdict.readiness.append(f"/readyz never red during the outage ({set(during)})")
-        if 200 in during:
-            verdict.readiness.append("/readyz green while the database was unreachable")
-    with contextlib.suppress(AssertionError):  # one restarted by the last kill may be starting
-        wait_until(lambda: all(n.ready() for n in run.nodes), timeout=60, interval=0.2)
-    for node in run.nodes:
-        if not node.ready():
-            verdict.readiness.append(f"{node.name} not ready at the end")
-        elif node.readyz() != 200:
-            verdict.readiness.append(f"{node.name} /readyz is {node.readyz()} at the end")
-    return red
-
-
 def wait_for_drain(run: Run, world: Database, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     terminal = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
@@ -315,7 +179,6 @@ def execute(profile: Profile, server_url: str, workdir: Path, seed: int, keep: b
 
 def _execute(run: Run) -> tuple[audit.Verdict, str]:
     profile, workdir = run.profile, run.workdir
-    rng = random.Random(run.seed)
     server = sa.make_url(run.db_url)
     host, port = server.host or "127.0.0.1", server.port or 3306
     proxy = None if profile.real_restart else ProxyOutage(f"{host}:{port}", workdir)
@@ -323,12 +186,16 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
     assert outage is not None
     daemon_url = server.set(host="127.0.0.1", port=proxy.port) if proxy else server
     fault_file = workdir / "status-fault-b"
+    hold_file = workdir / "hold-calls-a"
     config = workdir / "buildq.toml"
     config.write_text(
         CONFIG.format(
             url=daemon_url.render_as_string(hide_password=False),
             state=workdir / "sim",
             fault=fault_file,
+            hang=hold_file,
+            start_by_s=START_BY_S,
+            finish_by_s=FINISH_BY_S,
         )
     )
     config.chmod(0o600)
@@ -336,24 +203,33 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
     world = Database(create_engine(run.db_url, pool_size=4))
     faults = FaultLog()
     stop = threading.Event()
-    sampler = audit.Sampler(run.db_url)
-    threads: list[threading.Thread] = []
+    sampler = Sampler(run.db_url)
     started = time.monotonic()
     try:
         for node in run.nodes:
             node.spawn()
         _wait(lambda: all(n.ready() for n in run.nodes), 60, "daemons ready")
         sampler.start()
-        injector = Injector(run.nodes, outage, fault_file, profile.schedule, faults, rng)
-        queue = SqlQueue(world)
-        for target, args in (
-            (submit_all, (run, queue, stop)),
-            (cancel_some, (run, config, world, stop)),
-            (watch_readiness, (run, stop)),
-        ):
-            thread = threading.Thread(target=target, args=args, daemon=True)
+        rng = random.Random(run.seed)
+        injector = Injector(
+            run.nodes,
+            outage,
+            fault_file,
+            profile.schedule,
+            faults,
+            rng,
+            hold_calls_file=hold_file,
+        )
+        threads = [
+            threading.Thread(target=target, args=args, daemon=True)
+            for target, args in (
+                (submit_all, (run, SqlQueue(world), stop)),
+                (cancel_some, (run, config, world, stop)),
+                (run.readiness.watch, (run.nodes, stop)),
+            )
+        ]
+        for thread in threads:
             thread.start()
-            threads.append(thread)
         injector.start()
         threads[0].join(timeout=profile.submit_over_s + 600)
         injector.stop()
@@ -363,51 +239,22 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
-        samples = sampler.stop()
         lifetimes = [life for node in run.nodes for life in node.lifetimes]
-        verdict = audit.judge(run.db_url, run.submitted, FAULTED_QUEUE, faults, lifetimes, samples)
+        verdict = audit.judge(
+            run.db_url,
+            run.submitted,
+            FAULTED_QUEUE,
+            faults,
+            lifetimes,
+            sampler.stop(),
+            sim_state=workdir / "sim",
+        )
         verdict.harness_errors += injector.errors
         if not drained:
             verdict.harness_errors.append(f"not every build finished in {profile.drain_timeout_s}s")
-        red = check_readiness(run, faults, verdict)
-        outages = faults.of("db_outage")
-        restarted_in_outage = sum(
-            1
-            for n in run.nodes
-            for life in n.lifetimes
-            for w in outages
-            if w.start <= life.started <= w.end
-        )
-        for node in run.nodes:
-            node.reap()
-            code = node.stop() if node.alive() else None
-            if code not in (0, None):
-                verdict.crashes.append(f"{node.name} exited {code} on SIGTERM")
-        # Lifetimes again: the graceful stops' logs are complete now.
-        verdict.crashes += [
-            f"{n.name} pid {life.pid} exited by itself ({life.exit_code})"
-            for n in run.nodes
-            for life in n.lifetimes
-            if life.end == "exited"
-        ]
-        summary = verdict.summary(
-            kills=faults.count("kill"),
-            pauses=faults.count("pause"),
-            db_outages=faults.count("db_outage"),
-            db_fault="restart" if profile.real_restart else "proxy",
-            status_fault_s=profile.schedule.status_fault_for_s,
-            readyz_red=red,
-            restarts_in_outage=restarted_in_outage,
-            cancels=run.cancels_sent,
-            retriggers_same_build=verdict.retriggered_same_build,
-            retry_causes=",".join(f"{k}:{v}" for k, v in sorted(verdict.retries.items())) or "-",
-            dlq_causes=",".join(f"{k}:{v}" for k, v in sorted(verdict.dead_letters.items())) or "-",
-            delivery_lost=verdict.log_findings["delivery_lost"],
-            known_findings=verdict.log_findings["known"],
-            elapsed_s=round(time.monotonic() - started),
-            seed=run.seed,
-        )
-        return verdict, summary
+        run.readiness.check(run.nodes, faults, verdict)
+        _stop_daemons(run, verdict)
+        return verdict, _summary(run, verdict, faults, injector, time.monotonic() - started)
     finally:
         stop.set()
         for node in run.nodes:
@@ -417,6 +264,59 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
         if proxy is not None:
             proxy.close()
         world.dispose()
+
+
+def _stop_daemons(run: Run, verdict: audit.Verdict) -> None:
+    """SIGTERM every daemon: each must exit 0; none may have exited by itself meanwhile."""
+    for node in run.nodes:
+        node.reap()
+        code = node.stop() if node.alive() else None
+        if code not in (0, None):
+            verdict.crashes.append(f"{node.name} exited {code} on SIGTERM")
+    # Lifetimes again: the graceful stops' logs are complete now.
+    verdict.crashes += [
+        f"{n.name} pid {life.pid} exited by itself ({life.exit_code})"
+        for n in run.nodes
+        for life in n.lifetimes
+        if life.end == "exited"
+    ]
+
+
+def _summary(
+    run: Run, verdict: audit.Verdict, faults: FaultLog, injector: Injector, elapsed_s: float
+) -> str:
+    schedule = run.profile.schedule
+    outages = faults.of("db_outage")
+    restarted_in_outage = sum(
+        1
+        for n in run.nodes
+        for life in n.lifetimes
+        for w in outages
+        if w.start <= life.started <= w.end
+    )
+    return verdict.summary(
+        kills=faults.count("kill"),
+        pauses=faults.count("pause"),
+        db_outages=faults.count("db_outage"),
+        db_fault="restart" if run.profile.real_restart else "proxy",
+        status_fault_s=schedule.status_fault_for_s,
+        clock_steps=injector.clock_steps,
+        disk_full_s=round(sum(w.end - w.start for w in faults.of("disk_full")), 1),
+        disk_full_daemons=sum(len(w.nodes) for w in faults.of("disk_full")),
+        readyz_red=run.readiness.red_in_outage,
+        readyz_red_disk_full=run.readiness.red_disk_full,
+        readyz_green_starting=run.readiness.green_starting,
+        commit_failed_disk_full=verdict.log_findings["commit_failed_disk_full"],
+        restarts_in_outage=restarted_in_outage,
+        cancels=run.cancels_sent,
+        retriggers_same_build=verdict.retriggered_same_build,
+        retry_causes=",".join(f"{k}:{v}" for k, v in sorted(verdict.retries.items())) or "-",
+        dlq_causes=",".join(f"{k}:{v}" for k, v in sorted(verdict.dead_letters.items())) or "-",
+        delivery_lost=verdict.log_findings["delivery_lost"],
+        known_findings=verdict.log_findings["known"],
+        elapsed_s=round(elapsed_s),
+        seed=run.seed,
+    )
 
 
 def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:

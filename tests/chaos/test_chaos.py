@@ -2,8 +2,10 @@
 
 Three ``buildq run`` processes share one database through a TCP proxy; while builds flow,
 daemons are SIGKILLed and restarted, one is SIGSTOPped past its lease, the proxy cuts the
-database away for a while, and one queue's runner fails every status call for a while.
-See tests/chaos/audit.py for the invariants and docs/reliability.md for the guarantees.
+database away for a while, one queue's runner fails every status call for a while, the
+database refuses every daemon's writes for a while (a full disk), and one daemon's wall clock
+jumps two hours ahead. See tests/chaos/audit.py for the invariants and docs/reliability.md
+for the guarantees.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.run import BOUNDED, execute
+from tests.chaos.profiles import BOUNDED
+from tests.chaos.run import execute
 
 pytestmark = [pytest.mark.mysql, pytest.mark.slow, pytest.mark.timeout(600)]
 

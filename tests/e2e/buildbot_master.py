@@ -190,10 +190,11 @@ class BuildbotMaster:
         return path.read_text(errors="replace")[-3000:] if path.exists() else "(no log)"
 
     def _spawn(self, command: str, directory: Path, what: str) -> subprocess.Popen[bytes]:
-        log = open(self.base / f"{what}.out", "ab")  # noqa: SIM115 (lives with the process)
-        return subprocess.Popen(
-            [self.venv / "bin" / command, "start", "--nodaemon", directory],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() takes the builds too
-        )
+        # The child keeps its own copy of the descriptor; ours is closed once it has started.
+        with open(self.base / f"{what}.out", "ab") as log:
+            return subprocess.Popen(
+                [self.venv / "bin" / command, "start", "--nodaemon", directory],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() takes the builds too
+            )

@@ -70,6 +70,7 @@ BOUNDED_LABELS = {
         "nack",
         "reject",
         "lost",
+        "defer",
         "handed_back",
         "ok",
         "not_found",

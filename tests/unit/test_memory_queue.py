@@ -10,6 +10,7 @@ import pytest
 from buildq.queue.contract import (
     Ack,
     AlreadyAcknowledged,
+    BufferedOutbox,
     DeadLetter,
     DeliveryLost,
     HandBack,
@@ -20,7 +21,7 @@ from buildq.queue.contract import (
     Step,
     dlq_topic,
 )
-from buildq.queue.memory import MemoryDelivery, MemoryOutbox, MemoryQueue
+from buildq.queue.memory import MemoryDelivery, MemoryQueue
 from tests.unit.doubles import FAST, ManualClock, published
 
 TOPIC = "t"
@@ -272,8 +273,8 @@ def test_acting_twice_in_one_transaction_raises_already_acknowledged(queue: Memo
     delivery.ack()  # the transaction wrote nothing
 
 
-def _publishes(topic: str, message_id: str) -> Callable[[MemoryOutbox], None]:
-    def effect(outbox: MemoryOutbox) -> None:
+def _publishes(topic: str, message_id: str) -> Callable[[BufferedOutbox], None]:
+    def effect(outbox: BufferedOutbox) -> None:
         outbox.publish(topic, Message(message_id, b"", message_id))
 
     return effect
@@ -314,7 +315,7 @@ def test_the_committer_writes_nothing_when_an_effect_raises(queue: MemoryQueue) 
     queue.publish(TOPIC, Message("bad", b"", "k2"))
     good, bad = subscription.fetch(2)
 
-    def explode(outbox: MemoryOutbox) -> None:
+    def explode(outbox: BufferedOutbox) -> None:
         outbox.publish("out", Message("half-done", b"", "k"))
         raise RuntimeError("the effect failed")
 

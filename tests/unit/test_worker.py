@@ -540,7 +540,7 @@ def test_stop_hands_back_jobs_not_started_and_gives_running_ones_the_grace(
     stopper.start()
     try:
         for i in (1, 2, 3):
-            assert events.wait_outcomes(f"m{i}") == ["handback"]
+            assert events.wait_outcomes(f"m{i}") == ["handed_back"]
     finally:
         gate.set()
     stopper.join(BLOCK_S + 10)
@@ -575,8 +575,8 @@ def test_stop_hands_back_a_job_still_running_after_the_grace(queue: MemoryQueue)
         gate.set()
 
     assert elapsed < grace_s + STOP_BOUND_S
-    assert events.outcomes("m0") == ["handback"]
-    assert events.outcomes("m1") == ["handback"]
+    assert events.outcomes("m0") == ["handed_back"]
+    assert events.outcomes("m1") == ["handed_back"]
     again = subscription.fetch(10)
     assert sorted((d.message.id, d.retry_count) for d in again) == [("m0", 0), ("m1", 0)]
 
@@ -767,7 +767,7 @@ def test_processed_reports_each_outcome_once(
 
     assert Counter(events.processed()) == {
         ("mblocker", "ack"): 1,
-        ("mhandback", "handback"): 1,
+        ("mhandback", "handed_back"): 1,
         ("mack", "ack"): 1,
         ("mnack", "nack"): 1,
         ("mreject", "reject"): 1,

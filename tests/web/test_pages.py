@@ -62,10 +62,9 @@ def test_page_actions_need_a_session_and_its_csrf_token(sqlite_db, tmp_path):
         assert http.post("/cancel", data={"id": "r-live"}).status_code == 403
         assert http.post("/cancel", data={"id": "r-live", "csrf": "0" * 64}).status_code == 403
         forged = http.cookies.get(COOKIE, "").rsplit(".", 1)[0] + ".0"
-        stranger = httpx.Client(base_url=http.base_url, cookies={COOKIE: forged})
-        assert (
-            stranger.post("/cancel", data={"id": "r-live", "csrf": _csrf(page)}).status_code == 403
-        )
+        with httpx.Client(base_url=http.base_url, cookies={COOKIE: forged}) as stranger:
+            refused = stranger.post("/cancel", data={"id": "r-live", "csrf": _csrf(page)})
+        assert refused.status_code == 403
         assert _cancel_requested(db) is None
 
         done = http.post("/cancel", data={"id": "r-live", "csrf": _csrf(page)})
@@ -161,6 +160,7 @@ def test_links_are_relative_so_a_proxy_may_serve_it_under_a_path(sqlite_db, tmp_
 
 
 def test_a_database_without_the_schema_is_an_error_page_not_a_traceback(tmp_path):
+    (tmp_path / "empty.db").touch()  # a file, but no schema in it
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     db = Database(create_engine(url), retry_for_s=1)
     with serving(url, tmp_path, db) as http:

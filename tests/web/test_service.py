@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from buildq.migrations import upgrade
 from tests.support import run_cli
 from tests.system.test_systemd import BUILDQ, SHIPPED_BUILDQ, _receive, _settings, _systemd_analyze
 
@@ -57,6 +58,7 @@ def test_web_unit_is_hardened(local_unit: Path) -> None:
 def test_web_notifies_ready_and_stopping(tmp_path: Path) -> None:
     config = tmp_path / "config" / "buildq.toml"
     config.parent.mkdir()
+    upgrade(f"sqlite:///{tmp_path / 'buildq.db'}")  # reads never create the database
     config.write_text(
         f'[database]\nurl = "sqlite:///{tmp_path / "buildq.db"}"\n\n[web]\nport = 0\n'
         '\n[daemon]\nlog_format = "json"\n'

@@ -28,10 +28,10 @@ from sqlalchemy.engine import Connection
 from buildq.queue.contract import (
     Ack,
     Action,
+    BufferedOutbox,
     Defer,
     Effect,
     HandBack,
-    Message,
     Nack,
     PublishResult,
     QueueError,
@@ -47,21 +47,6 @@ from buildq.queue.sql.subscription import SqlDelivery, inflight_attempts, sql_de
 
 if TYPE_CHECKING:
     from buildq.queue.sql.queue import SqlQueue
-
-
-class BufferedOutbox:
-    """An ``Outbox`` whose messages are written when the batch commits."""
-
-    __slots__ = ("messages",)
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[str, Message, int]] = []
-
-    def publish(self, topic: str, message: Message) -> None:
-        self.messages.append((topic, message, 0))
-
-    def publish_after(self, topic: str, message: Message, delay_ms: int) -> None:
-        self.messages.append((topic, message, delay_ms))
 
 
 @dataclass(slots=True)
@@ -189,10 +174,14 @@ def _delete_acked(conn: Connection, acked: list[SqlDelivery]) -> None:
         by_group[delivery.group].append(delivery)
     sql = bq.BatchSql.of(conn.dialect)
     for group, claims in by_group.items():
-        params: list[Any] = [group, *(d.offset for d in claims)]
-        for delivery in claims:
-            params += (delivery.offset, delivery.attempt)
-        deleted = conn.exec_driver_sql(sql.delete_acked(len(claims)), tuple(params)).rowcount
+        if sql.row_by_row:
+            rows = [(d.offset, group, d.attempt) for d in claims]
+            deleted = conn.exec_driver_sql(sql.delete_acked_row, rows).rowcount
+        else:
+            params: list[Any] = [group, *(d.offset for d in claims)]
+            for delivery in claims:
+                params += (delivery.offset, delivery.attempt)
+            deleted = conn.exec_driver_sql(sql.delete_acked(len(claims)), tuple(params)).rowcount
         if deleted != len(claims):
             raise _Fenced
 

@@ -27,6 +27,7 @@ from buildq.queue.sql.dialect import (
     insert_ignore_sql,
     now_ms_sql,
     placeholder,
+    updates_row_by_row,
 )
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
@@ -150,6 +151,17 @@ class BatchSql:
         self.p = placeholder(dialect)
         self.now = now_ms_sql(dialect)
         self.insert_ignore = insert_ignore_sql(dialect)
+        self.row_by_row = updates_row_by_row(dialect)
+        #: The row-by-row forms (executemany; see ``updates_row_by_row``).
+        p = self.p
+        self.delete_acked_row = (
+            f"DELETE FROM queue_deliveries WHERE seq = {p} AND grp = {p} "  # noqa: S608
+            f"AND attempt = {p} AND inflight = 1"
+        )
+        self.extend_claim_row = (
+            f"UPDATE queue_deliveries SET visible_at = {self.now} + {p} "  # noqa: S608
+            f"WHERE seq = {p} AND grp = {p} AND attempt = {p} AND inflight = 1"
+        )
 
     @classmethod
     def of(cls, dialect: Dialect) -> BatchSql:

@@ -76,3 +76,12 @@ def first_inserted_seq(dialect: Dialect, lastrowid: int, inserted: int) -> int:
     first AUTO_INCREMENT value of the statement; SQLite's is the last rowid, and a single
     writer's new rowids are consecutive."""
     return lastrowid - inserted + 1 if dialect.name == "sqlite" else lastrowid
+
+
+def updates_row_by_row(dialect: Dialect) -> bool:
+    """Whether a batch's per-row UPDATEs and DELETEs are best sent as one prepared statement
+    run once per row (``executemany``) rather than one statement with a ``CASE`` arm per row.
+    SQLite runs in this process, so a row costs a B-tree lookup and no round trip, while a
+    CASE is evaluated arm by arm for every row (quadratic in the batch); over a network one
+    statement is one round trip, and MySQL's executemany is one statement per row."""
+    return dialect.name == "sqlite"

@@ -145,8 +145,11 @@ class Membership:
         before = self.owned()
         with self._lock:
             was_draining = set(self._draining)
+        # Retried within one renewal interval only: the next tick tries again, and the claim
+        # keeping that shares this thread must not wait half a minute behind a failing tick.
         owned, draining, share = self.db.write(
-            lambda conn: self._tick_in(conn, busy_slots, was_draining)
+            lambda conn: self._tick_in(conn, busy_slots, was_draining),
+            retry_for_s=self.settings.renew_interval_ms / 1000,
         )
         with self._lock:
             self._owned = owned

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from sqlalchemy.engine import Connection
 
 from buildq.db import Database
@@ -45,6 +46,8 @@ from buildq.queue.sql.store import (
     dead_letter_of,
     decode_metadata,
 )
+
+log = structlog.get_logger("buildq.queue")
 
 
 class _State(enum.Enum):
@@ -122,6 +125,8 @@ class SqlSubscription:
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
         self._on_event = on_event
+        #: Since when (monotonic) and why lease renewal fails; None while it succeeds.
+        self._renewal_failing: tuple[float, str] | None = None
 
     @property
     def topic(self) -> str:
@@ -167,14 +172,40 @@ class SqlSubscription:
         while not self._stop.wait(tick_s):
             if time.monotonic() >= next_renewal:
                 next_renewal = time.monotonic() + renew_s
-                try:
-                    self.membership.tick(busy_slots=self._busy_slots())
-                except Exception as err:  # the next tick tries again; leases expire meanwhile
-                    self._emit("lease_renewal_failed", error=str(err))
+                self._renew()
             try:
                 self.keep_claims_alive()
             except Exception as err:  # the next tick tries again
                 self._emit("claim_keeping_failed", error=str(err))
+
+    def _renew(self) -> None:
+        try:
+            self.membership.tick(busy_slots=self._busy_slots())
+        except Exception as err:  # the next tick tries again; leases expire meanwhile
+            error = str(err).splitlines()[0][:300]
+            if self._renewal_failing is None:  # said once when it starts, once when it ends
+                log.warning("lease_renewal_failed", topic=self.topic, error=error)
+                self._renewal_failing = (time.monotonic(), error)
+            self._emit("lease_renewal_failed", error=error)
+            return
+        if self._renewal_failing is not None:
+            failed_s = round(time.monotonic() - self._renewal_failing[0], 1)
+            log.info("lease_renewal_recovered", topic=self.topic, failed_s=failed_s)
+            self._renewal_failing = None
+
+    def problem(self) -> str | None:
+        """Why this member cannot work now: its leases have not been renewed for over a
+        renewal interval (the database refuses writes: down, or a full disk)."""
+        failing = self._renewal_failing
+        if (
+            failing is None
+            or time.monotonic() - failing[0] < self.settings.renew_interval_ms / 1000
+        ):
+            return None
+        return (
+            f"leases of {self.topic!r} not renewed for {time.monotonic() - failing[0]:.0f}s: "
+            f"{failing[1]}"
+        )
 
     def keep_claims_alive(self) -> int:
         """Extend every claim with less than half its visibility timeout left; returns how
@@ -205,10 +236,14 @@ class SqlSubscription:
     def _extend_in(self, conn: Connection, claims: list[SqlDelivery], ms: int) -> set[int]:
         """Extend ``claims`` by ``ms``; the offsets of those no longer ours."""
         sql = bq.BatchSql.of(conn.dialect)
-        params: list[Any] = [ms, self.group, *(d.offset for d in claims)]
-        for delivery in claims:
-            params += (delivery.offset, delivery.attempt)
-        extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
+        if sql.row_by_row:
+            rows = [(ms, d.offset, self.group, d.attempt) for d in claims]
+            extended = conn.exec_driver_sql(sql.extend_claim_row, rows).rowcount
+        else:
+            params: list[Any] = [ms, self.group, *(d.offset for d in claims)]
+            for delivery in claims:
+                params += (delivery.offset, delivery.attempt)
+            extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
         if extended == len(claims):
             return set()
         held = inflight_attempts(conn, self.group, [d.offset for d in claims])
