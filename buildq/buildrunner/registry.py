@@ -174,8 +174,9 @@ def get(name: str, key: str = "type") -> RunnerKind:
         raise ConfigError(
             key,
             name,
-            f"one of {', '.join(kind_names())} (no installed package provides runner type "
-            f"{name!r} in the entry-point group {ENTRY_POINT_GROUP})",
+            # The name is the error's value (shown cut short): not repeated here in full.
+            f"one of {', '.join(kind_names())} (no installed package provides that runner "
+            f"type in the entry-point group {ENTRY_POINT_GROUP})",
         )
     try:
         return _load_plugin(name, entry)
