@@ -71,7 +71,7 @@ def create_engine(url: str, *, pool_size: int = 10, create: bool = False) -> Eng
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         return _mysql_engine(parsed, pool_size)
     raise ValueError(
-        f"unsupported database {parsed.get_backend_name()!r}: use mysql+pymysql or sqlite"
+        f"unsupported database {parsed.get_backend_name()!r}: use mysql+pymysql, mysql+mysqldb or sqlite"
     )
 
 
