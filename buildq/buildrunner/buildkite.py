@@ -13,6 +13,8 @@ See docs/ci-runners.md for the pipeline side.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor
+from buildq.buildrunner import _http, _ratelimit, _vendor, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -121,6 +123,37 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     found = build_id(match[1], match[2], int(match[3]))
     # Only an id buildq could have issued (a build it did not trigger is ignored anyway).
     return found if _ID.match(found.id) else None
+
+
+def verify_signature(
+    headers: Mapping[str, str], body: bytes, secret: str, *, now: float, tolerance_s: float
+) -> str | None:
+    """None if ``X-Buildkite-Signature: timestamp=T,signature=S`` is HMAC-SHA256 over
+    ``T.body`` and T is within ``tolerance_s`` of now, else why not (never echoing values)."""
+    header = headers.get("x-buildkite-signature")
+    if not header:
+        return "unsigned"
+    parts = dict(p.strip().partition("=")[::2] for p in header.split(","))
+    timestamp, signature = parts.get("timestamp", ""), parts.get("signature", "")
+    if not timestamp.isdigit() or not signature:
+        return "malformed_signature"
+    expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    if not hmac.compare_digest(expected.hexdigest().encode(), signature.encode(errors="replace")):
+        return "bad_signature"
+    # Checked after the signature, which covers the timestamp: a replay cannot move it.
+    if abs(now - int(timestamp)) > tolerance_s:
+        return "stale_timestamp"
+    return None
+
+
+def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> BuildID | None:
+    """The build a ``build.*`` delivery is about; None for other events (ping, jobs)."""
+    if not headers.get("x-buildkite-event", "").startswith("build."):
+        return None
+    found = build_id_from_event(payload)
+    if found is None:
+        raise registry.MalformedEvent("no build in a build event")
+    return found
 
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
@@ -315,3 +348,15 @@ class BuildkiteRunner(_vendor.HttpRunner):
             return None
         # Should a duplicate ever exist, every lookup settles on the same (first) build.
         return build_id(self.config.organization, self.config.pipeline, min(numbers))
+
+
+def _runner(name: str, config: BuildkiteConfig) -> BuildkiteRunner:
+    return BuildkiteRunner(config, make_client(config), name=name)
+
+
+RUNNER_KIND = registry.RunnerKind(
+    KIND,
+    BuildkiteConfig.from_table,
+    _runner,
+    registry.WebhookSpec(verify_signature, decode_event),
+)

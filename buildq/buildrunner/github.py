@@ -14,6 +14,8 @@ find the run again. See docs/ci-runners.md for the workflow side.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -24,7 +26,8 @@ from typing import Any, TypeGuard
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor
+from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner._github_status import map_status
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -50,17 +53,6 @@ _RUNS_PER_PAGE = 100
 _MAX_LOOKUP_PAGES = 3
 #: Runs are listed by creation time on GitHub's clock; allow for ours being ahead.
 _CLOCK_SLACK_S = 300.0
-
-_ACCEPTED = frozenset({"requested", "queued", "pending", "waiting"})
-_FAILED_REASON: Mapping[str, str] = {
-    "failure": "verdict",
-    "neutral": "verdict",
-    "skipped": "verdict",
-    "stale": "verdict",
-    "action_required": "verdict",
-    "timed_out": "timeout",
-    "startup_failure": "infra",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +121,30 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     return found if _ID.match(found.id) else None
 
 
+def verify_signature(
+    headers: Mapping[str, str], body: bytes, secret: str, *, now: float, tolerance_s: float
+) -> str | None:
+    """None if ``X-Hub-Signature-256: sha256=S`` is HMAC-SHA256 over the body, else why not.
+    GitHub signs no timestamp: a replay only causes an extra poll."""
+    header = headers.get("x-hub-signature-256")
+    if not header:
+        return "unsigned"
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), header.strip().encode(errors="replace")):
+        return "bad_signature"
+    return None
+
+
+def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> BuildID | None:
+    """The run attempt a ``workflow_run`` delivery is about; None for other events."""
+    if headers.get("x-github-event", "") != "workflow_run":
+        return None
+    found = build_id_from_event(payload)
+    if found is None:
+        raise registry.MalformedEvent("no run in a workflow_run event")
+    return found
+
+
 def _count(value: object) -> TypeGuard[int]:
     """A positive JSON integer (``true`` is an int to Python, not to GitHub)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
@@ -157,49 +173,6 @@ def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
         reset_in_s=reset_in,
         limited_for_s=limited,
     )
-
-
-def map_status(run: Mapping[str, Any]) -> tuple[BuildStatus, BuildMetadata]:
-    """A run attempt's ``status``/``conclusion`` in buildq's terms (raw values kept)."""
-    state, conclusion = str(run.get("status", "")), run.get("conclusion")
-    meta = _metadata(run)
-    meta["native_state"] = state
-    if isinstance(conclusion, str):
-        meta["native_conclusion"] = conclusion
-    if state in _ACCEPTED:
-        return BuildStatus.ACCEPTED, meta
-    if state == "in_progress":
-        return BuildStatus.RUNNING, meta
-    if state != "completed":
-        return BuildStatus.UNKNOWN, meta
-    if conclusion == "success":
-        return BuildStatus.SUCCEEDED, meta
-    if conclusion == "cancelled":
-        return BuildStatus.CANCELLED, meta
-    if isinstance(conclusion, str) and conclusion in _FAILED_REASON:
-        meta["failure_reason"] = _FAILED_REASON[conclusion]
-        return BuildStatus.FAILED, meta
-    return BuildStatus.UNKNOWN, meta
-
-
-def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
-    meta: BuildMetadata = {}
-    for key, source in (
-        ("url", "html_url"),
-        ("sha", "head_sha"),
-        ("branch", "head_branch"),
-        ("title", "display_title"),
-    ):
-        value = run.get(source)
-        if isinstance(value, str) and value:
-            meta[key] = value
-    for key in ("id", "run_attempt"):
-        if isinstance(run.get(key), int):
-            meta["run_id" if key == "id" else key] = str(run[key])
-    # A completed run is not touched again, so its last update is when it finished.
-    finished = run.get("updated_at") if run.get("status") == "completed" else None
-    meta.update(_vendor.time_metadata(run.get("run_started_at"), finished))
-    return meta
 
 
 def mentions_token(title: object, token: str) -> bool:
@@ -391,3 +364,15 @@ def _inputs(
             f"{len(base)} base and {len(head)} head changes are too many for one dispatch"
         )
     return inputs
+
+
+def _runner(name: str, config: GitHubConfig) -> GitHubRunner:
+    return GitHubRunner(config, make_client(config), name=name)
+
+
+RUNNER_KIND = registry.RunnerKind(
+    KIND,
+    GitHubConfig.from_table,
+    _runner,
+    registry.WebhookSpec(verify_signature, decode_event),
+)
