@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from buildq.buildrunner import _vendor
+from buildq.buildrunner import _http_runner
 from buildq.buildrunner.contract import BuildMetadata, BuildStatus
 
 _ACCEPTED = frozenset({"requested", "queued", "pending", "waiting"})
@@ -63,5 +63,5 @@ def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
             meta["run_id" if key == "id" else key] = str(run[key])
     # A completed run is not touched again, so its last update is when it finished.
     finished = run.get("updated_at") if run.get("status") == "completed" else None
-    meta.update(_vendor.time_metadata(run.get("run_started_at"), finished))
+    meta.update(_http_runner.time_metadata(run.get("run_started_at"), finished))
     return meta

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -67,7 +67,7 @@ class BuildkiteConfig:
 
     organization: str
     pipeline: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     branch: str = "main"
     commit: str = "HEAD"
     blocked_as: str = "failed"
@@ -81,7 +81,7 @@ class BuildkiteConfig:
         return cls(
             organization=table.str("organization"),
             pipeline=table.str("pipeline"),
-            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            http=_http_transport.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
             branch=table.str("branch", "main"),
             commit=table.str("commit", "HEAD"),
             blocked_as=table.choice("blocked_as", BLOCKED_AS, "failed"),
@@ -93,7 +93,7 @@ class BuildkiteConfig:
 
 def make_client(config: BuildkiteConfig) -> httpx.Client:
     """The client a BuildkiteRunner is given: API base URL, bearer token, timeouts."""
-    return _http.make_client(config.http, {"Accept": "application/json"})
+    return _http_transport.make_client(config.http, {"Accept": "application/json"})
 
 
 def build_id(organization: str, pipeline: str, number: int) -> BuildID:
@@ -212,11 +212,11 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
     request_id = (build.get("meta_data") or {}).get(CORRELATION_KEY)
     if isinstance(request_id, str):
         meta[CORRELATION_KEY] = request_id
-    meta.update(_vendor.time_metadata(build.get("started_at"), build.get("finished_at")))
+    meta.update(_http_runner.time_metadata(build.get("started_at"), build.get("finished_at")))
     return meta
 
 
-class BuildkiteRunner(_vendor.HttpRunner):
+class BuildkiteRunner(_http_runner.HttpRunner):
     """Triggers, polls and cancels builds of one Buildkite pipeline. Thread-safe."""
 
     vendor = "Buildkite"
@@ -244,14 +244,14 @@ class BuildkiteRunner(_vendor.HttpRunner):
     ) -> BuildID:
         metadata = dict(metadata or {})
         token = metadata.get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         body = self._create_body(queue, base, head, metadata, request_id)
         path = self._builds_path(self.config.organization, self.config.pipeline)
 
         def create() -> BuildID:
             return self._id_of(self._core.write_once("POST", path, body=body).body)
 
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=create,
@@ -272,7 +272,7 @@ class BuildkiteRunner(_vendor.HttpRunner):
                 conditional=self.config.conditional_requests,
             )
         except BuildNotFound as err:
-            raise _vendor.confirm_missing(
+            raise _http_runner.confirm_missing(
                 self._core,
                 err,
                 f"/v2/organizations/{org}/pipelines/{pipeline}",
@@ -317,8 +317,8 @@ class BuildkiteRunner(_vendor.HttpRunner):
             "message": f"buildq {queue}: {len(head)} change(s) [{request_id}]",
             "env": {
                 "BUILDQ_QUEUE": queue,
-                "BUILDQ_BASE": _vendor.changes_json(base),
-                "BUILDQ_HEAD": _vendor.changes_json(head),
+                "BUILDQ_BASE": _http_runner.changes_json(base),
+                "BUILDQ_HEAD": _http_runner.changes_json(head),
                 "BUILDQ_REQUEST_ID": request_id,
             },
             "meta_data": meta_data,

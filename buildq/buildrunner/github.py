@@ -26,7 +26,7 @@ from typing import Any, TypeGuard
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
 from buildq.buildrunner._github_status import map_status
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
@@ -62,7 +62,7 @@ class GitHubConfig:
     owner: str
     repo: str
     workflow: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     ref: str = "main"
     api_version: str = DEFAULT_API_VERSION
     return_run_details: bool = True
@@ -78,7 +78,7 @@ class GitHubConfig:
             owner=table.str("owner"),
             repo=table.str("repo"),
             workflow=table.str("workflow"),
-            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            http=_http_transport.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
             ref=table.str("ref", "main"),
             api_version=table.str("api_version", DEFAULT_API_VERSION),
             return_run_details=table.bool("return_run_details", True),
@@ -92,7 +92,7 @@ class GitHubConfig:
 def make_client(config: GitHubConfig) -> httpx.Client:
     """The client a GitHubRunner is given: API base URL, bearer token, timeouts."""
     headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": config.api_version}
-    return _http.make_client(config.http, headers)
+    return _http_transport.make_client(config.http, headers)
 
 
 def build_id(owner: str, repo: str, run_id: int, attempt: int) -> BuildID:
@@ -183,7 +183,7 @@ def mentions_token(title: object, token: str) -> bool:
     return re.search(pattern, title) is not None
 
 
-class GitHubRunner(_vendor.HttpRunner):
+class GitHubRunner(_http_runner.HttpRunner):
     """Dispatches, polls and cancels runs of one GitHub Actions workflow. Thread-safe."""
 
     vendor = "GitHub"
@@ -212,7 +212,7 @@ class GitHubRunner(_vendor.HttpRunner):
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
         token = (metadata or {}).get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         inputs = _inputs(queue, base, head, request_id)
         cfg = self.config
 
@@ -223,7 +223,7 @@ class GitHubRunner(_vendor.HttpRunner):
             run_id = body.get("workflow_run_id")
             if isinstance(run_id, int):
                 return build_id(cfg.owner, cfg.repo, run_id, 1)
-            found = _vendor.poll_lookup(
+            found = _http_runner.poll_lookup(
                 self._core, lambda: self._find_by_token(request_id, dispatched_at - _CLOCK_SLACK_S)
             )
             if found is None:
@@ -232,7 +232,7 @@ class GitHubRunner(_vendor.HttpRunner):
                 )
             return found
 
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=create,
@@ -253,7 +253,7 @@ class GitHubRunner(_vendor.HttpRunner):
                 conditional=self.config.conditional_requests,
             )
         except BuildNotFound as err:
-            raise _vendor.confirm_missing(
+            raise _http_runner.confirm_missing(
                 self._core, err, f"/repos/{owner}/{repo}", f"repository {owner}/{repo}"
             ) from None
         if not isinstance(reply.body, Mapping):
@@ -292,14 +292,14 @@ class GitHubRunner(_vendor.HttpRunner):
                 params={"ref": cfg.ref},
                 missing_is_not_found=False,
             )
-        except (RunnerUnauthorized, _http.VendorError):
+        except (RunnerUnauthorized, _http_transport.VendorError):
             return None
         body = reply.body if isinstance(reply.body, Mapping) else {}
         if body.get("encoding") != "base64" or not isinstance(body.get("content"), str):
             return None
         return base64.b64decode(body["content"]).decode("utf-8", errors="replace")
 
-    def _dispatch(self, inputs: Mapping[str, str]) -> _http.Reply:
+    def _dispatch(self, inputs: Mapping[str, str]) -> _http_transport.Reply:
         cfg = self.config
         path = f"/repos/{cfg.owner}/{cfg.repo}/actions/workflows/{cfg.workflow}/dispatches"
         body: dict[str, Any] = {"ref": cfg.ref, "inputs": dict(inputs)}
@@ -307,7 +307,7 @@ class GitHubRunner(_vendor.HttpRunner):
             return self._core.write_once("POST", path, body=body)
         try:
             return self._core.write_once("POST", path, body={**body, "return_run_details": True})
-        except _http.VendorError as err:
+        except _http_transport.VendorError as err:
             # A 4xx means nothing was dispatched, so asking again without the field is safe.
             if err.status not in (400, 422) or "return_run_details" not in str(err):
                 raise
@@ -354,8 +354,8 @@ def _inputs(
     inputs = {
         CORRELATION_KEY: request_id,
         "queue": queue,
-        "base": _vendor.changes_json(base),
-        "head": _vendor.changes_json(head),
+        "base": _http_runner.changes_json(base),
+        "head": _http_runner.changes_json(head),
     }
     size = len(json.dumps(inputs, separators=(",", ":"), ensure_ascii=False))
     if size > MAX_INPUT_CHARS:
