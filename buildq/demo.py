@@ -32,17 +32,14 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from buildq.buildrunner import BuildStatus, Change
+from buildq.buildrunner import BuildStatus
+from buildq.builds import Build, Builds, new_request
 from buildq.cli.common import CONFIG_ENV, DEFAULT_CONFIG
 from buildq.cli.watch import render
 from buildq.config import Config, ConfigError, load_config
-from buildq.db import Database, create_engine, redacted_url
+from buildq.db import redacted_url
 from buildq.migrations import upgrade
-from buildq.orchestrator import topics
-from buildq.orchestrator.model import Build, BuildRequest, request_message
-from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.contract import QueueError
-from buildq.queue.sql import SqlQueue
 
 _READY_TIMEOUT_S = 30.0
 _REFRESH_S = 0.5
@@ -156,18 +153,18 @@ def free_port(host: str, wanted: int) -> int:
     raise DemoError(f"no free port on {host}")
 
 
-def submit(queue: SqlQueue, run_id: str, builds: Sequence[DemoBuild]) -> dict[str, DemoBuild]:
-    """Publish one BuildRequest per demo build on the build topic, as ``buildq submit`` does."""
+def submit(builds: Builds, run_id: str, specs: Sequence[DemoBuild]) -> dict[str, DemoBuild]:
+    """Submit one request per demo build, as ``buildq submit`` does."""
     submitted = {}
-    for n, spec in enumerate(builds, 1):
-        request = BuildRequest(
-            request_id=f"demo-{run_id}-{n}",
-            queue=spec.queue,
-            base=(Change.parse("main@HEAD"),),
-            head=(Change.parse(spec.head),),
+    for n, spec in enumerate(specs, 1):
+        request = new_request(
+            spec.queue,
+            [spec.head],
+            ["main@HEAD"],
             metadata={"requested_by": "buildq.demo"},
+            request_id=f"demo-{run_id}-{n}",
         )
-        queue.publish(topics.BUILD, request_message(request))
+        builds.submit(request)
         submitted[request.request_id] = spec
     return submitted
 
@@ -175,9 +172,8 @@ def submit(queue: SqlQueue, run_id: str, builds: Sequence[DemoBuild]) -> dict[st
 class Demo:
     """The submitted builds, the one cancel, and what the view says about them."""
 
-    def __init__(self, db: Database, queue: SqlQueue, submitted: Mapping[str, DemoBuild]) -> None:
-        self.store = SqlBuildStore(db)
-        self.queue = queue
+    def __init__(self, api: Builds, submitted: Mapping[str, DemoBuild]) -> None:
+        self.api = api
         self.submitted = submitted
         self.to_cancel = {rid for rid, spec in submitted.items() if spec.cancel_when_running}
         self.notes: list[str] = []
@@ -185,13 +181,11 @@ class Demo:
 
     def step(self) -> bool:
         """Read every demo build, cancel what is due; True once all are terminal."""
-        self.builds = {rid: self.store.get_by_request(rid) for rid in self.submitted}
+        self.builds = {rid: self.api.get(rid) for rid in self.submitted}
         for rid in sorted(self.to_cancel):
             build = self.builds[rid]
             if build is not None and build.build_id and build.build_status is BuildStatus.RUNNING:
-                # What `buildq cancel` does: record the request, then poll the build now.
-                self.store.request_cancel(build.build_id)
-                self.queue.expedite(topics.BUILDSIGNAL, build.build_id)
+                self.api.cancel(build.build_id)  # what `buildq cancel` does
                 self.to_cancel.discard(rid)
                 self.notes.append(f"cancellation of {build.build_id} ({rid}) requested")
         return all(b is not None and b.is_terminal for b in self.builds.values())
@@ -235,7 +229,7 @@ class View:
     def update(self, demo: Demo, footer: str = "") -> None:
         if self.live is not None:
             lines = [*demo.notes[-3:], footer]
-            self.live.update(Group(render(demo.store), Text("\n".join(x for x in lines if x))))
+            self.live.update(Group(render(demo.api.store), Text("\n".join(x for x in lines if x))))
             return
         for rid, build in demo.builds.items():
             if build is not None and self._seen.get(rid) != build.status:
@@ -342,10 +336,8 @@ def _show(
 ) -> None:
     if not daemon.wait_ready(readyz, signals):
         return
-    db = Database(create_engine(url, pool_size=2), retry_for_s=10)
-    try:
-        queue = SqlQueue(db)
-        demo = Demo(db, queue, submit(queue, secrets.token_hex(3), DEMO_BUILDS))
+    with Builds.open(url, retry_for_s=10) as builds:
+        demo = Demo(builds, submit(builds, secrets.token_hex(3), DEMO_BUILDS))
         header = f"daemon ready; {len(demo.submitted)} demo builds submitted"
         footer, done = "", False
         with View(console, header) as view:
@@ -357,8 +349,6 @@ def _show(
                 view.update(demo, footer)
                 if (done and args.exit_when_done) or signals.stop.wait(_REFRESH_S):
                     return
-    finally:
-        db.dispose()
 
 
 def _loopback(bind: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, TypeGuard
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -62,7 +62,7 @@ class BuildbotConfig:
     """``[runners.<name>]`` with ``type = "buildbot"``."""
 
     builder: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     scheduler: str = "buildq"
     lookup_buildsets: int = 200
     lookup_before_trigger: bool = True
@@ -71,7 +71,7 @@ class BuildbotConfig:
     def from_table(cls, table: Table) -> BuildbotConfig:
         return cls(
             builder=table.str("builder"),
-            http=_http.HttpSettings.from_table(
+            http=_http_transport.HttpSettings.from_table(
                 table, default_api_url="http://localhost:8010", token_required=False
             ),
             scheduler=table.str("scheduler", "buildq"),
@@ -82,7 +82,7 @@ class BuildbotConfig:
 
 def make_client(config: BuildbotConfig) -> httpx.Client:
     """The master's web URL, timeouts; a token (if set) as a bearer token for a proxy."""
-    return _http.make_client(config.http, {"Accept": "application/json"})
+    return _http_transport.make_client(config.http, {"Accept": "application/json"})
 
 
 def build_id(request_id: int) -> BuildID:
@@ -135,7 +135,7 @@ def _metadata(request: Mapping[str, Any], build: Mapping[str, Any] | None) -> Bu
     if isinstance(build.get("state_string"), str):
         meta["state_string"] = build["state_string"]
     started, finished = build.get("started_at"), build.get("complete_at")
-    meta.update(_vendor.time_metadata(_iso(started), _iso(finished)))
+    meta.update(_http_runner.time_metadata(_iso(started), _iso(finished)))
     return meta
 
 
@@ -153,7 +153,7 @@ def _mentions(reason: object, request_id: str) -> bool:
     return re.search(rf"(?<![{_TOKEN_EDGE}]){token}(?![{_TOKEN_EDGE}])", reason) is not None
 
 
-class BuildbotRunner(_vendor.HttpRunner):
+class BuildbotRunner(_http_runner.HttpRunner):
     """Forces, polls and cancels build requests of one Buildbot builder. Thread-safe."""
 
     vendor = "Buildbot"
@@ -186,17 +186,17 @@ class BuildbotRunner(_vendor.HttpRunner):
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
         token = (metadata or {}).get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         params = {
             "builderNames": [self.config.builder],
             "owner": "buildq",
             "reason": REASON_PREFIX + request_id,
             CORRELATION_KEY: request_id,
             "buildq_queue": queue,
-            "buildq_base": _vendor.changes_json(base),
-            "buildq_head": _vendor.changes_json(head),
+            "buildq_base": _http_runner.changes_json(base),
+            "buildq_head": _http_runner.changes_json(head),
         }
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=lambda: self._force(params),

@@ -13,6 +13,8 @@ See docs/ci-runners.md for the pipeline side.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -65,7 +67,7 @@ class BuildkiteConfig:
 
     organization: str
     pipeline: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     branch: str = "main"
     commit: str = "HEAD"
     blocked_as: str = "failed"
@@ -79,7 +81,7 @@ class BuildkiteConfig:
         return cls(
             organization=table.str("organization"),
             pipeline=table.str("pipeline"),
-            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            http=_http_transport.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
             branch=table.str("branch", "main"),
             commit=table.str("commit", "HEAD"),
             blocked_as=table.choice("blocked_as", BLOCKED_AS, "failed"),
@@ -91,7 +93,7 @@ class BuildkiteConfig:
 
 def make_client(config: BuildkiteConfig) -> httpx.Client:
     """The client a BuildkiteRunner is given: API base URL, bearer token, timeouts."""
-    return _http.make_client(config.http, {"Accept": "application/json"})
+    return _http_transport.make_client(config.http, {"Accept": "application/json"})
 
 
 def build_id(organization: str, pipeline: str, number: int) -> BuildID:
@@ -121,6 +123,37 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     found = build_id(match[1], match[2], int(match[3]))
     # Only an id buildq could have issued (a build it did not trigger is ignored anyway).
     return found if _ID.match(found.id) else None
+
+
+def verify_signature(
+    headers: Mapping[str, str], body: bytes, secret: str, *, now: float, tolerance_s: float
+) -> str | None:
+    """None if ``X-Buildkite-Signature: timestamp=T,signature=S`` is HMAC-SHA256 over
+    ``T.body`` and T is within ``tolerance_s`` of now, else why not (never echoing values)."""
+    header = headers.get("x-buildkite-signature")
+    if not header:
+        return "unsigned"
+    parts = dict(p.strip().partition("=")[::2] for p in header.split(","))
+    timestamp, signature = parts.get("timestamp", ""), parts.get("signature", "")
+    if not timestamp.isdigit() or not signature:
+        return "malformed_signature"
+    expected = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    if not hmac.compare_digest(expected.hexdigest().encode(), signature.encode(errors="replace")):
+        return "bad_signature"
+    # Checked after the signature, which covers the timestamp: a replay cannot move it.
+    if abs(now - int(timestamp)) > tolerance_s:
+        return "stale_timestamp"
+    return None
+
+
+def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> BuildID | None:
+    """The build a ``build.*`` delivery is about; None for other events (ping, jobs)."""
+    if not headers.get("x-buildkite-event", "").startswith("build."):
+        return None
+    found = build_id_from_event(payload)
+    if found is None:
+        raise registry.MalformedEvent("no build in a build event")
+    return found
 
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
@@ -179,11 +212,11 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
     request_id = (build.get("meta_data") or {}).get(CORRELATION_KEY)
     if isinstance(request_id, str):
         meta[CORRELATION_KEY] = request_id
-    meta.update(_vendor.time_metadata(build.get("started_at"), build.get("finished_at")))
+    meta.update(_http_runner.time_metadata(build.get("started_at"), build.get("finished_at")))
     return meta
 
 
-class BuildkiteRunner(_vendor.HttpRunner):
+class BuildkiteRunner(_http_runner.HttpRunner):
     """Triggers, polls and cancels builds of one Buildkite pipeline. Thread-safe."""
 
     vendor = "Buildkite"
@@ -211,14 +244,14 @@ class BuildkiteRunner(_vendor.HttpRunner):
     ) -> BuildID:
         metadata = dict(metadata or {})
         token = metadata.get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         body = self._create_body(queue, base, head, metadata, request_id)
         path = self._builds_path(self.config.organization, self.config.pipeline)
 
         def create() -> BuildID:
             return self._id_of(self._core.write_once("POST", path, body=body).body)
 
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=create,
@@ -239,7 +272,7 @@ class BuildkiteRunner(_vendor.HttpRunner):
                 conditional=self.config.conditional_requests,
             )
         except BuildNotFound as err:
-            raise _vendor.confirm_missing(
+            raise _http_runner.confirm_missing(
                 self._core,
                 err,
                 f"/v2/organizations/{org}/pipelines/{pipeline}",
@@ -284,8 +317,8 @@ class BuildkiteRunner(_vendor.HttpRunner):
             "message": f"buildq {queue}: {len(head)} change(s) [{request_id}]",
             "env": {
                 "BUILDQ_QUEUE": queue,
-                "BUILDQ_BASE": _vendor.changes_json(base),
-                "BUILDQ_HEAD": _vendor.changes_json(head),
+                "BUILDQ_BASE": _http_runner.changes_json(base),
+                "BUILDQ_HEAD": _http_runner.changes_json(head),
                 "BUILDQ_REQUEST_ID": request_id,
             },
             "meta_data": meta_data,
@@ -315,3 +348,15 @@ class BuildkiteRunner(_vendor.HttpRunner):
             return None
         # Should a duplicate ever exist, every lookup settles on the same (first) build.
         return build_id(self.config.organization, self.config.pipeline, min(numbers))
+
+
+def _runner(name: str, config: BuildkiteConfig) -> BuildkiteRunner:
+    return BuildkiteRunner(config, make_client(config), name=name)
+
+
+RUNNER_KIND = registry.RunnerKind(
+    KIND,
+    BuildkiteConfig.from_table,
+    _runner,
+    registry.WebhookSpec(verify_signature, decode_event),
+)

@@ -3,7 +3,7 @@
 For local runs where a build should actually do something (run a test suite, a script) and
 for testing buildq against real processes. Each build gets a directory under ``work_dir``
 holding its request (the changes, as the JSON file the command reads), its log, and the
-records of its life. A small supervisor (``_command_wrapper``) runs the command in a session
+records of its life. A small supervisor (``_command_supervisor``) runs the command in a session
 of its own, so builds keep running while the daemon restarts, and writes the exit code to a
 file. Every fact lives in those files: any runner instance, in any process on this host, can
 answer for any build, and whichever runner calls ``trigger`` or ``status`` next starts the
@@ -31,11 +31,11 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from buildq.buildrunner import _command_wrapper as files
+from buildq.buildrunner import _command_supervisor as supervisor
+from buildq.buildrunner import registry
+from buildq.buildrunner._command_status import is_running, read_status
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -47,10 +47,6 @@ from buildq.buildrunner.contract import (
 from buildq.config.base import ConfigError, Table
 
 _ID_PATTERN = re.compile(r"cmd-[0-9]{13,16}-[0-9a-f]{12}")
-# A build marked started whose supervisor has not recorded its pid yet is still starting up;
-# past this age, the daemon that was starting it died before it could.
-_START_TIMEOUT_MS = 60_000
-
 
 _DAEMON_ONLY_ENV = frozenset(
     {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"}
@@ -126,21 +122,21 @@ class CommandRunner:
         build_dir = self._build_dir(build_id)
         with self._locked():
             self._start_waiting()
-            return _read_status(build_dir)
+            return read_status(build_dir)
 
     def cancel(self, build_id: BuildID) -> None:
         build_dir = self._build_dir(build_id)
         with self._locked():
-            if _read_status(build_dir)[0].is_terminal:
+            if read_status(build_dir)[0].is_terminal:
                 return
             with contextlib.suppress(FileExistsError):
-                _create_exclusive(build_dir / files.CANCEL_FILE, str(files.now_ms()))
-            if not (build_dir / files.STARTED_FILE).exists():
+                _create_exclusive(build_dir / supervisor.CANCEL_FILE, str(supervisor.now_ms()))
+            if not (build_dir / supervisor.STARTED_FILE).exists():
                 (self._waiting / build_id.id).unlink(missing_ok=True)
                 return
             # The supervisor escalates to SIGKILL after the grace period, so we return now and
             # a daemon restart in the meantime changes nothing.
-            pid_record = files.read_pid_file(build_dir / files.WRAPPER_PID_FILE)
+            pid_record = supervisor.read_pid_file(build_dir / supervisor.WRAPPER_PID_FILE)
             if pid_record is not None:
                 _signal_verified(*pid_record, signal.SIGTERM)
 
@@ -148,7 +144,7 @@ class CommandRunner:
         self, queue: str, base: Sequence[Change], head: Sequence[Change], metadata: BuildMetadata
     ) -> BuildID:
         """Write the build's request: the file its command reads, and what makes it exist."""
-        build_id = BuildID(f"cmd-{files.now_ms()}-{secrets.token_hex(6)}")
+        build_id = BuildID(f"cmd-{supervisor.now_ms()}-{secrets.token_hex(6)}")
         build_dir = self._builds / build_id.id
         build_dir.mkdir()
         request = {
@@ -159,7 +155,7 @@ class CommandRunner:
             "metadata": metadata,
         }
         text = json.dumps(request, ensure_ascii=False, indent=2)
-        files.write_atomic(build_dir / files.REQUEST_FILE, text)
+        supervisor.write_atomic(build_dir / supervisor.REQUEST_FILE, text)
         return build_id
 
     # -- scheduling -----------------------------------------------------------------------
@@ -169,7 +165,7 @@ class CommandRunner:
         self._children = [child for child in self._children if child.poll() is None]
         running = 0
         for entry in self._active.iterdir():
-            if _is_running(self._builds / entry.name):
+            if is_running(self._builds / entry.name):
                 running += 1
             else:
                 _kill_lost_group(self._builds / entry.name)
@@ -178,7 +174,7 @@ class CommandRunner:
         for entry in sorted(self._waiting.iterdir()):
             build_dir = self._builds / entry.name
             # A cancelled entry, or one a crashed runner started but did not dequeue, just goes.
-            done = [files.CANCEL_FILE, files.STARTED_FILE]
+            done = [supervisor.CANCEL_FILE, supervisor.STARTED_FILE]
             if not any((build_dir / name).exists() for name in done):
                 if free <= 0:
                     break
@@ -190,20 +186,20 @@ class CommandRunner:
         # Ordered so that a crash at any point leaves a build the next runner can account for:
         # "active" first (it holds the slot), then "started", then the process.
         (self._active / build_dir.name).touch()
-        files.write_atomic(build_dir / files.STARTED_FILE, str(files.now_ms()))
-        request = json.loads((build_dir / files.REQUEST_FILE).read_text())
+        supervisor.write_atomic(build_dir / supervisor.STARTED_FILE, str(supervisor.now_ms()))
+        request = json.loads((build_dir / supervisor.REQUEST_FILE).read_text())
         # The daemon's systemd channels are not the build's: a build that inherited them could
         # send READY/WATCHDOG on the daemon's behalf (NotifyAccess=main ignores it, but still).
         inherited = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
         env = inherited | {
             "BUILDQ_BUILD_ID": build_dir.name,
             "BUILDQ_QUEUE": request["queue"],
-            "BUILDQ_CHANGES_FILE": str(build_dir / files.REQUEST_FILE),
+            "BUILDQ_CHANGES_FILE": str(build_dir / supervisor.REQUEST_FILE),
         }
-        argv = [sys.executable, "-I", files.__file__, str(build_dir)]
+        argv = [sys.executable, "-I", supervisor.__file__, str(build_dir)]
         argv += [str(self.config.cancel_grace_s), self.config.command]
         try:
-            with open(build_dir / files.LOG_FILE, "ab") as log:
+            with open(build_dir / supervisor.LOG_FILE, "ab") as log:
                 child = subprocess.Popen(
                     argv,
                     cwd=build_dir,
@@ -216,14 +212,14 @@ class CommandRunner:
         except OSError as err:
             record = {
                 "error": f"could not start the supervisor: {err}",
-                "finished_at_ms": files.now_ms(),
+                "finished_at_ms": supervisor.now_ms(),
             }
-            files.write_atomic(build_dir / files.EXIT_FILE, json.dumps(record))
+            supervisor.write_atomic(build_dir / supervisor.EXIT_FILE, json.dumps(record))
             return
         self._children.append(child)
         # The supervisor writes this too; whichever comes first closes the window in which a
         # crash would leave a running build nobody can identify.
-        files.write_pid_file(build_dir / files.WRAPPER_PID_FILE, child.pid)
+        supervisor.write_pid_file(build_dir / supervisor.WRAPPER_PID_FILE, child.pid)
 
     # -- files ----------------------------------------------------------------------------
 
@@ -242,7 +238,7 @@ class CommandRunner:
         if not _ID_PATTERN.fullmatch(build_id.id):
             raise BuildNotFound(f"not a command build id: {build_id.id!r}")
         build_dir = self._builds / build_id.id
-        if not (build_dir / files.REQUEST_FILE).is_file():
+        if not (build_dir / supervisor.REQUEST_FILE).is_file():
             raise BuildNotFound(f"no command build {build_id.id!r} under {self._root}")
         return build_dir
 
@@ -264,7 +260,7 @@ class CommandRunner:
         build_dir = self._builds / build_id.id
         # A crash between claiming the token and queueing the build would leave it stranded;
         # the retried trigger finishes the job.
-        pending = [files.STARTED_FILE, files.CANCEL_FILE, files.EXIT_FILE]
+        pending = [supervisor.STARTED_FILE, supervisor.CANCEL_FILE, supervisor.EXIT_FILE]
         if not any((build_dir / name).exists() for name in pending):
             (self._waiting / build_id.id).touch()
         return build_id
@@ -284,7 +280,7 @@ def _signal_verified(pid: int, identity: str, sig: signal.Signals) -> bool:
     except ProcessLookupError:
         return False
     try:
-        if files.process_identity(pid) != identity:
+        if supervisor.process_identity(pid) != identity:
             return False
         signal.pidfd_send_signal(pidfd, sig)
         return True
@@ -301,7 +297,7 @@ def _kill_group_verified(pgid: int, identity: str) -> None:
         return
     try:
         # The leader's pidfd keeps its pid, and so its group id, from being reused meanwhile.
-        if files.process_identity(pgid) == identity:
+        if supervisor.process_identity(pgid) == identity:
             os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
@@ -311,98 +307,15 @@ def _kill_group_verified(pgid: int, identity: str) -> None:
 
 def _kill_lost_group(build_dir: Path) -> None:
     """A build whose supervisor died is recorded lost; what it left running must stop too."""
-    if (build_dir / files.EXIT_FILE).exists():
+    if (build_dir / supervisor.EXIT_FILE).exists():
         return
-    record = files.read_pid_file(build_dir / files.COMMAND_PID_FILE)
+    record = supervisor.read_pid_file(build_dir / supervisor.COMMAND_PID_FILE)
     if record is not None:
         _kill_group_verified(*record)
 
 
-def _supervisor_alive(build_dir: Path, started_ms: int) -> bool:
-    record = files.read_pid_file(build_dir / files.WRAPPER_PID_FILE)
-    if record is None:
-        return files.now_ms() - started_ms < _START_TIMEOUT_MS
-    pid, identity = record
-    return files.process_identity(pid) == identity
+def _runner(_name: str, config: CommandConfig) -> CommandRunner:
+    return CommandRunner(config)
 
 
-def _is_running(build_dir: Path) -> bool:
-    started_ms = _read_int(build_dir / files.STARTED_FILE)
-    if started_ms is None:
-        # "active" is written before "started": a daemon died in between, or is there now.
-        return False
-    return not (build_dir / files.EXIT_FILE).exists() and _supervisor_alive(build_dir, started_ms)
-
-
-def _read_status(build_dir: Path) -> tuple[BuildStatus, BuildMetadata]:
-    meta: BuildMetadata = {"url": (build_dir / files.LOG_FILE).as_uri()}
-    cancelled_ms = _read_int(build_dir / files.CANCEL_FILE)
-    started_ms = _read_int(build_dir / files.STARTED_FILE)
-    if started_ms is None:
-        if cancelled_ms is not None:
-            meta.update(native_state="cancelled", failure_reason="cancelled")
-            meta["finished_at"] = _iso(cancelled_ms)
-            return BuildStatus.CANCELLED, meta
-        meta["native_state"] = "waiting"
-        return BuildStatus.ACCEPTED, meta
-    meta["started_at"] = _iso(started_ms)
-    exit_record = _read_json(build_dir / files.EXIT_FILE)
-    if exit_record is None and _supervisor_alive(build_dir, started_ms):
-        meta["native_state"] = "cancelling" if cancelled_ms is not None else "running"
-        meta["duration_s"] = _seconds(files.now_ms() - started_ms)
-        return BuildStatus.RUNNING, meta
-    # The supervisor writes its record and then exits: read again, it may have just done so.
-    exit_record = exit_record or _read_json(build_dir / files.EXIT_FILE)
-    if exit_record is None:
-        if cancelled_ms is not None:
-            meta.update(native_state="cancelled", failure_reason="cancelled")
-            return BuildStatus.CANCELLED, meta
-        meta.update(native_state="lost", failure_reason="lost")
-        return BuildStatus.FAILED, meta
-    return _finished(meta, exit_record, started_ms)
-
-
-def _finished(
-    meta: BuildMetadata, record: dict[str, Any], started_ms: int
-) -> tuple[BuildStatus, BuildMetadata]:
-    finished_ms = int(record["finished_at_ms"])
-    meta["finished_at"] = _iso(finished_ms)
-    meta["duration_s"] = _seconds(finished_ms - started_ms)
-    code = record.get("exit_code")
-    if isinstance(code, int):
-        # Popen reports death by signal N as -N; shells and CI logs say 128 + N.
-        meta["exit_code"] = str(code if code >= 0 else 128 - code)
-    if record.get("cancelled"):
-        meta.update(native_state="cancelled", failure_reason="cancelled")
-        return BuildStatus.CANCELLED, meta
-    if code == 0:
-        meta["native_state"] = "exited"
-        return BuildStatus.SUCCEEDED, meta
-    if "error" in record:
-        meta.update(native_state="error", failure_reason="infra", error=str(record["error"]))
-        return BuildStatus.FAILED, meta
-    meta.update(native_state="exited", failure_reason="verdict")
-    return BuildStatus.FAILED, meta
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    return document if isinstance(document, dict) else None
-
-
-def _iso(epoch_ms: int) -> str:
-    return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
-def _seconds(ms: int) -> str:
-    return f"{ms / 1000:.3f}"
+RUNNER_KIND = registry.RunnerKind("command", CommandConfig.from_table, _runner)

@@ -14,6 +14,8 @@ find the run again. See docs/ci-runners.md for the workflow side.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import re
 import time
@@ -24,7 +26,8 @@ from typing import Any, TypeGuard
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
+from buildq.buildrunner._github_status import map_status
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -51,17 +54,6 @@ _MAX_LOOKUP_PAGES = 3
 #: Runs are listed by creation time on GitHub's clock; allow for ours being ahead.
 _CLOCK_SLACK_S = 300.0
 
-_ACCEPTED = frozenset({"requested", "queued", "pending", "waiting"})
-_FAILED_REASON: Mapping[str, str] = {
-    "failure": "verdict",
-    "neutral": "verdict",
-    "skipped": "verdict",
-    "stale": "verdict",
-    "action_required": "verdict",
-    "timed_out": "timeout",
-    "startup_failure": "infra",
-}
-
 
 @dataclass(frozen=True, slots=True)
 class GitHubConfig:
@@ -70,7 +62,7 @@ class GitHubConfig:
     owner: str
     repo: str
     workflow: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     ref: str = "main"
     api_version: str = DEFAULT_API_VERSION
     return_run_details: bool = True
@@ -86,7 +78,7 @@ class GitHubConfig:
             owner=table.str("owner"),
             repo=table.str("repo"),
             workflow=table.str("workflow"),
-            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            http=_http_transport.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
             ref=table.str("ref", "main"),
             api_version=table.str("api_version", DEFAULT_API_VERSION),
             return_run_details=table.bool("return_run_details", True),
@@ -100,7 +92,7 @@ class GitHubConfig:
 def make_client(config: GitHubConfig) -> httpx.Client:
     """The client a GitHubRunner is given: API base URL, bearer token, timeouts."""
     headers = {"Accept": "application/vnd.github+json", "X-GitHub-Api-Version": config.api_version}
-    return _http.make_client(config.http, headers)
+    return _http_transport.make_client(config.http, headers)
 
 
 def build_id(owner: str, repo: str, run_id: int, attempt: int) -> BuildID:
@@ -127,6 +119,30 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
     found = build_id(owner, repo, run_id, attempt)
     # Only an id buildq could have issued (a run it did not dispatch is ignored anyway).
     return found if _ID.match(found.id) else None
+
+
+def verify_signature(
+    headers: Mapping[str, str], body: bytes, secret: str, *, now: float, tolerance_s: float
+) -> str | None:
+    """None if ``X-Hub-Signature-256: sha256=S`` is HMAC-SHA256 over the body, else why not.
+    GitHub signs no timestamp: a replay only causes an extra poll."""
+    header = headers.get("x-hub-signature-256")
+    if not header:
+        return "unsigned"
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), header.strip().encode(errors="replace")):
+        return "bad_signature"
+    return None
+
+
+def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> BuildID | None:
+    """The run attempt a ``workflow_run`` delivery is about; None for other events."""
+    if headers.get("x-github-event", "") != "workflow_run":
+        return None
+    found = build_id_from_event(payload)
+    if found is None:
+        raise registry.MalformedEvent("no run in a workflow_run event")
+    return found
 
 
 def _count(value: object) -> TypeGuard[int]:
@@ -159,49 +175,6 @@ def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     )
 
 
-def map_status(run: Mapping[str, Any]) -> tuple[BuildStatus, BuildMetadata]:
-    """A run attempt's ``status``/``conclusion`` in buildq's terms (raw values kept)."""
-    state, conclusion = str(run.get("status", "")), run.get("conclusion")
-    meta = _metadata(run)
-    meta["native_state"] = state
-    if isinstance(conclusion, str):
-        meta["native_conclusion"] = conclusion
-    if state in _ACCEPTED:
-        return BuildStatus.ACCEPTED, meta
-    if state == "in_progress":
-        return BuildStatus.RUNNING, meta
-    if state != "completed":
-        return BuildStatus.UNKNOWN, meta
-    if conclusion == "success":
-        return BuildStatus.SUCCEEDED, meta
-    if conclusion == "cancelled":
-        return BuildStatus.CANCELLED, meta
-    if isinstance(conclusion, str) and conclusion in _FAILED_REASON:
-        meta["failure_reason"] = _FAILED_REASON[conclusion]
-        return BuildStatus.FAILED, meta
-    return BuildStatus.UNKNOWN, meta
-
-
-def _metadata(run: Mapping[str, Any]) -> BuildMetadata:
-    meta: BuildMetadata = {}
-    for key, source in (
-        ("url", "html_url"),
-        ("sha", "head_sha"),
-        ("branch", "head_branch"),
-        ("title", "display_title"),
-    ):
-        value = run.get(source)
-        if isinstance(value, str) and value:
-            meta[key] = value
-    for key in ("id", "run_attempt"):
-        if isinstance(run.get(key), int):
-            meta["run_id" if key == "id" else key] = str(run[key])
-    # A completed run is not touched again, so its last update is when it finished.
-    finished = run.get("updated_at") if run.get("status") == "completed" else None
-    meta.update(_vendor.time_metadata(run.get("run_started_at"), finished))
-    return meta
-
-
 def mentions_token(title: object, token: str) -> bool:
     """Whether a run-name carries the token as a whole word (``req-1`` is not in ``req-12``)."""
     if not isinstance(title, str):
@@ -210,7 +183,7 @@ def mentions_token(title: object, token: str) -> bool:
     return re.search(pattern, title) is not None
 
 
-class GitHubRunner(_vendor.HttpRunner):
+class GitHubRunner(_http_runner.HttpRunner):
     """Dispatches, polls and cancels runs of one GitHub Actions workflow. Thread-safe."""
 
     vendor = "GitHub"
@@ -239,7 +212,7 @@ class GitHubRunner(_vendor.HttpRunner):
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
         token = (metadata or {}).get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         inputs = _inputs(queue, base, head, request_id)
         cfg = self.config
 
@@ -250,7 +223,7 @@ class GitHubRunner(_vendor.HttpRunner):
             run_id = body.get("workflow_run_id")
             if isinstance(run_id, int):
                 return build_id(cfg.owner, cfg.repo, run_id, 1)
-            found = _vendor.poll_lookup(
+            found = _http_runner.poll_lookup(
                 self._core, lambda: self._find_by_token(request_id, dispatched_at - _CLOCK_SLACK_S)
             )
             if found is None:
@@ -259,7 +232,7 @@ class GitHubRunner(_vendor.HttpRunner):
                 )
             return found
 
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=create,
@@ -280,7 +253,7 @@ class GitHubRunner(_vendor.HttpRunner):
                 conditional=self.config.conditional_requests,
             )
         except BuildNotFound as err:
-            raise _vendor.confirm_missing(
+            raise _http_runner.confirm_missing(
                 self._core, err, f"/repos/{owner}/{repo}", f"repository {owner}/{repo}"
             ) from None
         if not isinstance(reply.body, Mapping):
@@ -319,14 +292,14 @@ class GitHubRunner(_vendor.HttpRunner):
                 params={"ref": cfg.ref},
                 missing_is_not_found=False,
             )
-        except (RunnerUnauthorized, _http.VendorError):
+        except (RunnerUnauthorized, _http_transport.VendorError):
             return None
         body = reply.body if isinstance(reply.body, Mapping) else {}
         if body.get("encoding") != "base64" or not isinstance(body.get("content"), str):
             return None
         return base64.b64decode(body["content"]).decode("utf-8", errors="replace")
 
-    def _dispatch(self, inputs: Mapping[str, str]) -> _http.Reply:
+    def _dispatch(self, inputs: Mapping[str, str]) -> _http_transport.Reply:
         cfg = self.config
         path = f"/repos/{cfg.owner}/{cfg.repo}/actions/workflows/{cfg.workflow}/dispatches"
         body: dict[str, Any] = {"ref": cfg.ref, "inputs": dict(inputs)}
@@ -334,7 +307,7 @@ class GitHubRunner(_vendor.HttpRunner):
             return self._core.write_once("POST", path, body=body)
         try:
             return self._core.write_once("POST", path, body={**body, "return_run_details": True})
-        except _http.VendorError as err:
+        except _http_transport.VendorError as err:
             # A 4xx means nothing was dispatched, so asking again without the field is safe.
             if err.status not in (400, 422) or "return_run_details" not in str(err):
                 raise
@@ -381,8 +354,8 @@ def _inputs(
     inputs = {
         CORRELATION_KEY: request_id,
         "queue": queue,
-        "base": _vendor.changes_json(base),
-        "head": _vendor.changes_json(head),
+        "base": _http_runner.changes_json(base),
+        "head": _http_runner.changes_json(head),
     }
     size = len(json.dumps(inputs, separators=(",", ":"), ensure_ascii=False))
     if size > MAX_INPUT_CHARS:
@@ -391,3 +364,15 @@ def _inputs(
             f"{len(base)} base and {len(head)} head changes are too many for one dispatch"
         )
     return inputs
+
+
+def _runner(name: str, config: GitHubConfig) -> GitHubRunner:
+    return GitHubRunner(config, make_client(config), name=name)
+
+
+RUNNER_KIND = registry.RunnerKind(
+    KIND,
+    GitHubConfig.from_table,
+    _runner,
+    registry.WebhookSpec(verify_signature, decode_event),
+)

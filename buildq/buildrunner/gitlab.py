@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -67,7 +67,7 @@ class GitLabConfig:
     """``[runners.<name>]`` with ``type = "gitlab"``."""
 
     project: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     ref: str = "main"
     trigger_token: Secret | None = None
     manual_as: str = "failed"
@@ -80,7 +80,7 @@ class GitLabConfig:
     def from_table(cls, table: Table) -> GitLabConfig:
         return cls(
             project=table.str("project"),
-            http=_http.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
+            http=_http_transport.HttpSettings.from_table(table, default_api_url=DEFAULT_API_URL),
             ref=table.str("ref", "main"),
             trigger_token=table.secret("trigger_token", required=False),
             manual_as=table.choice("manual_as", MANUAL_AS, "failed"),
@@ -93,7 +93,7 @@ class GitLabConfig:
 
 def make_client(config: GitLabConfig) -> httpx.Client:
     """API base URL (``…/api/v4``), the access token as a bearer token, timeouts."""
-    return _http.make_client(config.http, {"Accept": "application/json"})
+    return _http_transport.make_client(config.http, {"Accept": "application/json"})
 
 
 def build_id(project_id: int, pipeline_id: int) -> BuildID:
@@ -171,7 +171,7 @@ def _metadata(pipeline: Mapping[str, Any]) -> BuildMetadata:
         meta["pipeline_id"] = str(pipeline["id"])
     if isinstance(pipeline.get("source"), str):
         meta["source"] = pipeline["source"]
-    meta.update(_vendor.time_metadata(pipeline.get("started_at"), pipeline.get("finished_at")))
+    meta.update(_http_runner.time_metadata(pipeline.get("started_at"), pipeline.get("finished_at")))
     return meta
 
 
@@ -201,7 +201,7 @@ def build_id_from_event(headers: Mapping[str, str], payload: Mapping[str, Any]) 
     return build_id(project_id, pipeline_id)
 
 
-class GitLabRunner(_vendor.HttpRunner):
+class GitLabRunner(_http_runner.HttpRunner):
     """Creates, polls and cancels pipelines of one GitLab project. Thread-safe."""
 
     vendor = "GitLab"
@@ -229,14 +229,14 @@ class GitLabRunner(_vendor.HttpRunner):
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
         token = (metadata or {}).get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         variables = {
             "BUILDQ_QUEUE": queue,
-            "BUILDQ_BASE": _vendor.changes_json(base),
-            "BUILDQ_HEAD": _vendor.changes_json(head),
+            "BUILDQ_BASE": _http_runner.changes_json(base),
+            "BUILDQ_HEAD": _http_runner.changes_json(head),
             "BUILDQ_REQUEST_ID": request_id,
         }
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=lambda: self._create(variables, request_id),
@@ -288,12 +288,12 @@ class GitLabRunner(_vendor.HttpRunner):
             body = {"token": trigger.reveal(), "ref": self.config.ref, "variables": variables}
         try:
             reply = self._core.write_once("POST", path, body=body)
-        except _http.VendorError as err:
+        except _http_transport.VendorError as err:
             if trigger is None:
                 raise
             # GitLab's error text may quote what it was sent, the trigger token included.
             text = str(err).replace(trigger.reveal(), "<redacted>")
-            raise _http.VendorError(text, err.status) from None
+            raise _http_transport.VendorError(text, err.status) from None
         pipeline = reply.body if isinstance(reply.body, Mapping) else {}
         if not (_count(pipeline.get("id")) and _count(pipeline.get("project_id"))):
             raise RunnerError("GitLab answered the create without pipeline and project ids")

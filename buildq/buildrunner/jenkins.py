@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 import httpx
 
-from buildq.buildrunner import _http, _ratelimit, _vendor, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -63,7 +63,7 @@ class JenkinsConfig:
 
     job: str
     user: str
-    http: _http.HttpSettings
+    http: _http_transport.HttpSettings
     unstable_as: str = "failed"
     search_builds: int = 100
     lookup_before_trigger: bool = True
@@ -77,7 +77,9 @@ class JenkinsConfig:
         return cls(
             job=job,
             user=table.str("user"),
-            http=_http.HttpSettings.from_table(table, default_api_url="http://localhost:8080"),
+            http=_http_transport.HttpSettings.from_table(
+                table, default_api_url="http://localhost:8080"
+            ),
             unstable_as=table.choice("unstable_as", UNSTABLE_AS, "failed"),
             search_builds=table.int("search_builds", 100, min=1, max=1000),
             lookup_before_trigger=table.bool("lookup_before_trigger", True),
@@ -90,7 +92,9 @@ def make_client(config: JenkinsConfig) -> httpx.Client:
     crumb is only valid with the session it was issued to)."""
     pair = f"{config.user}:{config.http.token.reveal()}".encode()
     basic = "Basic " + base64.b64encode(pair).decode()
-    return _http.make_client(config.http, {"Authorization": basic, "Accept": "application/json"})
+    return _http_transport.make_client(
+        config.http, {"Authorization": basic, "Accept": "application/json"}
+    )
 
 
 def token_of(request_id: str) -> str:
@@ -158,7 +162,7 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
         start = datetime.fromtimestamp(started_ms / 1000, UTC)
         finished = _count(duration_ms) and build.get("building") is not True
         end = start + timedelta(milliseconds=int(duration_ms or 0)) if finished else None
-        meta.update(_vendor.time_metadata(start.isoformat(), end.isoformat() if end else None))
+        meta.update(_http_runner.time_metadata(start.isoformat(), end.isoformat() if end else None))
     request_id = _parameters(build).get(PARAMETER)
     if request_id is not None:
         meta[CORRELATION_KEY] = request_id
@@ -185,7 +189,7 @@ def _has_token(thing: object, token: str) -> bool:
     return request_id is not None and token_of(request_id) == token
 
 
-class JenkinsRunner(_vendor.HttpRunner):
+class JenkinsRunner(_http_runner.HttpRunner):
     """Builds, polls and stops builds of one Jenkins job. Thread-safe."""
 
     vendor = "Jenkins"
@@ -216,15 +220,15 @@ class JenkinsRunner(_vendor.HttpRunner):
         metadata: Mapping[str, str] | None = None,
     ) -> BuildID:
         token = (metadata or {}).get(CORRELATION_KEY) or None
-        request_id = token or _vendor.new_request_id()
+        request_id = token or _http_runner.new_request_id()
         form = {
             PARAMETER: request_id,
             "BUILDQ_QUEUE": queue,
-            "BUILDQ_BASE": _vendor.changes_json(base),
-            "BUILDQ_HEAD": _vendor.changes_json(head),
+            "BUILDQ_BASE": _http_runner.changes_json(base),
+            "BUILDQ_HEAD": _http_runner.changes_json(head),
         }
         job = self.config.job
-        result = _vendor.create_idempotently(
+        result = _http_runner.create_idempotently(
             self._core,
             token=token,
             create=lambda: self._create(form, token_of(request_id)),

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from buildq.buildrunner import registry
 from buildq.buildrunner.contract import BuildID, BuildMetadata, BuildNotFound, BuildStatus, Change
 from buildq.config.base import Table
 
@@ -90,3 +91,13 @@ class NoopRunner:
 
     def cancel(self, build_id: BuildID) -> None:
         """Nothing to stop: every noop build is already finished."""
+
+
+def _runner(_name: str, config: NoopConfig) -> NoopRunner:
+    return NoopRunner(config)
+
+
+#: Its calls never wait: the worker makes them on the thread that fetched the work.
+RUNNER_KIND = registry.RunnerKind(
+    "noop", NoopConfig.from_table, _runner, calls_wait=lambda _config: False
+)

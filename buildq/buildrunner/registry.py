@@ -103,21 +103,14 @@ class RunnerKind:
         return config
 
 
-def _builtin(module: str, attribute: str = "RUNNER_KIND") -> Callable[[], RunnerKind]:
-    return lambda: getattr(importlib.import_module(f"buildq.buildrunner.{module}"), attribute)
+#: The built-in kinds. Each is the module of that name in this package, whose ``RUNNER_KIND``
+#: describes it; a module is imported only when a config names its kind.
+_BUILTINS = ("noop", "sim", "command", "buildkite", "github", "gitlab", "jenkins", "buildbot")
 
 
-#: Built-in kinds, by the module that describes them (imported on first use).
-_BUILTINS: dict[str, Callable[[], RunnerKind]] = {
-    "noop": _builtin("_builtin_kinds", "NOOP"),
-    "sim": _builtin("_builtin_kinds", "SIM"),
-    "command": _builtin("_builtin_kinds", "COMMAND"),
-    "buildkite": _builtin("_builtin_kinds", "BUILDKITE"),
-    "github": _builtin("_builtin_kinds", "GITHUB"),
-    "gitlab": _builtin("gitlab"),
-    "jenkins": _builtin("jenkins"),
-    "buildbot": _builtin("buildbot"),
-}
+def _builtin(name: str) -> RunnerKind:
+    kind: RunnerKind = importlib.import_module(f"buildq.buildrunner.{name}").RUNNER_KIND
+    return kind
 
 
 def _entry_points() -> dict[str, metadata.EntryPoint]:
@@ -166,9 +159,8 @@ def _broken(key: str, name: str, err: _PluginBroken) -> ConfigError:
 
 def get(name: str, key: str = "type") -> RunnerKind:
     """The kind called ``name``; ConfigError on ``key`` if none, or if its plugin is broken."""
-    builtin = _BUILTINS.get(name)
-    if builtin is not None:
-        return builtin()
+    if name in _BUILTINS:
+        return _builtin(name)
     entry = _entry_points().get(name)
     if entry is None:
         raise ConfigError(

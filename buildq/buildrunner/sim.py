@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from buildq.buildrunner import registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -352,3 +353,13 @@ def _iso(epoch_ms: int) -> str:
 
 def _seconds(ms: int) -> str:
     return f"{ms / 1000:.3f}"
+
+
+def _runner(_name: str, config: SimConfig) -> SimRunner:
+    return SimRunner(config)
+
+
+#: Its calls wait only when a profile delays them (``SimConfig.blocks``).
+RUNNER_KIND = registry.RunnerKind(
+    "sim", SimConfig.from_table, _runner, calls_wait=lambda config: bool(config.blocks)
+)

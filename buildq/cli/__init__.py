@@ -12,7 +12,7 @@ from buildq.cli.argtypes import Parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from buildq.cli import admin, builds, db, dlq, doctor, host, run, web
+    from buildq.cli import builds, db, dlq, doctor, host, queue, run, web
 
     parser = Parser(
         prog="buildq",
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"buildq {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (run, builds, db, admin, dlq, doctor, host, web):
+    for module in (run, builds, db, queue, dlq, doctor, host, web):
         module.register(commands)
     return parser
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import secrets
-import time
 from typing import Any
 
-from buildq.buildrunner import BuildStatus, Change
+from buildq.buildrunner import BuildStatus
+from buildq.builds import (
+    Build,
+    BuildRequest,
+    Builds,
+    CancelOutcome,
+    InvalidRequest,
+    new_request,
+    validate,
+)
 from buildq.cli import argtypes, common
 from buildq.cli.output import print_table
 from buildq.db import Database
-from buildq.orchestrator import topics
-from buildq.orchestrator.model import Build, BuildRequest, request_message
-from buildq.orchestrator.sqlstore import SqlBuildStore
-from buildq.queue.sql import SqlQueue
 
 STATUSES = [s.value for s in BuildStatus]
 
@@ -99,71 +102,55 @@ def _parse_meta(items: list[str]) -> dict[str, str]:
     return meta
 
 
-def _parse_changes(specs: list[str], flag: str) -> tuple[Change, ...]:
-    try:
-        return tuple(Change.parse(spec) for spec in specs)
-    except ValueError as err:
-        raise common.CliError(f"{flag}: {err}") from None
-
-
 def _submit(args: argparse.Namespace) -> int:
     if args.request_id == "":
         raise common.CliError("--request-id must not be empty (leave it out for a random one)")
-    request = BuildRequest(
-        request_id=args.request_id or f"req-{secrets.token_hex(8)}",
-        queue=args.queue,
-        base=_parse_changes(args.base, "--base"),
-        head=_parse_changes(args.head, "--head"),
-        metadata=_parse_meta(args.meta),
-    )
     try:
-        BuildRequest.from_bytes(request.to_bytes())  # the daemon's own validation, up front
-    except ValueError as err:
-        raise common.CliError(str(err)) from None
-    config = common.load(args) if not args.url else None
-    if config is not None and request.queue not in config.queues:
-        known = ", ".join(sorted(config.queues)) or "none"
-        raise common.CliError(f"unknown queue {request.queue!r} (configured: {known})")
-    return common.run_db(args, lambda db: _publish_and_follow(db, request, args))
+        request = new_request(
+            args.queue,
+            args.head,
+            args.base,
+            metadata=_parse_meta(args.meta),
+            request_id=args.request_id,
+        )
+        config = common.load(args) if not args.url else None
+        if config is not None:
+            validate(request, config.queues)
+    except InvalidRequest as err:
+        raise common.CliError(f"--{err.field}: {err.reason}" if err.field else str(err)) from None
+    return common.run_db(args, lambda db: _publish_and_follow(Builds(db), request, args))
 
 
-def _publish_and_follow(db: Database, request: BuildRequest, args: argparse.Namespace) -> int:
-    result = SqlQueue(db).publish(topics.BUILD, request_message(request))
-    if args.json and not args.wait:
-        common.print_json({"request_id": request.request_id, "duplicate": result.duplicate})
-    elif not args.wait:
+def _publish_and_follow(builds: Builds, request: BuildRequest, args: argparse.Namespace) -> int:
+    submitted = builds.submit(request)
+    if args.wait:
+        return _follow(builds, request.request_id, args)
+    if args.json:
+        common.print_json({"request_id": request.request_id, "duplicate": submitted.duplicate})
+    else:
         print(
             f"request {request.request_id} submitted"
-            + (" (already submitted)" if result.duplicate else "")
+            + (" (already submitted)" if submitted.duplicate else "")
         )
-    if not args.wait:
-        return 0
-    return _follow(SqlBuildStore(db), request.request_id, args)
+    return 0
 
 
-def _follow(store: SqlBuildStore, request_id: str, args: argparse.Namespace) -> int:
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    last = None
-    while True:
-        build = store.get_by_request(request_id)
-        if build is not None and (build.status, build.build_id) != last:
-            last = (build.status, build.build_id)
+def _follow(builds: Builds, request_id: str, args: argparse.Namespace) -> int:
+    try:
+        for build in builds.follow(request_id, timeout_s=args.timeout or None):
             if not args.json:
                 print(f"{request_id} {build.build_id or '-'} {build.status}", flush=True)
-        if build is not None and build.is_terminal:
-            if args.json:
-                common.print_json(build.to_json())
-            return 0 if build.status == BuildStatus.SUCCEEDED.value else 1
-        if deadline is not None and time.monotonic() > deadline:
-            raise common.CliError(
-                f"gave up waiting for {request_id} after {args.timeout:g}s", exit_code=3
-            )
-        time.sleep(0.2)
+    except TimeoutError as err:
+        raise common.CliError(str(err), exit_code=3) from None
+    # ``follow`` ends with the terminal build.
+    if args.json:
+        common.print_json(build.to_json())
+    return 0 if build.build_status is BuildStatus.SUCCEEDED else 1
 
 
 def _ls(args: argparse.Namespace) -> int:
     def body(db: Database) -> int:
-        builds = SqlBuildStore(db).list_builds(args.status, args.limit, args.queue)
+        builds = Builds(db).list(args.status, queue=args.queue, limit=args.limit)
         if args.json:
             common.print_json([b.to_json() for b in builds])
             return 0
@@ -196,7 +183,7 @@ def _row(build: Build) -> dict[str, Any]:
 
 def _show(args: argparse.Namespace) -> int:
     def body(db: Database) -> int:
-        build = SqlBuildStore(db).get(args.id)
+        build = Builds(db).get(args.id)
         if build is None:
             raise common.CliError(f"no build or request {args.id!r}", exit_code=1)
         if args.json:
@@ -211,15 +198,13 @@ def _show(args: argparse.Namespace) -> int:
 
 def _cancel(args: argparse.Namespace) -> int:
     def body(db: Database) -> int:
-        store = SqlBuildStore(db)
-        build = store.get(args.id)
+        cancellation = Builds(db).cancel(args.id)
+        build = cancellation.build
         if build is None:
             raise common.CliError(f"no build or request {args.id!r}", exit_code=1)
-        if build.is_terminal or build.build_id is None:
+        if cancellation.outcome is CancelOutcome.ALREADY_FINISHED:
             print(f"{args.id} already finished ({build.status}); nothing to cancel")
             return 0
-        store.request_cancel(build.build_id)
-        SqlQueue(db).expedite(topics.BUILDSIGNAL, build.build_id)
         print(f"cancellation of {build.build_id} requested; the poll loop tells the runner")
         return 0
 
@@ -229,4 +214,4 @@ def _cancel(args: argparse.Namespace) -> int:
 def _watch(args: argparse.Namespace) -> int:
     from buildq.cli.watch import watch
 
-    return common.run_db(args, lambda db: watch(SqlBuildStore(db), args.interval, once=args.once))
+    return common.run_db(args, lambda db: watch(Builds(db).store, args.interval, once=args.once))

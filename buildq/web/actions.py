@@ -12,10 +12,8 @@ from typing import Any
 
 import structlog
 
+from buildq.builds import Builds
 from buildq.db import Database
-from buildq.orchestrator import topics
-from buildq.orchestrator.sqlstore import SqlBuildStore
-from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.admin import DeadLetterFilter, original_topic
 from buildq.web.views import admin_of
 
@@ -64,31 +62,13 @@ class DeadLetterTarget:
 
 def cancel(db: Database, ident: str, *, client: str) -> dict[str, Any]:
     """Ask for cancellation as ``buildq cancel`` does; the poll loop tells the runner."""
-    store = SqlBuildStore(db)
-    build = store.get(ident)
-    if build is None:
-        outcome = "not_found"
-    elif build.is_terminal or build.build_id is None:
-        outcome = "already_finished"
-    elif store.request_cancel(build.build_id):
-        # Wake the build's poll now, so the cancel reaches the runner without waiting for it.
-        SqlQueue(db).expedite(topics.BUILDSIGNAL, build.build_id)
-        outcome = "requested"
-    else:
-        outcome = "already_finished"
+    cancellation = Builds(db).cancel(ident)
+    build_id = None if cancellation.build is None else cancellation.build.build_id
+    outcome = cancellation.outcome.value
     log.info(
-        "web_action",
-        action="cancel",
-        id=ident,
-        build_id=None if build is None else build.build_id,
-        outcome=outcome,
-        client=client,
+        "web_action", action="cancel", id=ident, build_id=build_id, outcome=outcome, client=client
     )
-    return {
-        "id": ident,
-        "build_id": None if build is None else build.build_id,
-        "outcome": outcome,
-    }
+    return {"id": ident, "build_id": build_id, "outcome": outcome}
 
 
 def requeue(db: Database, target: DeadLetterTarget, *, client: str) -> dict[str, Any]:

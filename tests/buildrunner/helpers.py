@@ -7,7 +7,7 @@ import os
 import signal
 from pathlib import Path
 
-from buildq.buildrunner import _command_wrapper as files
+from buildq.buildrunner import _command_supervisor as files
 
 
 class FakeClock:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from buildq.buildrunner import _command_wrapper as files
+from buildq.buildrunner import _command_supervisor as files
 from buildq.buildrunner.command import CommandConfig, CommandRunner
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,

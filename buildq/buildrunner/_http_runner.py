@@ -1,8 +1,9 @@
-"""What the Buildkite and GitHub runners share above the HTTP layer (``_http``).
+"""The HTTP runners' base class, ``HttpRunner``, and what they share above the transport.
 
-The runner skeleton (a name, a log bound to it, the HTTP core and its rate budget, ``close``),
-creating a build at most once per correlation token, and the wire forms both vendors use for
-change lists and timestamps.
+Every CI runner (``buildkite``, ``github``, ``gitlab``, ``jenkins``, ``buildbot``) is an
+``HttpRunner``: a name, a log bound to it, the HTTP core (``_http_transport``) and its rate
+budget, ``close``. Here too: creating a build at most once per correlation token, and the wire
+forms the vendors share for change lists and timestamps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import httpx
 import structlog
 import tenacity
 
-from buildq.buildrunner._http import (
+from buildq.buildrunner._http_transport import (
     Ambiguous,
     HttpCore,
     HttpSettings,
@@ -91,7 +92,7 @@ def create_idempotently(
     With a token, an earlier attempt (this call's or a previous trigger's) is found by the
     token before anything new is created. Without one, an ambiguous create is reported as
     transient and never repeated: only the caller can know whether to try again. Attempts
-    are spaced like reads (``_http.backoff``: exponential, jittered).
+    are spaced like reads (``_http_transport.backoff``: exponential, jittered).
     """
     settings = core.settings
     if token and lookup_first:

@@ -1,7 +1,7 @@
 """Supervisor of one ``command`` build, and the file layout it shares with the runner.
 
-The runner starts this script (``python -I _command_wrapper.py BUILD_DIR GRACE_S COMMAND``) in
-a session of its own, so it outlives the daemon. It runs the command in a new process group,
+The runner starts this script (``python -I _command_supervisor.py BUILD_DIR GRACE_S COMMAND``)
+in a session of its own, so it outlives the daemon. It runs the command in a new process group,
 turns a SIGTERM (the runner's cancel) into SIGTERM-then-SIGKILL of that group, waits until the
 group is gone, and records the outcome in an exit file written atomically. The exit file is
 how a build's result survives any number of daemon restarts.

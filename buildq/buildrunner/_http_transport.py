@@ -1,14 +1,14 @@
 """How the HTTP build runners send requests: settings, client factory, retries, ETags.
 
-The vendor modules (``buildkite``, ``github``) speak their vendor's paths and vocabulary;
-everything about *how* a request is sent lives here, so both backends wait, retry and fail
-the same way:
+The runner modules (``buildkite``, ``github``, ...; their base class is in ``_http_runner``)
+speak their vendor's paths and vocabulary; everything about *how* a request is sent lives
+here, so every HTTP runner waits, retries and fails the same way:
 
 - every request first takes a slot from the runner's one ``RateBudget`` (``_ratelimit``);
 - reads are retried on transport errors and 5xx with tenacity, then surface as
   ``TransientRunnerError`` so the orchestrator nacks;
 - creates are never blind-retried: an ambiguous outcome is resolved by looking the build up
-  by its correlation token (``_vendor.create_idempotently``);
+  by its correlation token (``_http_runner.create_idempotently``);
 - error text is built here and scrubbed of the token.
 """
 
