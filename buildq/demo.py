@@ -36,13 +36,13 @@ from buildq.buildrunner import BuildStatus, Change
 from buildq.cli.common import CONFIG_ENV, DEFAULT_CONFIG
 from buildq.cli.watch import render
 from buildq.config import Config, ConfigError, load_config
-from buildq.db import Database, create_engine, redacted_url
 from buildq.migrations import upgrade
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import Build, BuildRequest, request_message
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.contract import QueueError
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine, redacted_url
 
 _READY_TIMEOUT_S = 30.0
 _REFRESH_S = 0.5

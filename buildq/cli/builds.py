@@ -10,11 +10,11 @@ from typing import Any
 from buildq.buildrunner import BuildStatus, Change
 from buildq.cli import argtypes, common
 from buildq.cli.output import print_table
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import Build, BuildRequest, request_message
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database
 
 STATUSES = [s.value for s in BuildStatus]
 

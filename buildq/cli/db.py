@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from buildq.cli import common
-from buildq.db import create_engine, redacted_url
+from buildq.storage.database import create_engine, redacted_url
 
 
 def register(commands: Any) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 from buildq.buildrunner import registry
 from buildq.cli import common, doctor_ci
 from buildq.config import Config, ConfigError, Table, load_config
-from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
+from buildq.storage.database import READ_ONLY, backend_name, create_engine, redacted_url
 
 #: The oldest servers buildq supports: what it is designed and tested for (MySQL 8 and
 #: MariaDB 10.6+: utf8mb4 keys of 3072 bytes, millisecond NOW(3), READ COMMITTED locking

@@ -18,13 +18,13 @@ import sqlalchemy as sa
 
 from buildq.buildrunner import registry
 from buildq.config.base import ConfigError, Origin, Secret, Table, Unshown
-from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.settings import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RETENTION_MS,
     Backoff,
     SubscriptionSettings,
 )
+from buildq.storage.columns import QUEUE_NAME_MAX
 
 ENV_PREFIX = "BUILDQ_"
 ENV_NESTING = "__"

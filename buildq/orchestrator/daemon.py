@@ -18,7 +18,6 @@ import structlog
 
 from buildq.buildrunner import BuildID
 from buildq.config import Config
-from buildq.db import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
@@ -44,6 +43,7 @@ from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.retention import Retention
 from buildq.queue.worker import Handler, Worker
+from buildq.storage.database import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.systemd import Notifier
 from buildq.webhook import WebhookConfig, WebhookServer
 

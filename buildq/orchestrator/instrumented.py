@@ -27,12 +27,12 @@ from buildq.buildrunner import (
     RunnerUnauthorized,
     TransientRunnerError,
 )
-from buildq.db import Database
 from buildq.metrics import BuildGauges, Metrics, QueueGauges
 from buildq.orchestrator.model import FinishedBuild
 from buildq.orchestrator.sqlstore import LIVE, SqlBuildStore
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.stats import TopicStats
+from buildq.storage.database import Database
 
 log = structlog.get_logger("buildq.metrics")
 

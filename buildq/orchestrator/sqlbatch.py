@@ -27,7 +27,7 @@ from buildq.buildrunner import BuildStatus
 from buildq.orchestrator.model import BuildRequest, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.store import BatchConflict
-from buildq.queue.sql.dialect import (
+from buildq.storage.dialect import (
     insert_ignore,
     insert_ignore_sql,
     placeholder,

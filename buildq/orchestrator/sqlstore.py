@@ -9,13 +9,13 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, update
 
 from buildq.buildrunner import BuildStatus, Change
-from buildq.db import Database
 from buildq.orchestrator.model import Build, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.sqlbatch import SELECT_STATE, SqlBuildBatch, to_state
 from buildq.orchestrator.store import StepTx
 from buildq.queue.sql.batch import AckedStep, SqlSession
-from buildq.queue.sql.dialect import db_now_ms
+from buildq.storage.database import Database
+from buildq.storage.dialect import db_now_ms
 
 NOW = db_now_ms()
 TERMINAL = [s.value for s in BuildStatus if s.is_terminal]

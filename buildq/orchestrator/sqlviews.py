@@ -26,12 +26,12 @@ from sqlalchemy import (
 )
 
 from buildq.buildrunner import BuildStatus
-from buildq.db import Database
 from buildq.orchestrator.model import Build
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.sqlstore import LIVE, NOW, TERMINAL, to_build
 from buildq.orchestrator.topics import BUILDSIGNAL
 from buildq.queue.sql.schema import messages as m
+from buildq.storage.database import Database
 
 _P_SINCE = bindparam("p_since", type_=BigInteger)
 _ALL = [s.value for s in BuildStatus]

@@ -12,11 +12,11 @@ from typing import Any
 
 import structlog
 
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.admin import DeadLetterFilter, original_topic
+from buildq.storage.database import Database
 from buildq.web.views import admin_of
 
 log = structlog.get_logger("buildq.web")

@@ -17,7 +17,6 @@ from typing import Any
 
 from buildq.buildrunner import BuildStatus
 from buildq.config import Config
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.sqlstore import LIVE, TERMINAL, SqlBuildStore
 from buildq.orchestrator.sqlviews import MINUTE_MS, BuildViews
@@ -25,6 +24,7 @@ from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.store import MessageStore
+from buildq.storage.database import Database
 
 HOUR_MS = 3_600_000
 #: A live build whose next poll is this much past due counts as overdue (a poll takes a runner

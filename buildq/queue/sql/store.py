@@ -17,7 +17,6 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import (
     DLQ_SUFFIX,
     DeadLetter,
@@ -30,6 +29,7 @@ from buildq.queue.contract import (
 from buildq.queue.settings import DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_PAYLOAD_BYTES
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.schema import GROUP_MAX, MESSAGE_ID_MAX, PARTITION_KEY_MAX, TOPIC_MAX
+from buildq.storage.database import Database
 
 
 @dataclass(frozen=True, slots=True)

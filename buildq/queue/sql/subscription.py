@@ -26,7 +26,6 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import (
     AlreadyAcknowledged,
     DeadLetter,
@@ -46,6 +45,7 @@ from buildq.queue.sql.store import (
     dead_letter_of,
     decode_metadata,
 )
+from buildq.storage.database import Database
 
 log = structlog.get_logger("buildq.queue")
 
