@@ -233,9 +233,6 @@ class Config:
     #: ``[web]``: read and validated by ``buildq web`` (buildq/web/config.py), not the daemon.
     web: Table = field(default_factory=lambda: Table("web", None))
 
-    def queue(self, name: str) -> BuildQueueConfig:
-        return self.queues[name]
-
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (may be None: defaults + environment), apply overrides, validate."""

@@ -146,10 +146,6 @@ class SqlBuildStore:
         """Live builds per queue and status, with the oldest one's age (ms)."""
         return [dict(r) for r in self.db.read(lambda c: c.execute(_live_summary).mappings().all())]
 
-    def count_by_status(self) -> dict[str, int]:
-        stmt = select(b.c.status, func.count()).group_by(b.c.status)
-        return {s: int(n) for s, n in self.db.read(lambda conn: conn.execute(stmt).all())}
-
     def request_cancel(self, build_id: str) -> bool:
         """Ask for cancellation; the poll loop sends it to the runner. False if finished/unknown."""
         stmt = (
