@@ -10,10 +10,10 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Connection
 
 from buildq.buildrunner import BuildStatus, Change
+from buildq.orchestrator.buildstore import AckedEffect, StepTx
 from buildq.orchestrator.model import Build, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.sqlbatch import SELECT_STATE, SqlBuildBatch, to_state
-from buildq.orchestrator.store import AckedEffect, StepTx
 from buildq.storage.database import Database
 from buildq.storage.dialect import db_now_ms
 

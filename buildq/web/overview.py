@@ -24,7 +24,7 @@ from buildq.orchestrator.sqlviews import MINUTE_MS, BuildViews
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.admin import QueueAdmin
-from buildq.queue.sql.store import MessageStore
+from buildq.queue.sql.messages import MessageStore
 from buildq.storage.database import Database
 
 HOUR_MS = 3_600_000

@@ -22,8 +22,8 @@ from buildq.queue.contract import message_id
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.admin import DeadLetterFilter, QueueAdmin
+from buildq.queue.sql.messages import MessageStore
 from buildq.queue.sql.stats import TopicStats
-from buildq.queue.sql.store import MessageStore
 from buildq.storage.database import Database
 
 #: Most live builds one page lists (the overview counts them all).

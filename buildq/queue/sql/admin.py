@@ -21,8 +21,8 @@ from sqlalchemy.engine import Connection
 from buildq.queue.contract import DLQ_SUFFIX, QueueError, dlq_topic
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql.messages import MessageStore, decode_metadata, new_publish_token
 from buildq.queue.sql.stats import GroupStats, TopicStats, fold_stats, int_or_none
-from buildq.queue.sql.store import MessageStore, decode_metadata, new_publish_token
 from buildq.storage.database import Database
 
 BATCH = 1000

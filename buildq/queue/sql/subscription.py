@@ -39,7 +39,7 @@ from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.leases import EventHook, Membership
-from buildq.queue.sql.store import (
+from buildq.queue.sql.messages import (
     MessageStore,
     check_group_name,
     dead_letter_of,
