@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint local-start bench bench-full chaos clean
+.PHONY: venv test test-fast lint imports local-start bench bench-full chaos clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check buildq tests bench
 	$(BIN)/ruff format --check buildq tests bench
 	$(BIN)/mypy
+
+## The import graph, its cycles and the largest modules; fails if a layering rule is broken.
+imports:
+	$(PYTHON) scripts/imports.py
 
 ## The whole thing on one machine: SQLite, the daemon, demo builds in a live view.
 local-start: $(STAMP)

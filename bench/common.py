@@ -28,8 +28,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from buildq.db import Database, create_engine
 from buildq.migrations import upgrade
+from buildq.storage.database import Database, create_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

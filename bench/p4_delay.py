@@ -30,12 +30,12 @@ from typing import Any
 from sqlalchemy import select, text
 
 from bench.common import ROOT, Backend, Profile, Result, log, percentile, wait_for
-from buildq.db import Database, create_engine
 from buildq.queue.contract import Delivery, Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue
-from buildq.queue.sql.dialect import db_now_ms
 from buildq.queue.worker import Job, Worker
+from buildq.storage.database import Database, create_engine
+from buildq.storage.dialect import db_now_ms
 
 TOPIC = "bench_delay"
 MAX_DELAY_MS = 2_000

@@ -44,11 +44,11 @@ from bench.daemon import (
 )
 from bench.profiling import recording
 from bench.workload import FOREVER_RUNNER, poll_every, seed_builds
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.queue.sql import SqlQueue
-from buildq.queue.sql.dialect import db_now_ms
 from buildq.queue.sql.schema import deliveries as d
+from buildq.storage.database import Database
+from buildq.storage.dialect import db_now_ms
 
 CADENCE_S = 10.0
 #: Saturation: this many builds, each due every second, is more polls than any daemon here

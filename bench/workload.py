@@ -15,12 +15,12 @@ from sqlalchemy import insert, select
 
 from buildq.buildrunner import BuildStatus
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.controllers import poll_message
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql import SqlQueue
-from buildq.queue.sql.dialect import db_now_ms
+from buildq.storage.database import Database
+from buildq.storage.dialect import db_now_ms
 
 #: The sim runner table of daemon configs whose builds never finish.
 FOREVER_RUNNER = """

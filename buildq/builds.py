@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from buildq.buildrunner import Change
-from buildq.db import Database, create_engine
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import Build, BuildRequest, request_message
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine
 
 __all__ = [
     "Build",

@@ -37,9 +37,10 @@ from buildq.builds import Build, Builds, new_request
 from buildq.cli.common import CONFIG_ENV, DEFAULT_CONFIG
 from buildq.cli.watch import render
 from buildq.config import Config, ConfigError, load_config
-from buildq.db import redacted_url
 from buildq.migrations import upgrade
 from buildq.queue.contract import QueueError
+from buildq.storage.database import redacted_url
+from buildq.storage.errors import first_line
 
 _READY_TIMEOUT_S = 30.0
 _REFRESH_S = 0.5
@@ -297,8 +298,7 @@ def _run(config: Config, args: argparse.Namespace, console: Console, signals: St
     try:
         upgrade(url)
     except Exception as err:  # alembic and drivers raise many types; the user needs one line
-        first_line = (str(err) or type(err).__name__).splitlines()[0]
-        raise DemoError(f"upgrade of {redacted_url(url)} failed: {first_line}") from None
+        raise DemoError(f"upgrade of {redacted_url(url)} failed: {first_line(err)}") from None
     if signals.stop.is_set():
         return 0
     port = args.http_port or free_port(config.http.bind, config.http.port)

@@ -16,8 +16,8 @@ from typing import TypeVar
 import pytest
 import sqlalchemy as sa
 
-from buildq.db import Database, create_engine
 from buildq.migrations import upgrade
+from buildq.storage.database import Database, create_engine
 from tests.support import wait_until
 
 T = TypeVar("T")

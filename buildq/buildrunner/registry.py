@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.config.base import ConfigError, Secret, Table
+from buildq.storage.errors import first_line
 
 ENTRY_POINT_GROUP = "buildq.runners"
 BUILTIN = "buildq"
@@ -151,9 +152,10 @@ def _load_plugin(name: str, entry: metadata.EntryPoint) -> RunnerKind:
 
 
 def _broken(key: str, name: str, err: _PluginBroken) -> ConfigError:
-    first_line = (str(err).splitlines() or [""])[0][:200]
     return ConfigError(
-        key, name, f"a working runner plugin (package {err.provider} failed: {first_line})"
+        key,
+        name,
+        f"a working runner plugin (package {err.provider} failed: {first_line(err, 200)})",
     )
 
 

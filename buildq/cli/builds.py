@@ -17,7 +17,7 @@ from buildq.builds import (
 )
 from buildq.cli import argtypes, common
 from buildq.cli.output import print_table
-from buildq.db import Database
+from buildq.storage.database import Database
 
 STATUSES = [s.value for s in BuildStatus]
 

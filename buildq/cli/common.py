@@ -13,8 +13,9 @@ from typing import Any
 from sqlalchemy.exc import ArgumentError
 
 from buildq.config import Config, ConfigError, load_config
-from buildq.db import Database, DatabaseMissing, create_engine, redacted_url
 from buildq.queue.contract import QueueError
+from buildq.storage.database import Database, create_engine, redacted_url
+from buildq.storage.errors import DatabaseMissing
 
 #: Where a command looks for its config when neither --config nor $BUILDQ_CONFIG says:
 #: a checkout (``make local-start``), then a host set up by ``buildq setup-host``.

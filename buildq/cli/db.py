@@ -6,7 +6,8 @@ import argparse
 from typing import Any
 
 from buildq.cli import common
-from buildq.db import create_engine, redacted_url
+from buildq.storage.database import create_engine, redacted_url
+from buildq.storage.errors import first_line
 
 
 def register(commands: Any) -> None:
@@ -27,7 +28,7 @@ def _upgrade(args: argparse.Namespace) -> int:
         revision = _revision(url)
     except Exception as err:  # alembic and drivers raise many types; the user needs one line
         raise common.CliError(
-            f"upgrade of {redacted_url(url)} failed: {_first_line(err)}", 1
+            f"upgrade of {redacted_url(url)} failed: {first_line(err)}", 1
         ) from None
     # The id itself, as the daemon's "is at revision X, not Y" and doctor name it.
     latest = " (the latest)" if revision == head_revision() else ""
@@ -43,8 +44,3 @@ def _revision(url: str) -> str | None:
         return current_revision(engine)
     finally:
         engine.dispose()
-
-
-def _first_line(err: BaseException) -> str:
-    orig = getattr(err, "orig", None)
-    return str(orig if orig is not None else err).splitlines()[0][:300]

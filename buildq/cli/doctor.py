@@ -19,7 +19,8 @@ from sqlalchemy.engine import Connection, Engine
 from buildq.buildrunner import registry
 from buildq.cli import common, doctor_ci
 from buildq.config import Config, ConfigError, Table, load_config
-from buildq.db import READ_ONLY, backend_name, create_engine, redacted_url
+from buildq.storage.database import READ_ONLY, backend_name, create_engine, redacted_url
+from buildq.storage.errors import first_line
 
 #: The oldest servers buildq supports: what it is designed and tested for (MySQL 8 and
 #: MariaDB 10.6+: utf8mb4 keys of 3072 bytes, millisecond NOW(3), READ COMMITTED locking
@@ -99,7 +100,7 @@ def _check_database(url: str, upgrade: str) -> list[Check]:
         engine = create_engine(url, pool_size=1)
     except (ValueError, sa.exc.ArgumentError) as err:
         return [
-            Check("database", "FAIL", _first_line(err), "give a sqlite:/// or mysql+pymysql:// URL")
+            Check("database", "FAIL", first_line(err), "give a sqlite:/// or mysql+pymysql:// URL")
         ]
     try:
         # Read-only: on SQLite a plain connection would BEGIN IMMEDIATE and hold the write
@@ -112,7 +113,7 @@ def _check_database(url: str, upgrade: str) -> list[Check]:
         return [*checks, _check_schema(engine, upgrade)]
     except Exception as err:  # drivers raise many types; the operator needs one line
         fix = "check that the server is up and reachable, and the URL and password"
-        return [Check("database", "FAIL", f"{shown}: {_first_line(err)}", fix)]
+        return [Check("database", "FAIL", f"{shown}: {first_line(err)}", fix)]
     finally:
         engine.dispose()
 
@@ -197,8 +198,3 @@ def _check_runner(name: str, table: Table, *, online: bool) -> list[Check]:
     if online:
         checks += [Check(*row) for row in doctor_ci.inspect(name, kind_name, config)]
     return checks
-
-
-def _first_line(err: BaseException) -> str:
-    orig = getattr(err, "orig", None)
-    return str(orig if orig is not None else err).splitlines()[0][:300]

@@ -13,6 +13,7 @@ from typing import Any
 from buildq.buildrunner import RunnerError, RunnerUnauthorized, TransientRunnerError, _siblings
 from buildq.buildrunner import buildkite as bk
 from buildq.buildrunner import github as gh
+from buildq.storage.errors import first_line
 
 Row = tuple[str, str, str, str]
 
@@ -51,9 +52,9 @@ def _ask(name: str, api_url: str, rows: Callable[[], list[Row]]) -> list[Row]:
         ]
     except TransientRunnerError as err:
         fix = "check api_url and this host's network (or run doctor with --offline)"
-        return [(label, "FAIL", f"cannot reach {api_url}: {_short(err)}", fix)]
+        return [(label, "FAIL", f"cannot reach {api_url}: {first_line(err)}", fix)]
     except RunnerError as err:  # a 404 for the pipeline or workflow: a config error
-        return [(label, "FAIL", _short(err), "check the runner's table against the CI service")]
+        return [(label, "FAIL", first_line(err), "check the runner's table against the CI service")]
 
 
 def _buildkite(name: str, config: bk.BuildkiteConfig) -> list[Row]:
@@ -86,7 +87,3 @@ def _github(name: str, config: gh.GitHubConfig) -> list[Row]:
     for warning in _siblings.github_warnings(workflow):
         rows.append((label, "WARN", warning, fix))
     return rows
-
-
-def _short(err: BaseException) -> str:
-    return str(err).splitlines()[0][:300] if str(err) else type(err).__name__

@@ -12,9 +12,9 @@ from rich.cells import cell_len
 
 from buildq.cli import common
 from buildq.cli.argtypes import UNITS_MS
-from buildq.db import Database
 from buildq.queue.sql.admin import QueueAdmin
-from buildq.queue.sql.store import MessageStore
+from buildq.queue.sql.messages import MessageStore
+from buildq.storage.database import Database
 
 Handler = Callable[[argparse.Namespace, QueueAdmin], int]
 

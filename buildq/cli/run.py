@@ -21,8 +21,8 @@ def register(commands: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from buildq import logs
     from buildq.config import ConfigError
-    from buildq.db import DatabaseMissing
     from buildq.orchestrator.daemon import Daemon, NotMigrated
+    from buildq.storage.errors import DatabaseMissing
 
     config = common.load(args)
     logs.configure(config.daemon.log_level, config.daemon.log_format)

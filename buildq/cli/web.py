@@ -28,7 +28,7 @@ def _web(args: argparse.Namespace) -> int:
     import dataclasses
 
     from buildq.config import ConfigError
-    from buildq.db import DatabaseMissing
+    from buildq.storage.errors import DatabaseMissing
 
     config = common.load(args)
     try:

@@ -176,14 +176,6 @@ class Table:
         self._read.add(name)
         return Table(self.key(name), self.data.get(name), self.origin)
 
-    def str_map(self, name: _str) -> dict[_str, _str]:
-        value = self._get(name, {})
-        if not isinstance(value, Mapping) or not all(
-            isinstance(k, _str) and isinstance(v, _str) for k, v in value.items()
-        ):
-            raise ConfigError(self.key(name), value, "a table of strings")
-        return dict(value)
-
     def str_list(self, name: _str, default: list[_str] | None = None) -> list[_str]:
         value = self._get(name, default if default is not None else [])
         if not isinstance(value, list) or not all(isinstance(v, _str) for v in value):

@@ -18,13 +18,13 @@ import sqlalchemy as sa
 
 from buildq.buildrunner import registry
 from buildq.config.base import ConfigError, Origin, Secret, Table, Unshown
-from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.settings import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DEFAULT_RETENTION_MS,
     Backoff,
     SubscriptionSettings,
 )
+from buildq.storage.columns import QUEUE_NAME_MAX
 
 ENV_PREFIX = "BUILDQ_"
 ENV_NESTING = "__"
@@ -232,9 +232,6 @@ class Config:
     webhooks: Table
     #: ``[web]``: read and validated by ``buildq web`` (buildq/web/config.py), not the daemon.
     web: Table = field(default_factory=lambda: Table("web", None))
-
-    def queue(self, name: str) -> BuildQueueConfig:
-        return self.queues[name]
 
 
 def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:

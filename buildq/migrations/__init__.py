@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
-from buildq.db import create_engine
+from buildq.storage.database import create_engine
 
 HERE = Path(__file__).parent
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from buildq.db import create_engine
+from buildq.storage.database import create_engine
 
 config = context.config
 

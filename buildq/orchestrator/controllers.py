@@ -30,8 +30,8 @@ from buildq.buildrunner import (
 )
 from buildq.config import BuildQueueConfig
 from buildq.orchestrator import policy, topics
+from buildq.orchestrator.buildstore import BuildReads, StepTx
 from buildq.orchestrator.model import BuildRequest, BuildState, FinishedBuild, result_payload
-from buildq.orchestrator.store import BuildReads, StepTx
 from buildq.queue.contract import Delivery, Effect, Message, message_id
 from buildq.queue.worker import INLINE, Job, Unprocessable
 

@@ -18,7 +18,6 @@ import structlog
 
 from buildq.buildrunner import BuildID
 from buildq.config import Config
-from buildq.db import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
@@ -44,6 +43,8 @@ from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.retention import Retention
 from buildq.queue.worker import Handler, Worker
+from buildq.storage.database import READ_ONLY, Database, DbClock, create_engine, redacted_url
+from buildq.storage.errors import first_line
 from buildq.systemd import Notifier
 from buildq.webhook import WebhookConfig, WebhookServer
 
@@ -168,7 +169,7 @@ class Daemon:
                 revision = current_revision(db.engine)
             except Exception as err:
                 db.dispose()
-                self._db_error = _first_line(err)
+                self._db_error = first_line(err)
                 log.warning("database_unavailable", error=self._db_error, retry_in_s=delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
@@ -194,8 +195,8 @@ class Daemon:
             try:
                 return self.queue.subscribe(topic, topics.GROUP, settings)
             except TransientQueueError as err:
-                self._db_error = f"cannot join the consumer group on {topic!r}: {_first_line(err)}"
-                log.warning("join_failed", topic=topic, error=_first_line(err), retry_in_s=delay)
+                self._db_error = f"cannot join the consumer group on {topic!r}: {first_line(err)}"
+                log.warning("join_failed", topic=topic, error=first_line(err), retry_in_s=delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
         return None
@@ -244,7 +245,7 @@ class Daemon:
                     # next poll to wake, so stop now instead of trying until the timeout.
                     done = not woken and self._finished(build_id)
                 except Exception as err:  # the safety poll still comes
-                    log.warning("webhook_rewake_failed", build_id=build_id, error=_first_line(err))
+                    log.warning("webhook_rewake_failed", build_id=build_id, error=first_line(err))
                     woken, done = 0, False
                 if woken or done or time.monotonic() >= give_up_at:
                     with self._rewake_lock:
@@ -269,7 +270,7 @@ class Daemon:
             try:
                 result = retention.purge()
             except Exception as err:  # the next round tries again
-                log.warning("retention_failed", error=_first_line(err))
+                log.warning("retention_failed", error=first_line(err))
                 continue
             if result.deleted:
                 log.info("retention_purged", deleted=result.deleted)
@@ -285,7 +286,7 @@ class Daemon:
                     found = revision.scalar()
                     conn.rollback()
             except Exception as err:
-                self._db_ok, self._db_error = False, _first_line(err)
+                self._db_ok, self._db_error = False, first_line(err)
             else:
                 self._db_ok = found == self._head_revision
                 self._db_error = (
@@ -397,7 +398,7 @@ class Daemon:
                 assert queue is not None
                 queue.unsubscribe(subscription)
             except Exception as err:  # leases expire on their own
-                log.warning("unsubscribe_failed", topic=subscription.topic, error=_first_line(err))
+                log.warning("unsubscribe_failed", topic=subscription.topic, error=first_line(err))
 
         threads = [
             threading.Thread(target=leave, args=(s,), name=f"leave-{s.topic}", daemon=True)
@@ -428,12 +429,3 @@ class Daemon:
             pass
         self.stop()
         return 0
-
-
-def _first_line(err: BaseException) -> str:
-    orig = getattr(err, "orig", None)
-    return (
-        str(orig if orig is not None else err).splitlines()[0][:300]
-        if str(err)
-        else type(err).__name__
-    )

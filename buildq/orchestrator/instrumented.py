@@ -27,12 +27,13 @@ from buildq.buildrunner import (
     RunnerUnauthorized,
     TransientRunnerError,
 )
-from buildq.db import Database
 from buildq.metrics import BuildGauges, Metrics, QueueGauges
 from buildq.orchestrator.model import FinishedBuild
 from buildq.orchestrator.sqlstore import LIVE, SqlBuildStore
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.stats import TopicStats
+from buildq.storage.database import Database
+from buildq.storage.errors import first_line
 
 log = structlog.get_logger("buildq.metrics")
 
@@ -176,7 +177,7 @@ class StatsRefresher:
                 self.refresh()
             except Exception as err:
                 self.metrics.stats_failures.inc()
-                log.warning("metrics_refresh_failed", error=str(err).splitlines()[0][:300])
+                log.warning("metrics_refresh_failed", error=first_line(err))
             stopping.wait(interval_s)
 
     def refresh(self) -> None:

@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from buildq.buildrunner import BuildStatus
+from buildq.orchestrator.buildstore import StepTx
 from buildq.orchestrator.model import Build, BuildRequest, BuildState, FinishedBuild
-from buildq.orchestrator.store import StepTx
 from buildq.queue.memory import MemoryAckedStep, MemorySession
 
 

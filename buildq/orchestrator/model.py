@@ -9,8 +9,8 @@ from typing import Any
 
 from buildq.buildrunner import BuildStatus, Change, MalformedPayload
 from buildq.buildrunner.contract import decode_json_object
-from buildq.orchestrator.schema import QUEUE_NAME_MAX
 from buildq.queue.contract import Message, message_id
+from buildq.storage.columns import QUEUE_NAME_MAX
 
 #: Most changes one request may carry (base + head): a bound on payload and runner input.
 MAX_CHANGES = 1_000

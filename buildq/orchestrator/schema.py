@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
 
-from buildq.queue.sql.schema import MYSQL_TABLE_ARGS, LongText
-
-#: Longest queue and runner names the builds table can hold: config and request decoding refuse
-#: longer ones, which MySQL would otherwise cut short.
-QUEUE_NAME_MAX = 100
-RUNNER_NAME_MAX = 64
+from buildq.storage.columns import MYSQL_TABLE_ARGS, QUEUE_NAME_MAX, RUNNER_NAME_MAX, LongText
 
 metadata = MetaData()
 

@@ -24,10 +24,10 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection, Dialect
 
 from buildq.buildrunner import BuildStatus
+from buildq.orchestrator.buildstore import BatchConflict
 from buildq.orchestrator.model import BuildRequest, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
-from buildq.orchestrator.store import BatchConflict
-from buildq.queue.sql.dialect import (
+from buildq.storage.dialect import (
     insert_ignore,
     insert_ignore_sql,
     placeholder,

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Connection
 
 from buildq.buildrunner import BuildStatus, Change
-from buildq.db import Database
+from buildq.orchestrator.buildstore import AckedEffect, StepTx
 from buildq.orchestrator.model import Build, BuildState, FinishedBuild
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.sqlbatch import SELECT_STATE, SqlBuildBatch, to_state
-from buildq.orchestrator.store import StepTx
-from buildq.queue.sql.batch import AckedStep, SqlSession
-from buildq.queue.sql.dialect import db_now_ms
+from buildq.storage.database import Database
+from buildq.storage.dialect import db_now_ms
 
 NOW = db_now_ms()
 TERMINAL = [s.value for s in BuildStatus if s.is_terminal]
@@ -41,6 +41,18 @@ _select_by_build = select(b).where(b.c.build_id == bindparam("p_build_id"))
 _select_by_request = select(b).where(b.c.request_id == bindparam("p_request_id"))
 _states_by_build = SELECT_STATE.where(b.c.build_id.in_(bindparam("p_ids", expanding=True)))
 _states_by_request = SELECT_STATE.where(b.c.request_id.in_(bindparam("p_ids", expanding=True)))
+
+
+class BatchSession(Protocol):
+    """The queue's batch transaction (its ``SqlSession``) as the build store writes in it."""
+
+    @property
+    def connection(self) -> Connection: ...
+
+    @property
+    def now_ms(self) -> int:
+        """The database's clock at the batch's start."""
+        ...
 
 
 def to_build(row: Any) -> Build:
@@ -107,7 +119,7 @@ class SqlBuildStore:
         rows = self.db.read(lambda conn: conn.execute(stmt, {"p_ids": list(ids)}).all())
         return [to_state(row) for row in rows]
 
-    def apply(self, session: SqlSession, steps: Sequence[AckedStep]) -> list[FinishedBuild]:
+    def apply(self, session: BatchSession, steps: Sequence[AckedEffect]) -> list[FinishedBuild]:
         """Run the steps' effects in the batch's transaction (``SqlCommitter``'s hook) and
         write their build rows; the builds it finished. A batch of one writes at once."""
         writes = SqlBuildBatch(session.connection, session.now_ms, immediate=len(steps) == 1)
@@ -133,10 +145,6 @@ class SqlBuildStore:
     def live_summary(self) -> list[dict[str, Any]]:
         """Live builds per queue and status, with the oldest one's age (ms)."""
         return [dict(r) for r in self.db.read(lambda c: c.execute(_live_summary).mappings().all())]
-
-    def count_by_status(self) -> dict[str, int]:
-        stmt = select(b.c.status, func.count()).group_by(b.c.status)
-        return {s: int(n) for s, n in self.db.read(lambda conn: conn.execute(stmt).all())}
 
     def request_cancel(self, build_id: str) -> bool:
         """Ask for cancellation; the poll loop sends it to the runner. False if finished/unknown."""

@@ -18,27 +18,20 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
-    literal,
-    null,
     or_,
     select,
-    union_all,
 )
 
-from buildq.buildrunner import BuildStatus
-from buildq.db import Database
 from buildq.orchestrator.model import Build
 from buildq.orchestrator.schema import builds as b
 from buildq.orchestrator.sqlstore import LIVE, NOW, TERMINAL, to_build
-from buildq.orchestrator.topics import BUILDSIGNAL
-from buildq.queue.sql.schema import messages as m
+from buildq.storage.database import Database
 
 _P_SINCE = bindparam("p_since", type_=BigInteger)
-_ALL = [s.value for s in BuildStatus]
 MINUTE_MS = 60_000
 
 
-def _minute(column: ColumnElement[int]) -> ColumnElement[int]:
+def minute_of(column: ColumnElement[int]) -> ColumnElement[int]:
     """The start of the minute ``column`` (epoch ms) falls in; same arithmetic on both engines."""
     return column - column % MINUTE_MS
 
@@ -50,11 +43,11 @@ _finished_since = (
         b.c.runner,
         b.c.status,
         b.c.failure_reason,
-        _minute(b.c.finished_at).label("minute_ms"),
+        minute_of(b.c.finished_at).label("minute_ms"),
         func.count().label("builds"),
     )
     .where(b.c.status.in_(TERMINAL), b.c.updated_at >= _P_SINCE, b.c.finished_at >= _P_SINCE)
-    .group_by(b.c.queue, b.c.runner, b.c.status, b.c.failure_reason, _minute(b.c.finished_at))
+    .group_by(b.c.queue, b.c.runner, b.c.status, b.c.failure_reason, minute_of(b.c.finished_at))
 )
 
 #: Live builds per queue, runner and status: ages, polls overdue by more than ``p_grace_ms``.
@@ -74,58 +67,6 @@ _live_polls = (
     .where(b.c.status.in_(LIVE))
     .group_by(b.c.queue, b.c.runner, b.c.status)
 )
-
-
-def _poll_lateness() -> Any:
-    """Per minute since ``p_since``: polls handled, mean and max lateness (ms).
-
-    A poll's lateness is how long after it was due its handler committed. The log has it
-    without a history table: the hand-off that handles poll n publishes poll n+1 in the same
-    transaction, so poll n+1's ``created_at`` is when poll n was done, and a build's last poll
-    was done at its ``finished_at``. Only builds touched since ``p_since`` are read.
-    """
-    touched = (
-        select(b.c.build_id, b.c.finished_at)
-        .where(b.c.status.in_(_ALL), b.c.updated_at >= _P_SINCE, b.c.build_id.is_not(None))
-        .cte("touched")
-    )
-    due = case((m.c.visible_after > m.c.created_at, m.c.visible_after), else_=m.c.created_at)
-    polls = select(
-        m.c.partition_key.label("build_id"),
-        m.c.seq.label("seq"),
-        m.c.created_at.label("at"),
-        due.label("due"),
-    ).join_from(
-        m,
-        touched,
-        and_(
-            m.c.topic == BUILDSIGNAL, m.c.partition_key == touched.c.build_id, m.c.dlq_group == ""
-        ),
-    )
-    finishes = select(
-        touched.c.build_id, literal(2**62, BigInteger), touched.c.finished_at, null()
-    ).where(touched.c.finished_at.is_not(None))
-    events = union_all(polls, finishes).subquery("events")
-    lagged = select(
-        events.c.at,
-        func.lag(events.c.due)
-        .over(partition_by=events.c.build_id, order_by=events.c.seq)
-        .label("prev_due"),
-    ).subquery("lagged")
-    late = case((lagged.c.at > lagged.c.prev_due, lagged.c.at - lagged.c.prev_due), else_=0)
-    return (
-        select(
-            _minute(lagged.c.at).label("minute_ms"),
-            func.count().label("polls"),
-            func.avg(late).label("mean_ms"),
-            func.max(late).label("max_ms"),
-        )
-        .where(lagged.c.prev_due.is_not(None), lagged.c.at >= _P_SINCE)
-        .group_by(_minute(lagged.c.at))
-    )
-
-
-_select_poll_lateness = _poll_lateness()
 
 
 def _browse(
@@ -154,9 +95,6 @@ class BuildViews:
 
     def live_polls(self, grace_ms: int) -> list[dict[str, Any]]:
         return self._rows(_live_polls, {"p_grace_ms": grace_ms})
-
-    def poll_lateness(self, since_ms: int) -> list[dict[str, Any]]:
-        return self._rows(_select_poll_lateness, {"p_since": since_ms})
 
     def browse(
         self,

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from buildq.buildrunner import BuildRunner, registry
 from buildq.config import ConfigError, Table
-from buildq.orchestrator.schema import RUNNER_NAME_MAX
 from buildq.queue.worker import LaneSettings
+from buildq.storage.columns import RUNNER_NAME_MAX
 
 if TYPE_CHECKING:
     from buildq.webhook import WebhookRoute

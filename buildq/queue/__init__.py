@@ -61,9 +61,10 @@ def open(
     version is refused with ``NotMigrated`` saying to run ``buildq db upgrade`` (opening never
     creates a file or a table).
     """
-    from buildq.db import Database, DatabaseMissing, create_engine, redacted_url
     from buildq.migrations import current_revision, head_revision
     from buildq.queue.sql import SqlQueue
+    from buildq.storage.database import Database, create_engine, redacted_url
+    from buildq.storage.errors import DatabaseMissing
 
     shown = redacted_url(url)
     fix = f"run 'buildq db upgrade --url {shown}' first"

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from buildq.queue.settings import SubscriptionSettings
+from buildq.storage.errors import StorageError as StorageError  # exported: part of the contract
+from buildq.storage.errors import StoreError
+from buildq.storage.errors import TransientQueueError as TransientQueueError
 
 T = TypeVar("T")
 
@@ -66,8 +69,9 @@ class DeadLetter:
     last_error: str
 
 
-class QueueError(Exception):
-    """Base of every queue error."""
+#: Base of every queue error: the database layer's ``StoreError`` under the contract's name, so
+#: it covers ``TransientQueueError`` and ``StorageError`` (defined there, exported here) too.
+QueueError = StoreError
 
 
 class PublisherClosed(QueueError):
@@ -90,14 +94,6 @@ class DeliveryLost(QueueError):
     """The delivery is no longer ours: the lease on its partition moved to another subscriber,
     or its visibility timed out and it was delivered again. The write was refused; the
     current owner will process the message."""
-
-
-class TransientQueueError(QueueError):
-    """The database could not do it now (down, deadlock, lock timeout); safe to retry."""
-
-
-class StorageError(QueueError):
-    """The database refused the operation for a reason retrying will not fix."""
 
 
 class Delivery(Protocol):

@@ -13,8 +13,8 @@ from typing import Any
 import structlog
 
 from buildq.builds import Builds
-from buildq.db import Database
 from buildq.queue.sql.admin import DeadLetterFilter, original_topic
+from buildq.storage.database import Database
 from buildq.web.views import admin_of
 
 log = structlog.get_logger("buildq.web")

@@ -17,8 +17,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from buildq.config import Config
-from buildq.db import Database
 from buildq.queue.contract import QueueError
+from buildq.storage.database import Database
 from buildq.web import api, pages
 from buildq.web.config import WebConfig
 from buildq.web.state import WebState

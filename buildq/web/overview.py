@@ -17,14 +17,15 @@ from typing import Any
 
 from buildq.buildrunner import BuildStatus
 from buildq.config import Config
-from buildq.db import Database
 from buildq.orchestrator import topics
+from buildq.orchestrator.lateness import poll_lateness
 from buildq.orchestrator.sqlstore import LIVE, TERMINAL, SqlBuildStore
 from buildq.orchestrator.sqlviews import MINUTE_MS, BuildViews
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.admin import QueueAdmin
-from buildq.queue.sql.store import MessageStore
+from buildq.queue.sql.messages import MessageStore
+from buildq.storage.database import Database
 
 HOUR_MS = 3_600_000
 #: A live build whose next poll is this much past due counts as overdue (a poll takes a runner
@@ -52,22 +53,22 @@ class LatenessMinutes:
         self._last: tuple[float, int, list[dict[str, Any]]] | None = None
         self._lock = threading.Lock()
 
-    def read(self, views: BuildViews, since: int, now: int) -> list[dict[str, Any]]:
+    def read(self, db: Database, since: int, now: int) -> list[dict[str, Any]]:
         with self._lock:
             last = self._last
         if last is not None and last[1] == since and time.monotonic() - last[0] < self._ttl_s:
             return last[2]
-        found = self._read(views, since, now)
+        found = self._read(db, since, now)
         with self._lock:
             self._last = (time.monotonic(), since, found)
         return found
 
-    def _read(self, views: BuildViews, since: int, now: int) -> list[dict[str, Any]]:
+    def _read(self, db: Database, since: int, now: int) -> list[dict[str, Any]]:
         current = _minute(now)
         with self._lock:
             kept = {m: row for m, row in self._done.items() if m >= since}
             first_missing = max((m + MINUTE_MS for m in kept), default=since)
-        rows = views.poll_lateness(first_missing)
+        rows = poll_lateness(db, first_missing)
         fresh = {
             int(row["minute_ms"]): row for row in rows if int(row["minute_ms"]) >= first_missing
         }
@@ -92,7 +93,7 @@ class Overview:
         since = _minute(now) - HOUR_MS + MINUTE_MS
         live = views.live_polls(OVERDUE_GRACE_MS)
         finished = views.finished_since(since)
-        lateness = self.lateness.read(views, since, now)
+        lateness = self.lateness.read(self.db, since, now)
         retrying = _rows(
             self.db, aq.select_retrying_deliveries, topic=topics.BUILDSIGNAL, limit=_RETRYING_SHOWN
         )

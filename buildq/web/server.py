@@ -9,7 +9,7 @@ import uvicorn
 
 from buildq import logs
 from buildq.config import Config
-from buildq.db import Database, create_engine, redacted_url
+from buildq.storage.database import Database, create_engine, redacted_url
 from buildq.systemd import Notifier
 from buildq.web.app import create_app
 from buildq.web.config import WebConfig

@@ -8,7 +8,7 @@ from jinja2 import Environment
 from starlette.requests import Request
 
 from buildq.config import Config
-from buildq.db import Database
+from buildq.storage.database import Database
 from buildq.web.auth import COOKIE, Guard, LoginThrottle, Session
 from buildq.web.config import WebConfig
 from buildq.web.overview import LatenessMinutes

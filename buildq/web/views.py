@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import Build
 from buildq.orchestrator.sqlstore import LIVE, TERMINAL, SqlBuildStore
@@ -23,8 +22,9 @@ from buildq.queue.contract import message_id
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.admin import DeadLetterFilter, QueueAdmin
+from buildq.queue.sql.messages import MessageStore
 from buildq.queue.sql.stats import TopicStats
-from buildq.queue.sql.store import MessageStore
+from buildq.storage.database import Database
 
 #: Most live builds one page lists (the overview counts them all).
 IN_FLIGHT_SHOWN = 200

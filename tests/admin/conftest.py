@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from buildq.db import Database
 from buildq.queue import Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import metadata
+from buildq.storage.database import Database
 from tests.queue.conftest import FAST
 from tests.support import CliResult, run_cli
 

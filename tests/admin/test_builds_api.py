@@ -7,11 +7,11 @@ from sqlalchemy import Connection
 
 from buildq.buildrunner import BuildStatus, Change
 from buildq.builds import Builds, CancelOutcome, InvalidRequest, new_request
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.sqlbatch import SqlBuildBatch
 from buildq.queue.sql.admin import QueueAdmin
-from buildq.queue.sql.store import MessageStore
+from buildq.queue.sql.messages import MessageStore
+from buildq.storage.database import Database
 
 
 def _trigger(db: Database, request_id: str, build_id: str) -> None:

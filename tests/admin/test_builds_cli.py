@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from buildq.buildrunner import Change
-from buildq.db import Database
 from buildq.migrations import head_revision
 from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.sqlbatch import SqlBuildBatch
+from buildq.storage.database import Database
 from tests.support import run_cli
 
 LONG_BUILD = "gh:a-rather-long-organisation/and-its-repository-name/12345678901/1"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from buildq.db import DatabaseMissing, create_engine
+from buildq.storage.database import create_engine
+from buildq.storage.errors import DatabaseMissing
 from tests.support import run_cli
 
 COMMANDS = [

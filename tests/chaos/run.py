@@ -29,12 +29,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from buildq.buildrunner import Change
-from buildq.db import Database, create_engine
 from buildq.migrations import upgrade
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine
 from tests.chaos import audit, causes
 from tests.chaos.cluster import Node
 from tests.chaos.faults import FaultLog, Injector, ProxyOutage, ServerRestart

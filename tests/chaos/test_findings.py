@@ -28,11 +28,11 @@ import sqlalchemy as sa
 
 from buildq.buildrunner import CORRELATION_KEY, Change
 from buildq.buildrunner.sim import SimConfig, SimRunner
-from buildq.db import Database
 from buildq.migrations import upgrade
 from buildq.orchestrator import topics
 from buildq.queue.sql import SqlQueue
-from buildq.queue.sql.store import METADATA_ERROR_KEY, decode_metadata
+from buildq.queue.sql.messages import METADATA_ERROR_KEY, decode_metadata
+from buildq.storage.database import Database
 from tests.chaos.cluster import Node
 from tests.e2e.harness import DaemonProcess, World, write_config
 from tests.support import wait_until

@@ -14,11 +14,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from buildq.buildrunner import Change
-from buildq.db import Database, create_engine
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine
 from tests.support import read_json_lines, wait_until
 
 BUILDQ = str(Path(sys.executable).parent / "buildq")

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from buildq.db import Database, create_engine
 from buildq.orchestrator import topics
 from buildq.queue.contract import Message
 from buildq.queue.sql.retention import Retention
+from buildq.storage.database import Database, create_engine
 from tests.e2e.harness import DaemonProcess, World
 from tests.support import wait_until
 

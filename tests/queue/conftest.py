@@ -5,9 +5,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from buildq.db import Database
 from buildq.queue.settings import Backoff, SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
+from buildq.storage.database import Database
 
 FAST = SubscriptionSettings(
     slots=8,

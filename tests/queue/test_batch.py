@@ -12,7 +12,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from buildq.db import Database
 from buildq.queue.contract import (
     Ack,
     DeliveryLost,
@@ -25,6 +24,7 @@ from buildq.queue.contract import (
 )
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import deliveries, leases, messages
+from buildq.storage.database import Database
 from tests.queue.conftest import FAST
 from tests.support import wait_until
 
@@ -170,7 +170,7 @@ def test_batch_acks_do_not_deadlock_with_the_members_lease_renewal(
 ) -> None:
     """The fence reads leases without locking them (docs/queue.md, "Locks"): a batch of acks
     over many slots and the renewer, updating the same lease rows every 20 ms, never deadlock."""
-    from buildq.db import create_engine
+    from buildq.storage.database import create_engine
     from tests.conftest import clean_tables
 
     clean_tables(mysql_test_url)

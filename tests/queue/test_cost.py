@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 from sqlalchemy import event
 
-from buildq.db import Database
 from buildq.queue import Message
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database
 
 
 @contextmanager

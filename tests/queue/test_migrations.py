@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from buildq.db import Database, create_engine
 from buildq.migrations import current_revision, head_revision, upgrade
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine
 from tests.queue.conftest import FAST
 
 

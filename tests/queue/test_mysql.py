@@ -7,11 +7,11 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from buildq.db import Database, create_engine, is_transient
 from buildq.queue import Message
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.schema import groups
+from buildq.storage.database import Database, create_engine, is_transient
 
 pytestmark = pytest.mark.mysql
 

@@ -6,10 +6,10 @@ import pytest
 import sqlalchemy as sa
 from structlog.testing import capture_logs
 
-from buildq.db import Database
 from buildq.queue import InvalidMessage, Message, PayloadTooLarge, PublisherClosed
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.schema import deliveries, messages
+from buildq.storage.database import Database
 from tests.support import wait_until
 
 

@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Any
 
-from buildq.db import Database, create_engine
 from buildq.queue import DeliveryLost
 from buildq.queue.settings import Backoff, SubscriptionSettings
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from buildq.db import Database, create_engine
 from buildq.queue import Message
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database, create_engine
 from tests.support import read_json_lines, wait_until
 
 RENEW_S = 0.25

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from buildq.buildrunner import Change
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.sqlbatch import SqlBuildBatch
 from buildq.queue.contract import InvalidMessage, Message
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database
 from tests.e2e.harness import BUILDQ, World
 from tests.security.conftest import Cli, MakeDaemon
 from tests.support import wait_until

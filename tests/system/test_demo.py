@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from buildq.db import Database, create_engine
 from buildq.demo import DEMO_BUILDS
 from buildq.orchestrator.model import Build
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.contract import StorageError
+from buildq.storage.database import Database, create_engine
 from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,12 +18,12 @@ import uvicorn
 
 from buildq.buildrunner import BuildStatus
 from buildq.config import load_config
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.controllers import poll_message
 from buildq.orchestrator.schema import builds
 from buildq.orchestrator.sqlstore import NOW
 from buildq.queue.sql import SqlQueue
+from buildq.storage.database import Database
 from buildq.web.app import create_app
 from buildq.web.config import WebConfig
 from tests.queue.conftest import FAST

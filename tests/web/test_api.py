@@ -12,10 +12,10 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from buildq.db import Database
 from buildq.orchestrator import topics
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql.schema import messages
+from buildq.storage.database import Database
 from buildq.web.config import WebConfig
 from tests.support import run_cli
 from tests.web.apps import seed, serving

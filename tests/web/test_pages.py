@@ -14,8 +14,8 @@ from structlog.testing import capture_logs
 
 from buildq.buildrunner import BuildStatus
 from buildq.config import Secret
-from buildq.db import Database, create_engine
 from buildq.orchestrator.schema import builds
+from buildq.storage.database import Database, create_engine
 from buildq.web.app import CSP
 from buildq.web.auth import COOKIE
 from tests.web.apps import insert_build, seed, serving

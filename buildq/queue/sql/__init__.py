@@ -1,8 +1,8 @@
 """The queue on MySQL/MariaDB and SQLite (SQLAlchemy Core)."""
 
 from buildq.queue.sql.leases import GroupMismatch
+from buildq.queue.sql.messages import MessageStore, StoredMessage
 from buildq.queue.sql.queue import SqlQueue, SqlTransaction
-from buildq.queue.sql.store import MessageStore, StoredMessage
 from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription
 
 __all__ = [

@@ -18,12 +18,12 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import DLQ_SUFFIX, QueueError, dlq_topic
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql.messages import MessageStore, decode_metadata, new_publish_token
 from buildq.queue.sql.stats import GroupStats, TopicStats, fold_stats, int_or_none
-from buildq.queue.sql.store import MessageStore, decode_metadata, new_publish_token
+from buildq.storage.database import Database
 
 BATCH = 1000
 _MAX_OFFSET = 2**62

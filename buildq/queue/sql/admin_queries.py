@@ -28,13 +28,13 @@ from sqlalchemy import (
 )
 
 from buildq.queue.contract import DLQ_SUFFIX
-from buildq.queue.sql.dialect import insert_ignore
 from buildq.queue.sql.queries import COPIED_MESSAGE_COLUMNS, NOW
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
 from buildq.queue.sql.schema import leases as lease
 from buildq.queue.sql.schema import messages as m
 from buildq.queue.sql.schema import subscribers as sub
+from buildq.storage.dialect import insert_ignore
 
 _READY = and_(d.c.inflight == 0, d.c.visible_at <= NOW)
 _DELAYED = and_(d.c.inflight == 0, d.c.visible_at > NOW)

@@ -21,7 +21,11 @@ from typing import ClassVar
 from sqlalchemy import Update, bindparam, delete, select, update
 from sqlalchemy.engine import Dialect
 
-from buildq.queue.sql.dialect import (
+from buildq.queue.sql.schema import deliveries as d
+from buildq.queue.sql.schema import groups as g
+from buildq.queue.sql.schema import leases as lease
+from buildq.queue.sql.schema import messages as m
+from buildq.storage.dialect import (
     db_now_ms,
     insert_ignore,
     insert_ignore_sql,
@@ -29,10 +33,6 @@ from buildq.queue.sql.dialect import (
     placeholder,
     updates_row_by_row,
 )
-from buildq.queue.sql.schema import deliveries as d
-from buildq.queue.sql.schema import groups as g
-from buildq.queue.sql.schema import leases as lease
-from buildq.queue.sql.schema import messages as m
 
 NOW = db_now_ms()
 

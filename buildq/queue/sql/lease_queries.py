@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from sqlalchemy import Delete, Update, and_, bindparam, delete, func, or_, select, update
 
-from buildq.queue.sql.dialect import insert_ignore
 from buildq.queue.sql.queries import NOW
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
 from buildq.queue.sql.schema import leases as lease
 from buildq.queue.sql.schema import messages as m
 from buildq.queue.sql.schema import subscribers as sub
+from buildq.storage.dialect import insert_ignore
 
 select_group = select(
     g.c.slots, g.c.ready, g.c.created_at, (NOW - g.c.created_at).label("age_ms")

@@ -22,11 +22,11 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import QueueError
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
+from buildq.storage.database import Database
 
 EventHook = Callable[..., None]
 # Stop fetching from a lease this long before the database would call it stale, so a

@@ -25,10 +25,10 @@ from sqlalchemy import (
     update,
 )
 
-from buildq.queue.sql.dialect import db_now_ms, insert_ignore
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
 from buildq.queue.sql.schema import messages as m
+from buildq.storage.dialect import db_now_ms, insert_ignore
 
 NOW = db_now_ms()
 

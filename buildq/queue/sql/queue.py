@@ -10,7 +10,6 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import (
     Delivery,
     Message,
@@ -20,8 +19,9 @@ from buildq.queue.contract import (
 from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, SubscriptionSettings
 from buildq.queue.sql.batch import Apply, SqlCommitter, run_effects
 from buildq.queue.sql.leases import EventHook
-from buildq.queue.sql.store import MessageStore
+from buildq.queue.sql.messages import MessageStore
 from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription, sql_delivery
+from buildq.storage.database import Database
 
 log = structlog.get_logger("buildq.queue")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from buildq.db import Database
 from buildq.queue.settings import DEFAULT_RETENTION_MS
 from buildq.queue.sql import queries as q
+from buildq.storage.database import Database
 
 BATCH = 500
 

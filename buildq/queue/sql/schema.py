@@ -12,14 +12,11 @@ All times are epoch milliseconds from the database server's clock.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import (
     BigInteger,
     Column,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     SmallInteger,
@@ -28,7 +25,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.dialects import mysql
+
+from buildq.storage.columns import MYSQL_TABLE_ARGS, LongText, PayloadType, SeqType
 
 metadata = MetaData()
 
@@ -37,13 +35,6 @@ PARTITION_KEY_MAX = 191
 MESSAGE_ID_MAX = 255
 GROUP_MAX = 64
 SUBSCRIBER_MAX = 128
-
-# Binary collation on MySQL: ids "Build-1" and "build-1" are different messages.
-MYSQL_TABLE_ARGS: dict[str, Any] = {"mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_bin"}
-
-SeqType = BigInteger().with_variant(Integer, "sqlite")  # SQLite: INTEGER PRIMARY KEY = rowid
-PayloadType = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
-LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 
 messages = Table(
     "queue_messages",

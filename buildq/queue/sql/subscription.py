@@ -26,7 +26,6 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import (
     AlreadyAcknowledged,
     DeadLetter,
@@ -40,12 +39,13 @@ from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.leases import EventHook, Membership
-from buildq.queue.sql.store import (
+from buildq.queue.sql.messages import (
     MessageStore,
     check_group_name,
     dead_letter_of,
     decode_metadata,
 )
+from buildq.storage.database import Database
 
 log = structlog.get_logger("buildq.queue")
 

@@ -1,7 +1,8 @@
-"""Every SQL difference between MySQL/MariaDB and SQLite that the queue's statements need.
+"""Every SQL difference between MySQL/MariaDB and SQLite that buildq's statements need.
 
-Nothing else in the queue branches on the dialect: statements are built once from these
-constructs and compile to the right text for whichever engine runs them.
+Nothing else in the queue or the build store branches on the dialect: statements are built once
+from these constructs and compile to the right text for whichever engine runs them. (Engine
+options, the other difference, are ``database``'s.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from sqlalchemy.types import BigInteger
 
 
 class db_now_ms(FunctionElement[int]):
-    """The database server's clock in epoch milliseconds: the one clock of the queue."""
+    """The database server's clock in epoch milliseconds: the one clock of the queue and the
+    build store."""
 
     type = BigInteger()
     inherit_cache = True
@@ -51,8 +53,8 @@ def insert_ignore(table: Table) -> Insert:
 # --- hand-rendered statements of the batched hot path ------------------------------------------
 #
 # Statements whose shape depends on the batch size (a CASE per row, a VALUES row per message)
-# are rendered as text once per (dialect, size) by ``batch_queries``; these are the pieces of
-# that text that differ between the dialects.
+# are rendered as text once per (dialect, size) by the queue's ``batch_queries`` and the build
+# store's ``sqlbatch``; these are the pieces of that text that differ between the dialects.
 
 
 def placeholder(dialect: Dialect) -> str:

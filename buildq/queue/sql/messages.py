@@ -1,9 +1,11 @@
-"""The message store: the queue's log as rows, and the primitives the issue names.
+"""The message store: the queue's log as rows, and the checks a message passes to get there.
 
-``insert_delayed`` is the one way a message enters the log (``insert`` is it with 0, i.e.
-visible now); every insert also creates a delivery for each consumer group of the topic,
-in the same transaction. ``move_to_dlq`` copies a message into ``<topic>_dlq`` for one group.
-Methods ending in ``_in`` run inside a caller's transaction; the others open their own.
+A message enters the log in one of three ways, each in the transaction that also gives every
+consumer group of its topic a delivery of it: ``insert_rows_in`` (a publish: ``SqlQueue``'s
+and ``SqlTransaction``'s ``publish_many``, or ``insert_delayed`` on its own), the worker's
+batched hand-off (``batch.py``: one multi-row INSERT of rows ``encode_message`` checked), and
+``move_to_dlq_in``, which copies a message into ``<topic>_dlq`` for one group. Methods ending
+in ``_in`` run inside a caller's transaction; the others open their own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from buildq.db import Database
 from buildq.queue.contract import (
     DLQ_SUFFIX,
     DeadLetter,
@@ -30,6 +31,7 @@ from buildq.queue.contract import (
 from buildq.queue.settings import DEFAULT_MAX_METADATA_BYTES, DEFAULT_MAX_PAYLOAD_BYTES
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.schema import GROUP_MAX, MESSAGE_ID_MAX, PARTITION_KEY_MAX, TOPIC_MAX
+from buildq.storage.database import Database
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +67,6 @@ class MessageStore:
         self.max_metadata_bytes = max_metadata_bytes
 
     # --- own transaction -------------------------------------------------------------
-
-    def insert(self, topic: str, messages: Sequence[Message]) -> list[PublishResult]:
-        return self.insert_delayed(topic, messages, 0)
 
     def insert_delayed(
         self, topic: str, messages: Sequence[Message], visible_after_ms: int

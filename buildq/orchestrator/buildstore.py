@@ -14,7 +14,7 @@ from typing import Protocol
 
 from buildq.buildrunner import BuildStatus
 from buildq.orchestrator.model import Build, BuildRequest, BuildState, FinishedBuild
-from buildq.queue.contract import Outbox
+from buildq.queue.contract import Effect, Outbox
 
 
 class BuildWrites(Protocol):
@@ -72,6 +72,17 @@ class BuildReads(Protocol):
         ...
 
     def get_by_build(self, build_id: str) -> Build | None: ...
+
+
+class AckedEffect(Protocol):
+    """An acked step as a store's batch hook (``apply``) sees it: the queue backend's
+    ``AckedStep``, read through this so the build store never imports that backend."""
+
+    @property
+    def effect(self) -> Effect | None: ...
+
+    @property
+    def outbox(self) -> Outbox: ...
 
 
 @dataclass(slots=True)

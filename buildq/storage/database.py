@@ -1,4 +1,4 @@
-"""Engines and the one place driver errors become buildq errors.
+"""Engines, ``Database`` and ``DbClock``, and the one place driver errors become buildq errors.
 
 MySQL/MariaDB connections run READ COMMITTED (short claim transactions, no gap locks) with the
 session clock in UTC; SQLite runs in WAL mode with a busy timeout, and every write transaction
@@ -23,7 +23,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
-from buildq.queue.contract import StorageError, TransientQueueError
+from buildq.storage.dialect import db_now_ms
+from buildq.storage.errors import DatabaseMissing, StorageError, TransientQueueError, first_line
 
 SQLITE_BUSY_TIMEOUT_MS = 15_000
 MYSQL_LOCK_WAIT_TIMEOUT_S = 10
@@ -41,15 +42,6 @@ _MYSQL_TRANSIENT = {1213, 1205, 2002, 2003, 2006, 2013, 2014, 2055, 1290, 1040, 
 # with back-off, never turned into a message's failure.
 _MYSQL_STORAGE = {1021, 1114, 1037, 1041}
 _SQLITE_TRANSIENT = re.compile(r"locked|busy|disk is full|disk I/O error", re.IGNORECASE)
-
-
-class DatabaseMissing(Exception):
-    """The SQLite file does not exist. Only ``buildq db upgrade`` creates one: a read, the
-    daemon or a typo'd path must not leave an empty database (and directories) behind."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(f"database file {path} does not exist")
-        self.path = path
 
 
 def create_engine(url: str, *, pool_size: int = 10, create: bool = False) -> Engine:
@@ -161,19 +153,13 @@ def translated_errors() -> Iterator[None]:
     except (TransientQueueError, StorageError):
         raise
     except IntegrityError as err:
-        raise StorageError(f"integrity error: {_short(err)}") from err
+        raise StorageError(f"integrity error: {first_line(err)}") from err
     except (OperationalError, DBAPIError) as err:
         if is_transient(err):
-            raise TransientQueueError(f"database unavailable: {_short(err)}") from err
-        raise StorageError(f"database error: {_short(err)}") from err
+            raise TransientQueueError(f"database unavailable: {first_line(err)}") from err
+        raise StorageError(f"database error: {first_line(err)}") from err
     except SQLAlchemyError as err:
-        raise StorageError(f"database error: {_short(err)}") from err
-
-
-def _short(err: SQLAlchemyError) -> str:
-    """The driver's message without the SQL and parameters (which may hold payloads)."""
-    orig = getattr(err, "orig", None)
-    return str(orig if orig is not None else err).splitlines()[0][:300]
+        raise StorageError(f"database error: {first_line(err)}") from err
 
 
 def backend_name(engine: Engine) -> str:
@@ -293,8 +279,6 @@ class DbClock:
             return int(self._db_ms + (self._monotonic() - self._measured_at) * 1000)
 
     def _measure(self) -> None:
-        from buildq.queue.sql.dialect import db_now_ms  # the dialect module imports this one
-
         before = self._monotonic()
         db_now = self._db.read(lambda conn: conn.execute(sa.select(db_now_ms())).scalar_one())
         after = self._monotonic()
