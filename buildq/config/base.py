@@ -35,7 +35,7 @@ class ConfigError(ValueError):
         self.key = key
         self.value = value
         self.expected = expected
-        super().__init__(f"config {key} = {_show(value)}: expected {expected}")
+        super().__init__(f"config {_show_key(key)} = {_show(value)}: expected {expected}")
 
 
 class Unshown:
@@ -51,6 +51,13 @@ class Unshown:
 
 #: What an environment variable's name looks like; anything else is not echoed in errors.
 _ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
+def _show_key(key: str) -> str:
+    # Keys come from the environment too (BUILDQ_…): one with a newline or a control
+    # character must not break the one line an operator (or journald) reads.
+    text = key if key.isprintable() else repr(key)[1:-1]
+    return text if len(text) <= _MAX_SHOWN_VALUE else text[: _MAX_SHOWN_VALUE - 3] + "..."
 
 
 def _show(value: object) -> str:

@@ -155,6 +155,16 @@ def start_up(path: Path, environ: dict[str, str] | None = None) -> None:
         assert len(text) < 1000, "a hostile value must not be echoed in full"
 
 
+def test_an_environment_key_with_a_newline_is_shown_on_one_line(workdir: Path) -> None:
+    # Found by the fuzzer above: the unknown key was echoed with its newline.
+    path = workdir / "config" / "base.toml"
+    path.write_text(to_toml(base(workdir)))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {"BUILDQ__\n": "x"})
+    assert "\n" not in str(caught.value) and "\\n" in str(caught.value), str(caught.value)
+
+
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(KEYS), toml_values), min_size=1, max_size=3))
 def test_hostile_values_in_the_config_file(workdir: Path, changes: list[tuple[str, Any]]) -> None:
