@@ -41,9 +41,10 @@ from buildq.queue.contract import (
 )
 from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql.claims import inflight_attempts
+from buildq.queue.sql.delivery import SqlDelivery, sql_delivery
 from buildq.queue.sql.dialect import first_inserted_seq
 from buildq.queue.sql.store import check_topic, new_publish_token
-from buildq.queue.sql.subscription import SqlDelivery, inflight_attempts, sql_delivery
 
 if TYPE_CHECKING:
     from buildq.queue.sql.queue import SqlQueue
