@@ -153,7 +153,7 @@ class SqlSubscription:
                     error=error,
                 )
             else:
-                # Due since visible_at; 0 means since published (as admin_queries._READY_SINCE).
+                # Due since visible_at; 0 means since published (as stats_queries._READY_SINCE).
                 live.append(dict(row, due_at=due[int(row["seq"])][0] or row["created_at"]))
         return live
 
