@@ -17,7 +17,7 @@ from buildq.buildrunner import BuildStatus
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
 from buildq.db import Database
 from buildq.orchestrator import topics
-from buildq.orchestrator.controllers import poll_message
+from buildq.orchestrator.chain import poll_message
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.dialect import db_now_ms

@@ -22,12 +22,8 @@ from buildq.db import READ_ONLY, Database, DbClock, create_engine, redacted_url
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
-from buildq.orchestrator.controllers import (
-    BuildController,
-    BuildSignalController,
-    DeadLetterReconciler,
-    Runners,
-)
+from buildq.orchestrator.chain import Runners
+from buildq.orchestrator.controllers import BuildController, BuildSignalController
 from buildq.orchestrator.engine import BuildCommitter, classify
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.instrumented import (
@@ -36,6 +32,7 @@ from buildq.orchestrator.instrumented import (
     StatsRefresher,
     observe_finished,
 )
+from buildq.orchestrator.reconciler import DeadLetterReconciler
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
 from buildq.queue.contract import TransientQueueError
