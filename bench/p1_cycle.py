@@ -36,7 +36,7 @@ from bench.profiling import recording
 from bench.workload import never_finishing_runner
 from buildq.buildrunner import BuildID
 from buildq.buildrunner.sim import SimRunner
-from buildq.orchestrator.controllers import poll_message, poll_number
+from buildq.orchestrator.chain import poll_message, poll_number
 from buildq.queue.contract import Delivery, Message, Outbox
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription, SqlTransaction

@@ -20,7 +20,7 @@ from bench.ceiling import Ceiling
 from bench.common import Backend, Profile, Result, log, run_threads
 from bench.shapes import PublishShapes
 from bench.workload import never_finishing_runner
-from buildq.orchestrator.controllers import poll_message
+from buildq.orchestrator.chain import poll_message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue
 

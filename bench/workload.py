@@ -16,7 +16,7 @@ from sqlalchemy import insert, select
 from buildq.buildrunner import BuildStatus
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
 from buildq.orchestrator import topics
-from buildq.orchestrator.controllers import poll_message
+from buildq.orchestrator.chain import poll_message
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql import SqlQueue
 from buildq.storage.database import Database

@@ -1,7 +1,11 @@
 """The daemon: config → database → queue → runners → controllers, until a signal says stop.
 
-Start-up waits for the database (a daemon started during a database restart must not crash
-loop); SIGTERM/SIGINT drain in-flight work and release leases; a second signal exits at once.
+The composition root: it turns config into backends, starts them in order and stops them in
+reverse. Start-up waits for the database (a daemon started during a database restart must not
+crash loop); SIGTERM/SIGINT drain in-flight work and release leases; a second signal exits at
+once. What runs meanwhile has its own module: ``health`` (/healthz, /readyz, the database
+probe, the watchdog), ``rewake`` (webhooks), ``upkeep`` (retention), ``engine`` (the worker's
+committer and error classifier).
 """
 
 from __future__ import annotations
@@ -16,18 +20,14 @@ from typing import Any
 
 import structlog
 
-from buildq.buildrunner import BuildID
 from buildq.config import Config
 from buildq.metrics import Metrics
 from buildq.migrations import current_revision, head_revision
 from buildq.orchestrator import topics
-from buildq.orchestrator.controllers import (
-    BuildController,
-    BuildSignalController,
-    DeadLetterReconciler,
-    Runners,
-)
+from buildq.orchestrator.chain import Runners
+from buildq.orchestrator.controllers import BuildController, BuildSignalController
 from buildq.orchestrator.engine import BuildCommitter, classify
+from buildq.orchestrator.health import DatabaseProbe, Health
 from buildq.orchestrator.http import OpsServer
 from buildq.orchestrator.instrumented import (
     InstrumentedRunner,
@@ -35,7 +35,10 @@ from buildq.orchestrator.instrumented import (
     StatsRefresher,
     observe_finished,
 )
+from buildq.orchestrator.reconciler import DeadLetterReconciler
+from buildq.orchestrator.rewake import WebhookRewake
 from buildq.orchestrator.sqlstore import SqlBuildStore
+from buildq.orchestrator.upkeep import purge_retained
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
 from buildq.queue.contract import TransientQueueError
 from buildq.queue.settings import SubscriptionSettings
@@ -43,24 +46,18 @@ from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.admin import QueueAdmin
 from buildq.queue.sql.retention import Retention
 from buildq.queue.worker import Handler, Worker
-from buildq.storage.database import READ_ONLY, Database, DbClock, create_engine, redacted_url
+from buildq.storage.database import Database, DbClock, create_engine, redacted_url
 from buildq.storage.errors import first_line
 from buildq.systemd import Notifier
 from buildq.webhook import WebhookConfig, WebhookServer
 
 log = structlog.get_logger("buildq.daemon")
 
-#: How often builds woken while their poll was in flight are expedited again.
-_REWAKE_INTERVAL_S = 0.1
-_RETENTION_INTERVAL_S = 60.0
 _NEVER = 2**31 - 1
 CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BUILDSIGNAL_DLQ)
-_HEALTH_INTERVAL_S = 2.0
 #: How much longer than the grace a stop may take, whatever the database does (systemd's
 #: TimeoutStopSec must be larger than shutdown_grace_s plus this).
 _STOP_MARGIN_S = 5.0
-#: /readyz fails when the database probe has not succeeded for this long (a hung server).
-_PROBE_STALE_S = 3 * _HEALTH_INTERVAL_S + 5.0
 
 
 class NotMigrated(RuntimeError):
@@ -83,12 +80,10 @@ class Daemon:
         self.webhooks: WebhookServer | None = None
         self.wired: WiredRunners | None = None
         self.store: SqlBuildStore | None = None
-        self._rewake: dict[str, float] = {}  # build id -> give up at (monotonic s)
-        self._rewake_lock = threading.Lock()
-        self._db_ok = False
-        self._db_error = "not checked yet"
-        self._db_ok_at = 0.0  # monotonic time of the last successful probe
-        self._head_revision = head_revision()
+        self.probe = DatabaseProbe(self.metrics, head_revision())
+        self.health = Health(
+            self.probe, self.runner_health, self.stopping, topics=len(CONSUMED_TOPICS)
+        )
 
     # --- start ----------------------------------------------------------------------------
 
@@ -112,6 +107,7 @@ class Daemon:
             metrics=self.metrics,
             on_event=self.on_event,
         )
+        self.health.attach(self.worker, self.subscriptions)
         for handler in self._handlers(webhook_config.enabled):
             settings = self.config.consumer.for_topic(handler.topic)
             if handler.never_dead_letter:
@@ -129,16 +125,22 @@ class Daemon:
                 why="runner calls run in per-runner lanes: [runners.NAME] max_concurrent_calls",
             )
         if webhook_config.enabled:
-            self.webhooks = WebhookServer(webhook_config, self.wired.routes, self._on_build_event)
+            in_flight_ms = self.config.consumer.for_topic(topics.BUILDSIGNAL).visibility_timeout_ms
+            rewake = WebhookRewake(self.queue, self.store, in_flight_ms)
+            self.webhooks = WebhookServer(webhook_config, self.wired.routes, rewake.on_build_event)
             self.webhooks.start()
             log.info("webhooks_listening", bind=webhook_config.bind, port=self.webhooks.port)
-            self._spawn(self._rewake_loop, "webhook-rewake")
-        self._spawn(self._database_loop, "db-probe")
+            self._spawn("webhook-rewake", rewake.run, self.stopping)
+        self._spawn("db-probe", self.probe.run, self.db, self.stopping, self.health.writable)
         if self.config.daemon.retention_s:
-            self._spawn(self._retention_loop, "retention")
+            retention = Retention(self.db, int(self.config.daemon.retention_s * 1000))
+            self._spawn("retention", purge_retained, retention, self.stopping)
         if self.config.http.enabled:
-            self._spawn(self._stats_loop, "metrics-refresh")
-        self._spawn(self._watchdog_loop, "watchdog")
+            admin = QueueAdmin(self.db, self.queue.store)
+            refresher = StatsRefresher(self.db, admin, self.metrics, self.config.queues)
+            interval_s = self.config.http.metrics_refresh_s
+            self._spawn("metrics-refresh", refresher.run, interval_s, self.stopping)
+        self._spawn("watchdog", self.health.pet_watchdog, self.notifier)
         self.metrics.up.set(1)
         self.notifier.ready()
         log.info("daemon_ready", database=redacted_url(self.config.database.url), pid=os.getpid())
@@ -169,19 +171,19 @@ class Daemon:
                 revision = current_revision(db.engine)
             except Exception as err:
                 db.dispose()
-                self._db_error = first_line(err)
-                log.warning("database_unavailable", error=self._db_error, retry_in_s=delay)
+                self.probe.error = first_line(err)
+                log.warning("database_unavailable", error=self.probe.error, retry_in_s=delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if revision != self._head_revision:
+            head = self.probe.head_revision
+            if revision != head:
                 db.dispose()
                 raise NotMigrated(
                     f"database {redacted_url(self.config.database.url)} is at revision {revision}, "
-                    f"not {self._head_revision}: run 'buildq db upgrade --config {self.config.path}'"
+                    f"not {head}: run 'buildq db upgrade --config {self.config.path}'"
                 )
-            self._db_ok, self._db_ok_at = True, time.monotonic()
-            self.metrics.database_up.set(1)
+            self.probe.connected()
             return db
         return None
 
@@ -195,7 +197,7 @@ class Daemon:
             try:
                 return self.queue.subscribe(topic, topics.GROUP, settings)
             except TransientQueueError as err:
-                self._db_error = f"cannot join the consumer group on {topic!r}: {first_line(err)}"
+                self.probe.error = f"cannot join the consumer group on {topic!r}: {first_line(err)}"
                 log.warning("join_failed", topic=topic, error=first_line(err), retry_in_s=delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 10.0)
@@ -205,159 +207,14 @@ class Daemon:
         http = self.config.http
         if not http.enabled:
             return
-        self.ops = OpsServer(http.bind, http.port, self.metrics, self.healthz, self.readyz)
+        self.ops = OpsServer(
+            http.bind, http.port, self.metrics, self.health.healthz, self.health.readyz
+        )
         self.ops.start()
         log.info("ops_http_listening", bind=http.bind, port=self.ops.port)
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        threading.Thread(target=target, name=name, daemon=True).start()
-
-    def _on_build_event(self, runner_name: str, build_id: BuildID) -> None:
-        """A signed CI event: poll that build now, through its one pending poll message.
-
-        The pending delayed poll is made due instead of publishing a second one, so a webhook
-        never forks a build's poll chain. Builds we did not trigger are ignored.
-        """
-        assert self.queue is not None and self.store is not None
-        build = self.store.get_by_build(build_id.id)
-        if build is None or build.is_terminal or build.runner != runner_name:
-            log.debug("webhook_event_ignored", build_id=build_id.id, runner=runner_name)
-            return
-        woken = self.queue.expedite(topics.BUILDSIGNAL, build_id.id)
-        log.info("webhook_event", build_id=build_id.id, runner=runner_name, expedited=woken)
-        if not woken:
-            # The poll is in flight and may have read the state before this event: expedite
-            # the poll it schedules next, for as long as a delivery may stay in flight.
-            timeout_ms = self.config.consumer.for_topic(topics.BUILDSIGNAL).visibility_timeout_ms
-            with self._rewake_lock:
-                self._rewake[build_id.id] = time.monotonic() + timeout_ms / 1000
-
-    def _rewake_loop(self) -> None:
-        """Expedite the next poll of builds woken while their poll was in flight."""
-        assert self.queue is not None
-        while not self.stopping.wait(_REWAKE_INTERVAL_S):
-            with self._rewake_lock:
-                pending = list(self._rewake.items())
-            for build_id, give_up_at in pending:
-                try:
-                    woken = self.queue.expedite(topics.BUILDSIGNAL, build_id)
-                    # The poll in flight may have been the last one: a finished build has no
-                    # next poll to wake, so stop now instead of trying until the timeout.
-                    done = not woken and self._finished(build_id)
-                except Exception as err:  # the safety poll still comes
-                    log.warning("webhook_rewake_failed", build_id=build_id, error=first_line(err))
-                    woken, done = 0, False
-                if woken or done or time.monotonic() >= give_up_at:
-                    with self._rewake_lock:
-                        self._rewake.pop(build_id, None)
-                    log.info("webhook_rewake", build_id=build_id, expedited=woken)
-
-    def _finished(self, build_id: str) -> bool:
-        assert self.store is not None
-        build = self.store.get_by_build(build_id)
-        return build is None or build.is_terminal
-
-    # --- health -------------------------------------------------------------------------------
-
-    def _retention_loop(self) -> None:
-        """Delete messages every group is done with once they are past retention.
-
-        Every daemon runs it; the deletes are conditional, so running it twice is harmless.
-        """
-        assert self.db is not None
-        retention = Retention(self.db, int(self.config.daemon.retention_s * 1000))
-        while not self.stopping.wait(_RETENTION_INTERVAL_S):
-            try:
-                result = retention.purge()
-            except Exception as err:  # the next round tries again
-                log.warning("retention_failed", error=first_line(err))
-                continue
-            if result.deleted:
-                log.info("retention_purged", deleted=result.deleted)
-
-    def _database_loop(self) -> None:
-        """Probe the database for /readyz; on its own thread, as a hung server blocks it."""
-        while not self.stopping.wait(_HEALTH_INTERVAL_S):
-            assert self.db is not None
-            was_ok = self._db_ok
-            try:
-                with self.db.read_engine.connect().execution_options(**{READ_ONLY: True}) as conn:
-                    revision = conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-                    found = revision.scalar()
-                    conn.rollback()
-            except Exception as err:
-                self._db_ok, self._db_error = False, first_line(err)
-            else:
-                self._db_ok = found == self._head_revision
-                self._db_error = (
-                    "" if self._db_ok else f"schema at revision {found}, not {self._head_revision}"
-                )
-                if self._db_ok:
-                    self._db_ok_at = time.monotonic()
-            self.metrics.database_up.set(1 if self._db_ok else 0)
-            writable = self.worker is None or self.worker.problem() is None
-            self.metrics.database_writable.set(1 if writable else 0)
-            if was_ok != self._db_ok:  # say it once when it changes, not on every probe
-                if self._db_ok:
-                    log.info("database_available")
-                else:
-                    log.warning("database_unavailable", error=self._db_error)
-
-    def _stats_loop(self) -> None:
-        assert self.db is not None and self.queue is not None
-        admin = QueueAdmin(self.db, self.queue.store)
-        refresher = StatsRefresher(self.db, admin, self.metrics, self.config.queues)
-        refresher.run(self.config.http.metrics_refresh_s, self.stopping)
-
-    def _watchdog_loop(self) -> None:
-        interval = min(self.notifier.watchdog_interval_s or _HEALTH_INTERVAL_S, _HEALTH_INTERVAL_S)
-        while not self.stopping.wait(interval):
-            if self.healthz()[0]:
-                self.notifier.watchdog()
-
-    def healthz(self) -> tuple[bool, str]:
-        """Alive and its loops ticking (the database may be down: that is /readyz). A slow
-        or hung CI service is neither: its runner's lane fills, and nothing else waits."""
-        if self.worker is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
-            return (not self.stopping.is_set(), "starting")
-        db_ok, db_error = self._database_ok()
-        if not db_ok:
-            # The loops are waiting on the database: that is an outage for /readyz to report,
-            # not a wedged process for the watchdog to kill.
-            return True, f"alive; database unavailable: {db_error}"
-        idle_s = max(s.settings.poll_interval_ms for s in self.subscriptions) / 1000
-        return self.worker.health(max_age_s=max(30.0, idle_s * 10))
-
-    def _database_ok(self) -> tuple[bool, str]:
-        if not self._db_ok:
-            return False, self._db_error
-        if time.monotonic() - self._db_ok_at > _PROBE_STALE_S:
-            return False, f"no answer to the probe for over {_PROBE_STALE_S:g}s"
-        return True, ""
-
-    def readyz(self) -> tuple[bool, str]:
-        """Database reachable and migrated (probed every 2 s), controllers consuming."""
-        if self.stopping.is_set():
-            return False, "stopping"
-        db_ok, db_error = self._database_ok()
-        if not db_ok:
-            return False, f"database unavailable: {db_error}"
-        if self.worker is None or len(self.subscriptions) < len(CONSUMED_TOPICS):
-            return False, "starting"
-        healthy, why = self.healthz()
-        if not healthy:
-            return False, why
-        failing = self.worker.problem()
-        if failing is not None:
-            return False, failing
-        refused = self.runner_health.problems()
-        if refused:
-            # Builds on these runners wait (they are polled until their deadline): an
-            # operator has to fix the token. Not /healthz: restarting would not help.
-            return False, "; ".join(
-                f"runner {name}: {why}" for name, why in sorted(refused.items())
-            )
-        return True, "ready"
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     # --- stop ---------------------------------------------------------------------------------
 

@@ -24,15 +24,12 @@ from buildq.buildrunner import (
 from buildq.buildrunner.noop import NoopRunner
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner
 from buildq.config import BuildQueueConfig, PollPolicy
-from buildq.orchestrator.controllers import (
-    BuildController,
-    BuildSignalController,
-    DeadLetterReconciler,
-    Runners,
-)
+from buildq.orchestrator.chain import Runners
+from buildq.orchestrator.controllers import BuildController, BuildSignalController
 from buildq.orchestrator.engine import classify
 from buildq.orchestrator.memstore import MemoryBuildStore
 from buildq.orchestrator.model import Build, BuildRequest, request_message
+from buildq.orchestrator.reconciler import DeadLetterReconciler
 from buildq.orchestrator.topics import (
     BUILD,
     BUILD_DLQ,

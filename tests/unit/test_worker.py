@@ -29,7 +29,6 @@ from buildq.queue.contract import (
 from buildq.queue.memory import MemoryQueue, MemorySubscription
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.worker import (
-    _STOP_MARGIN_S,
     INLINE,
     Classifier,
     Job,
@@ -39,6 +38,7 @@ from buildq.queue.worker import (
     Unprocessable,
     Worker,
 )
+from buildq.queue.worker.worker import _STOP_MARGIN_S
 from tests.support import wait_until
 from tests.unit.doubles import (
     BLOCK_S,

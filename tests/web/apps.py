@@ -19,7 +19,7 @@ import uvicorn
 from buildq.buildrunner import BuildStatus
 from buildq.config import load_config
 from buildq.orchestrator import topics
-from buildq.orchestrator.controllers import poll_message
+from buildq.orchestrator.chain import poll_message
 from buildq.orchestrator.schema import builds
 from buildq.orchestrator.sqlstore import NOW
 from buildq.queue.sql import SqlQueue

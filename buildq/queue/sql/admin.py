@@ -1,10 +1,9 @@
 """What an operator (``buildq queue …``, ``buildq dlq …``) and the metrics collector do to the
-queue, over ``admin_queries``: read-only views, and repairs that keep the queue's invariants.
-
-Returns plain dataclasses and dicts (``*_ms`` keys are epoch ms from the database clock, or
-durations). Large deletions run in batches of short transactions so a purge never holds MySQL
-locks for long; each batch is idempotent, so an interrupted purge is finished by running it
-again.
+queue, over ``admin_queries`` and ``stats_queries``: read-only views, and repairs that keep the
+queue's invariants. Returns plain dataclasses and dicts (``*_ms`` keys are epoch ms from the
+database clock, or durations). Large deletions run in batches of short transactions so a purge
+never holds MySQL locks for long; each batch is idempotent, so an interrupted purge is finished
+by running it again.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from sqlalchemy.engine import Connection
 from buildq.queue.contract import DLQ_SUFFIX, QueueError, dlq_topic
 from buildq.queue.sql import admin_queries as aq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql import stats_queries as sq
 from buildq.queue.sql.messages import MessageStore, decode_metadata, new_publish_token
 from buildq.queue.sql.stats import GroupStats, TopicStats, fold_stats, int_or_none
 from buildq.storage.database import Database
@@ -74,9 +74,9 @@ class QueueAdmin:
         sizing the logs, which are never pruned: ``messages`` is then None except for DLQ
         topics."""
         if topic is not None:
-            rows = self._all(aq.select_topic_stats, {"topics": [topic, dlq_topic(topic)]})
+            rows = self._all(sq.select_topic_stats, {"topics": [topic, dlq_topic(topic)]})
         else:
-            stmt = aq.select_all_topic_stats if count_messages else aq.select_group_stats
+            stmt = sq.select_all_topic_stats if count_messages else sq.select_group_stats
             rows = self._all(stmt, {})
         return fold_stats(rows, counted=count_messages or topic is not None)
 

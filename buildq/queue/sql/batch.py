@@ -41,8 +41,9 @@ from buildq.queue.contract import (
 )
 from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql.claims import inflight_attempts
+from buildq.queue.sql.delivery import SqlDelivery, sql_delivery
 from buildq.queue.sql.messages import check_topic, new_publish_token
-from buildq.queue.sql.subscription import SqlDelivery, inflight_attempts, sql_delivery
 from buildq.storage.dialect import first_inserted_seq
 
 if TYPE_CHECKING:

@@ -18,9 +18,10 @@ from buildq.queue.contract import (
 )
 from buildq.queue.settings import DEFAULT_MAX_PAYLOAD_BYTES, SubscriptionSettings
 from buildq.queue.sql.batch import Apply, SqlCommitter, run_effects
+from buildq.queue.sql.delivery import SqlDelivery, sql_delivery
 from buildq.queue.sql.leases import EventHook
 from buildq.queue.sql.messages import MessageStore
-from buildq.queue.sql.subscription import SqlDelivery, SqlSubscription, sql_delivery
+from buildq.queue.sql.subscription import SqlSubscription
 from buildq.storage.database import Database
 
 log = structlog.get_logger("buildq.queue")

@@ -1,6 +1,6 @@
 """The queue's numbers as an operator and the metrics see them: per topic, per group.
 
-``fold_stats`` turns the rows of one aggregate query (``admin_queries``) into these values.
+``fold_stats`` turns the rows of one aggregate query (``stats_queries``) into these values.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def int_or_none(value: Any) -> int | None:
 
 
 def fold_stats(rows: list[dict[str, Any]], *, counted: bool) -> list[TopicStats]:
-    """Turn the aggregate's rows into one TopicStats per topic (``admin_queries._topic_stats``)."""
+    """Turn the aggregate's rows into one TopicStats per topic (``stats_queries._topic_stats``)."""
     topics: dict[str, TopicStats] = {}
     groups: dict[tuple[str, str], GroupStats] = {}
     empty = 0 if counted else None

@@ -8,36 +8,31 @@ still being current (same attempt, in flight) *and* on the member still holding 
 lease at the same epoch (read without a lock); otherwise it is refused with ``DeliveryLost``
 and the message goes to whoever owns it now.
 
-Until a delivery is settled, the lease thread keeps its claim alive: a claim with less than
-half its visibility timeout left is extended, in one statement for all of them, so a delivery
-whose work takes longer than the timeout (a slow CI call) is not delivered again meanwhile.
-A claim that cannot be extended any more (its lease moved) is marked lost.
+Until a delivery is settled, the lease thread keeps its claim alive (``claims.ClaimKeeper``,
+which also renews the member's leases); the delivery itself is in ``delivery``.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
 from sqlalchemy.engine import Connection
 
 from buildq.queue.contract import (
     AlreadyAcknowledged,
-    DeadLetter,
     Delivery,
     DeliveryLost,
     Message,
-    QueueError,
 )
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import lease_queries as lq
 from buildq.queue.sql import queries as q
+from buildq.queue.sql.claims import ClaimKeeper
+from buildq.queue.sql.delivery import ClaimState, SqlDelivery
 from buildq.queue.sql.leases import EventHook, Membership
 from buildq.queue.sql.messages import (
     MessageStore,
@@ -46,58 +41,6 @@ from buildq.queue.sql.messages import (
     decode_metadata,
 )
 from buildq.storage.database import Database
-
-log = structlog.get_logger("buildq.queue")
-
-
-class _State(enum.Enum):
-    OPEN = "open"
-    PENDING = "pending"  # settled inside a transaction that has not committed yet
-    SETTLED = "settled"
-    LOST = "lost"  # the claim is gone: fenced out, or given up (abandon)
-
-
-@dataclass(eq=False)
-class SqlDelivery:
-    topic: str
-    group: str
-    message: Message
-    offset: int
-    attempt: int
-    retry_count: int
-    dead_letter: DeadLetter | None
-    slot: int
-    epoch: int
-    last_error: str
-    _subscription: SqlSubscription = field(repr=False)
-    _state: _State = field(default=_State.OPEN, repr=False)
-    #: When this delivery became due and when it was claimed (database clock, epoch ms):
-    #: the difference is its dispatch lag.
-    due_at_ms: int = 0
-    delivered_at_ms: int = 0
-    #: When the claim runs out, as far as this process knows (time.monotonic()).
-    claimed_until: float = 0.0
-
-    @property
-    def lost(self) -> bool:
-        return self._state is _State.LOST
-
-    def ack(self) -> None:
-        self._subscription.settle(self, lambda conn: self._subscription.ack_in(conn, self))
-
-    def nack(self, requeue_after_ms: int | None = None, error: str = "") -> None:
-        sub = self._subscription
-        sub.settle(self, lambda conn: sub.nack_in(conn, self, requeue_after_ms, error))
-
-    def reject(self, reason: str) -> None:
-        sub = self._subscription
-        sub.settle(self, lambda conn: sub.reject_in(conn, self, reason))
-
-    def extend_visibility(self, ms: int) -> None:
-        self._subscription.extend(self, ms)
-
-    def mark(self, state: _State) -> None:
-        self._state = state
 
 
 class SqlSubscription:
@@ -118,15 +61,9 @@ class SqlSubscription:
         self.membership = Membership(
             store.db, topic, group, settings, member_id=member_id, on_event=on_event
         )
-        self._lock = threading.Lock()
-        self._outstanding: dict[int, SqlDelivery] = {}  # offset -> its current claim
-        self._claiming: set[int] = set()  # slots a fetch in progress claims from
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
         self._on_event = on_event
-        #: Since when (monotonic) and why lease renewal fails; None while it succeeds.
-        self._renewal_failing: tuple[float, str] | None = None
+        self.claims = ClaimKeeper(self.membership, store.db, settings, self._emit)
 
     @property
     def topic(self) -> str:
@@ -144,114 +81,20 @@ class SqlSubscription:
 
     def start(self) -> SqlSubscription:
         self.membership.join()
-        self._renewer = threading.Thread(
-            target=self._renew_loop, name=f"lease-{self.topic}", daemon=True
-        )
-        self._renewer.start()
+        self.claims.start()
         return self
 
     def close(self) -> None:
         """Hand back what was fetched but not settled, release leases, deregister."""
-        self._stop.set()
         self._wake.set()
-        if self._renewer is not None:
-            self._renewer.join(timeout=self.settings.renew_interval_ms / 1000 + 5)
-        with self._lock:
-            leftover = list(self._outstanding.values())
-        self.hand_back(leftover)
+        self.claims.stop()
+        self.hand_back(self.claims.unsettled())
         self.membership.leave()
-
-    def _renew_loop(self) -> None:
-        """Lease renewal and claim keeping, on one thread: neither waits on the other's locks.
-
-        Claims are looked at four times per visibility timeout (at most), leases every
-        ``renew_interval_ms``."""
-        renew_s = self.settings.renew_interval_ms / 1000
-        tick_s = min(renew_s, self.settings.visibility_timeout_ms / 4000)
-        next_renewal = time.monotonic() + renew_s
-        while not self._stop.wait(tick_s):
-            if time.monotonic() >= next_renewal:
-                next_renewal = time.monotonic() + renew_s
-                self._renew()
-            try:
-                self.keep_claims_alive()
-            except Exception as err:  # the next tick tries again
-                self._emit("claim_keeping_failed", error=str(err))
-
-    def _renew(self) -> None:
-        try:
-            self.membership.tick(busy_slots=self._busy_slots())
-        except Exception as err:  # the next tick tries again; leases expire meanwhile
-            error = str(err).splitlines()[0][:300]
-            if self._renewal_failing is None:  # said once when it starts, once when it ends
-                log.warning("lease_renewal_failed", topic=self.topic, error=error)
-                self._renewal_failing = (time.monotonic(), error)
-            self._emit("lease_renewal_failed", error=error)
-            return
-        if self._renewal_failing is not None:
-            failed_s = round(time.monotonic() - self._renewal_failing[0], 1)
-            log.info("lease_renewal_recovered", topic=self.topic, failed_s=failed_s)
-            self._renewal_failing = None
 
     def problem(self) -> str | None:
         """Why this member cannot work now: its leases have not been renewed for over a
         renewal interval (the database refuses writes: down, or a full disk)."""
-        failing = self._renewal_failing
-        if (
-            failing is None
-            or time.monotonic() - failing[0] < self.settings.renew_interval_ms / 1000
-        ):
-            return None
-        return (
-            f"leases of {self.topic!r} not renewed for {time.monotonic() - failing[0]:.0f}s: "
-            f"{failing[1]}"
-        )
-
-    def keep_claims_alive(self) -> int:
-        """Extend every claim with less than half its visibility timeout left; returns how
-        many were extended. One whose lease this member no longer holds is marked lost."""
-        timeout_ms = self.settings.visibility_timeout_ms
-        now = time.monotonic()
-        owned = self.membership.owned()
-        with self._lock:
-            due = [
-                d
-                for d in self._outstanding.values()
-                if d.claimed_until - now < timeout_ms / 2000 and d._state is not _State.LOST
-            ]
-        fenced = [d for d in due if owned.get(d.slot) != d.epoch]
-        for delivery in fenced:
-            self.forget(delivery)
-        keep = [d for d in due if owned.get(d.slot) == d.epoch]
-        if not keep:
-            return 0
-        lost = self.db.write(lambda conn: self._extend_in(conn, keep, timeout_ms))
-        for delivery in keep:
-            if delivery.offset in lost:
-                self.forget(delivery)
-            else:
-                delivery.claimed_until = now + timeout_ms / 1000
-        return len(keep) - len(lost)
-
-    def _extend_in(self, conn: Connection, claims: list[SqlDelivery], ms: int) -> set[int]:
-        """Extend ``claims`` by ``ms``; the offsets of those no longer ours."""
-        sql = bq.BatchSql.of(conn.dialect)
-        if sql.row_by_row:
-            rows = [(ms, d.offset, self.group, d.attempt) for d in claims]
-            extended = conn.exec_driver_sql(sql.extend_claim_row, rows).rowcount
-        else:
-            params: list[Any] = [ms, self.group, *(d.offset for d in claims)]
-            for delivery in claims:
-                params += (delivery.offset, delivery.attempt)
-            extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
-        if extended == len(claims):
-            return set()
-        held = inflight_attempts(conn, self.group, [d.offset for d in claims])
-        return {d.offset for d in claims if held.get(d.offset) != d.attempt}
-
-    def _busy_slots(self) -> set[int]:
-        with self._lock:
-            return {d.slot for d in self._outstanding.values()} | self._claiming
+        return self.claims.problem()
 
     def wait_for_leases(self, timeout_s: float) -> bool:
         """Wait until this member holds its fair share of the topic's slots."""
@@ -263,24 +106,11 @@ class SqlSubscription:
         slots = self.membership.usable_slots()
         if not slots or limit <= 0:
             return []
-        with self._lock:  # a slot being claimed from is busy: the renewer must not release it
-            self._claiming = set(slots)
-        try:
+        with self.claims.claiming(slots):
             rows = self.db.write(lambda conn: self._claim_in(conn, slots, limit))
             claimed_until = time.monotonic() + self.settings.visibility_timeout_ms / 1000
             fetched = [self._delivery(row, slots, claimed_until) for row in rows]
-            with self._lock:
-                for delivery in fetched:
-                    earlier = self._outstanding.get(delivery.offset)
-                    if earlier is not None:
-                        # Our own claim timed out (the database was unreachable for longer
-                        # than the visibility timeout) and we claimed it again: the earlier
-                        # claim is gone, whatever its work still does.
-                        earlier.mark(_State.LOST)
-                    self._outstanding[delivery.offset] = delivery
-        finally:
-            with self._lock:
-                self._claiming = set()
+            self.claims.track(fetched)
         return fetched
 
     def _claim_in(self, conn: Connection, epochs: dict[int, int], limit: int) -> list[Any]:
@@ -323,7 +153,7 @@ class SqlSubscription:
                     error=error,
                 )
             else:
-                # Due since visible_at; 0 means since published (as admin_queries._READY_SINCE).
+                # Due since visible_at; 0 means since published (as stats_queries._READY_SINCE).
                 live.append(dict(row, due_at=due[int(row["seq"])][0] or row["created_at"]))
         return live
 
@@ -381,9 +211,9 @@ class SqlSubscription:
         self.settled(delivery)
 
     def _check_open(self, delivery: SqlDelivery) -> None:
-        if delivery._state is _State.LOST:
+        if delivery._state is ClaimState.LOST:
             raise DeliveryLost(f"the claim of {delivery.message.id!r} is no longer ours")
-        if delivery._state is not _State.OPEN:
+        if delivery._state is not ClaimState.OPEN:
             raise AlreadyAcknowledged(
                 f"delivery of {delivery.message.id!r} (attempt {delivery.attempt}) "
                 "was already settled"
@@ -392,32 +222,26 @@ class SqlSubscription:
     def begin_settle(self, delivery: SqlDelivery) -> None:
         """Mark a delivery settled by a transaction that has not committed yet."""
         self._check_open(delivery)
-        delivery.mark(_State.PENDING)
+        delivery.mark(ClaimState.PENDING)
 
     def settled(self, delivery: SqlDelivery) -> None:
-        delivery.mark(_State.SETTLED)
-        self._drop(delivery)
+        delivery.mark(ClaimState.SETTLED)
+        self.claims.drop(delivery)
 
     def reopen(self, delivery: SqlDelivery) -> None:
         """The transaction that would have settled it rolled back."""
-        if delivery._state is _State.PENDING:
-            delivery.mark(_State.OPEN)
+        if delivery._state is ClaimState.PENDING:
+            delivery.mark(ClaimState.OPEN)
 
     def forget(self, delivery: SqlDelivery) -> None:
         """The delivery is lost to this member (fenced): stop tracking it."""
-        delivery.mark(_State.LOST)
-        self._drop(delivery)
+        self.claims.forget(delivery)
 
     def abandon(self, deliveries: Sequence[Delivery]) -> None:
         """Stop keeping these claims alive; the visibility timeout brings them back."""
         for delivery in deliveries:
-            if isinstance(delivery, SqlDelivery) and delivery._state is not _State.SETTLED:
+            if isinstance(delivery, SqlDelivery) and delivery._state is not ClaimState.SETTLED:
                 self.forget(delivery)
-
-    def _drop(self, delivery: SqlDelivery) -> None:
-        with self._lock:
-            if self._outstanding.get(delivery.offset) is delivery:
-                del self._outstanding[delivery.offset]
 
     def _claim(self, delivery: SqlDelivery) -> dict[str, Any]:
         return {"seq": delivery.offset, "grp": self.group, "attempt": delivery.attempt}
@@ -511,7 +335,7 @@ class SqlSubscription:
 
     def hand_back(self, deliveries: Sequence[Delivery]) -> None:
         """Return unprocessed deliveries without counting a retry (shutdown, rebalance)."""
-        mine = [d for d in deliveries if isinstance(d, SqlDelivery) and d._state is _State.OPEN]
+        mine = [d for d in deliveries if isinstance(d, SqlDelivery) and d._state is ClaimState.OPEN]
         if not mine:
             return
         rows = [
@@ -525,18 +349,3 @@ class SqlSubscription:
     def _emit(self, event: str, **data: Any) -> None:
         if self._on_event is not None:
             self._on_event(event, topic=self.topic, group=self.group, member=self.member_id, **data)
-
-
-def sql_delivery(delivery: Delivery) -> SqlDelivery:
-    if not isinstance(delivery, SqlDelivery):
-        raise QueueError(f"not a delivery of this queue: {type(delivery).__name__}")
-    return delivery
-
-
-def inflight_attempts(conn: Connection, group: str, offsets: list[int]) -> dict[int, int]:
-    """The attempt of each of these offsets' deliveries that is in flight now."""
-    params = {"grp": group, "seqs": offsets}
-    return {
-        int(r.seq): int(r.attempt)
-        for r in conn.execute(bq.select_inflight_attempts, q.params(params))
-    }

@@ -1,37 +1,23 @@
-"""An in-memory queue for tests: the whole contract, in one process, nothing on disk.
-
-It keeps the semantics unit tests of handlers and of the worker rely on: idempotent publish by
-``(topic, partition key, id)``, delays, consumer groups each with their own deliveries,
-partition order for first deliveries, nack with backoff and a DLQ after ``max_attempts``,
-reject, hand-back without a retry, fenced settles (``DeliveryLost`` for a claim that was
-given up and delivered again), and batched settling through ``committer()``. It has one
-member per group (no leases to share) and its clock is injectable.
-
-Not for production: nothing survives the process. Tests of the SQL queue run on SQLite and
-MariaDB; this is for fast tests of decisions, beside those.
-"""
+"""The memory queue itself: the log, each group's deliveries, claims and settles, under one
+lock (see the package docstring for what it keeps of the contract)."""
 
 from __future__ import annotations
 
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 from buildq.queue.contract import (
     Ack,
-    AlreadyAcknowledged,
-    BufferedOutbox,
     DeadLetter,
     Defer,
     Delivery,
     DeliveryLost,
-    Effect,
     HandBack,
-    InvalidMessage,
     Message,
     Nack,
     PublisherClosed,
@@ -42,6 +28,14 @@ from buildq.queue.contract import (
     Step,
     dlq_topic,
 )
+from buildq.queue.memory.batch import (
+    MemoryApply,
+    MemoryCommitter,
+    MemoryTransaction,
+    run_effects,
+    validate,
+)
+from buildq.queue.memory.subscription import MemoryDelivery, MemorySubscription
 from buildq.queue.settings import SubscriptionSettings
 
 T = TypeVar("T")
@@ -73,63 +67,6 @@ class _State:
     kept: bool = False
     owner: str = ""
     last_error: str = ""
-
-
-@dataclass(eq=False)
-class MemoryDelivery:
-    topic: str
-    group: str
-    message: Message
-    offset: int
-    attempt: int
-    retry_count: int
-    last_error: str
-    dead_letter: DeadLetter | None
-    due_at_ms: int
-    delivered_at_ms: int
-    _subscription: MemorySubscription = field(repr=False)
-    _settled: bool = field(default=False, repr=False)
-    _lost: bool = field(default=False, repr=False)
-
-    @property
-    def lost(self) -> bool:
-        return self._lost
-
-    def ack(self) -> None:
-        self._subscription.queue.settle(Step(self, Ack()))
-
-    def nack(self, requeue_after_ms: int | None = None, error: str = "") -> None:
-        self._subscription.queue.settle(Step(self, Nack(requeue_after_ms, error)))
-
-    def reject(self, reason: str) -> None:
-        self._subscription.queue.settle(Step(self, Reject(reason)))
-
-    def extend_visibility(self, ms: int) -> None:
-        self._subscription.queue.extend(self, ms)
-
-
-@dataclass(slots=True)
-class MemorySession:
-    """A batch being committed: stores register what to write if it commits."""
-
-    now_ms: int
-    on_commit: list[Callable[[], None]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class MemoryAckedStep:
-    delivery: MemoryDelivery
-    effect: Effect | None
-    outbox: BufferedOutbox = field(default_factory=BufferedOutbox)
-
-
-MemoryApply = Callable[[MemorySession, Sequence[MemoryAckedStep]], None]
-
-
-def run_effects(session: MemorySession, steps: Sequence[MemoryAckedStep]) -> None:
-    for step in steps:
-        if step.effect is not None:
-            step.effect(step.outbox)
 
 
 class MemoryQueue:
@@ -167,7 +104,7 @@ class MemoryQueue:
     def _insert(
         self, topic: str, message: Message, delay_ms: int, dead: DeadLetter | None = None
     ) -> PublishResult:
-        _validate(topic, message)
+        validate(topic, message)
         identity = (topic, message.partition_key, message.id, dead.failed_group if dead else "")
         if identity in self._ids:
             return PublishResult(message.id, message.partition_key, duplicate=True)
@@ -384,169 +321,3 @@ class MemoryQueue:
     def close_member(self, member: MemorySubscription) -> None:
         with self._lock:
             self._members.pop((member.topic, member.group), None)
-
-
-class MemorySubscription:
-    def __init__(
-        self, queue: MemoryQueue, topic: str, group: str, settings: SubscriptionSettings
-    ) -> None:
-        self.queue = queue
-        self.topic = topic
-        self.group = group
-        self.settings = settings
-        self.member_id = f"memory:{id(self):x}"
-        self._woken = threading.Event()
-
-    def fetch(self, limit: int) -> list[MemoryDelivery]:
-        return self.queue.fetch(self, limit)
-
-    def next_due_ms(self) -> int | None:
-        return self.queue.next_due_ms(self)
-
-    def wait(self, timeout_s: float) -> bool:
-        woken = self._woken.wait(timeout_s)
-        self._woken.clear()
-        return woken
-
-    def wake(self) -> None:
-        self._woken.set()
-
-    def wait_for_leases(self, timeout_s: float) -> bool:
-        return True  # the only member holds every partition
-
-    def problem(self) -> str | None:
-        return None
-
-    def hand_back(self, deliveries: Sequence[Delivery]) -> None:
-        self.queue.committer().commit([Step(d, HandBack()) for d in deliveries])
-
-    def abandon(self, deliveries: Sequence[Delivery]) -> None:
-        self.queue.abandon(deliveries)
-
-    def close(self) -> None:
-        self.queue.close_member(self)
-
-
-class MemoryCommitter:
-    def __init__(self, queue: MemoryQueue, apply: MemoryApply = run_effects) -> None:
-        self._queue = queue
-        self._apply = apply
-
-    def commit(self, steps: Sequence[Step]) -> list[Settled]:
-        queue = self._queue
-        with queue._lock:
-            claims = [queue._claim(step.delivery) for step in steps]
-            for _state, claim in claims:
-                if claim._settled:
-                    raise AlreadyAcknowledged(
-                        f"delivery of {claim.message.id!r} was already settled"
-                    )
-            acked = [
-                MemoryAckedStep(claim, step.action.effect)
-                for step, (state, claim) in zip(steps, claims, strict=True)
-                if state is not None and isinstance(step.action, Ack)
-            ]
-            session = MemorySession(queue.clock())
-            self._apply(session, acked)  # raises before anything is written
-            for acked_step in acked:
-                for topic, message, _delay in acked_step.outbox.messages:
-                    _validate(topic, message)
-            results = []
-            for step, (state, claim) in zip(steps, claims, strict=True):
-                if state is None:
-                    claim._lost = True
-                    results.append(Settled.LOST)
-                    continue
-                queue.apply_settle(claim, state, step)
-                results.append(Settled.DONE)
-            for write in session.on_commit:
-                write()
-            for acked_step in acked:
-                for topic, message, delay_ms in acked_step.outbox.messages:
-                    queue._insert(topic, message, delay_ms)
-            queue._changed.notify_all()
-        for member in list(queue._members.values()):
-            member.wake()
-        return results
-
-
-class MemoryTransaction:
-    """Publishes and settles that apply together when the ``with`` block ends."""
-
-    def __init__(self, queue: MemoryQueue) -> None:
-        self._queue = queue
-        self._outbox = BufferedOutbox()
-        self._steps: list[Step] = []
-
-    def publish(self, topic: str, message: Message) -> PublishResult:
-        return self.publish_after(topic, message, 0)
-
-    def publish_after(self, topic: str, message: Message, delay_ms: int) -> PublishResult:
-        _validate(topic, message)
-        self._outbox.publish_after(topic, message, delay_ms)
-        with self._queue._lock:
-            duplicate = (topic, message.partition_key, message.id, "") in self._queue._ids
-        return PublishResult(message.id, message.partition_key, duplicate)
-
-    def publish_many(
-        self, topic: str, messages: Sequence[Message], delay_ms: int = 0
-    ) -> list[PublishResult]:
-        return [self.publish_after(topic, m, delay_ms) for m in messages]
-
-    def ack(self, delivery: Delivery) -> None:
-        self._settling(Step(delivery, Ack()))
-
-    def nack(
-        self, delivery: Delivery, requeue_after_ms: int | None = None, error: str = ""
-    ) -> None:
-        self._settling(Step(delivery, Nack(requeue_after_ms, error)))
-
-    def reject(self, delivery: Delivery, reason: str) -> None:
-        self._settling(Step(delivery, Reject(reason)))
-
-    def _settling(self, step: Step) -> None:
-        """Acting twice on one delivery (before, or in this transaction) is refused at once,
-        as the SQL transaction does."""
-        delivery = step.delivery
-        if getattr(delivery, "_settled", False) or any(s.delivery is delivery for s in self._steps):
-            raise AlreadyAcknowledged(f"delivery of {delivery.message.id!r} was already settled")
-        self._steps.append(step)
-
-    def commit(self) -> None:
-        """All or nothing: a claim that is no longer ours refuses the whole transaction."""
-        queue = self._queue
-        with queue._lock:
-            queue._check_open()
-            for step in self._steps:
-                state, claim = queue._claim(step.delivery)
-                if state is None:
-                    claim._lost = True
-                    raise DeliveryLost(f"the claim of {claim.message.id!r} is no longer ours")
-            if self._steps:
-                queue.committer().commit(self._steps)
-            for topic, message, delay_ms in self._outbox.messages:
-                queue._insert(topic, message, delay_ms)
-        queue._wake({topic for topic, _, _ in self._outbox.messages})
-
-
-def _validate(topic: str, message: Message) -> None:
-    if not isinstance(message, Message):
-        raise InvalidMessage(f"expected a Message, got {type(message).__name__}")
-    if not topic or not message.id:
-        raise InvalidMessage("topic and message id must not be empty")
-    if not isinstance(message.payload, bytes | bytearray | memoryview):
-        raise InvalidMessage("payload must be bytes")
-    if not isinstance(message.metadata, Mapping):
-        raise InvalidMessage("metadata must be a mapping of strings to strings")
-
-
-__all__ = [
-    "MemoryAckedStep",
-    "MemoryCommitter",
-    "MemoryDelivery",
-    "MemoryQueue",
-    "MemorySession",
-    "MemorySubscription",
-    "MemoryTransaction",
-    "wall_clock_ms",
-]
