@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from buildq.db import Database, create_engine
 from buildq.migrations import upgrade
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 

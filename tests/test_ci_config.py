@@ -7,7 +7,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
 
 
 def test_ci_runs_lint_before_the_tests() -> None:

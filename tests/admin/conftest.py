@@ -20,7 +20,7 @@ from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import metadata
 from tests.queue.conftest import FAST
-from tests.support import CliResult, run_cli
+from tests.support.cli import CliResult, run_cli
 
 QUEUE_TABLES = ("queue_messages", "queue_groups", "queue_deliveries", "queue_leases")
 

@@ -7,7 +7,7 @@ from buildq.db import Database
 from buildq.migrations import head_revision
 from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.sqlbatch import SqlBuildBatch
-from tests.support import run_cli
+from tests.support.cli import run_cli
 
 LONG_BUILD = "gh:a-rather-long-organisation/and-its-repository-name/12345678901/1"
 LONG_REQUEST = "merge-queue/main/batch-2026-11-30T01:02:03Z-7f3a9c"

@@ -12,7 +12,7 @@ import pytest
 
 from buildq.cli.common import SYSTEM_CONFIG, CliError, find_config
 from buildq.migrations import upgrade
-from tests.support import run_cli
+from tests.support.cli import run_cli
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from buildq.queue.sql.schema import groups, messages
 from tests.admin.conftest import execute, msg, rows, snapshot
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 
 def _dead(queue, sub, mid: str, error: str = "boom", key: str = "p"):

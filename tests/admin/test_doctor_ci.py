@@ -10,8 +10,8 @@ import pytest
 
 from buildq.buildrunner._siblings import branch_matches, concurrency_settings, github_warnings
 from buildq.migrations import upgrade
-from tests.fakeci import FakeBuildkite, FakeGitHub
-from tests.support import CliResult, run_cli
+from tests.support.cli import CliResult, run_cli
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
 
 TOKEN_ENV = "BUILDQ_TEST_DOCTOR_TOKEN"
 

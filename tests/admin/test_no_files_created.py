@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from buildq.db import DatabaseMissing, create_engine
-from tests.support import run_cli
+from tests.support.cli import run_cli
 
 COMMANDS = [
     ["builds", "ls"],

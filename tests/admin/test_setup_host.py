@@ -9,7 +9,7 @@ import pytest
 
 from buildq.cli.host import Host, render_config, render_unit
 from buildq.config import load_config
-from tests.support import run_cli
+from tests.support.cli import run_cli
 
 
 def _argv(tmp_path: Path, *extra: str) -> list[str]:

@@ -9,7 +9,7 @@ from sqlalchemy import event
 from buildq.queue.sql import MessageStore
 from buildq.queue.sql.admin import QueueAdmin
 from tests.admin.conftest import msg
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 
 def test_the_cheap_refresh_is_one_statement_with_the_same_group_counts(db, queue, subscribe):

@@ -26,9 +26,8 @@ from buildq.buildrunner.contract import (
 )
 from buildq.config.base import ConfigError, Table
 from buildq.testing.conformance import HOSTILE_CHANGES
-
-from .helpers import recorded_pid, stop_command_builds
-from .waiting import wait_until
+from tests.support.runners import recorded_pid, stop_command_builds
+from tests.support.waiting import wait_until
 
 # Blocks until the test creates <gates>/<build id>: the build runs exactly as long as wanted.
 GATED = 'while [ ! -e "{gates}/$BUILDQ_BUILD_ID" ]; do sleep 0.01; done; echo released'
@@ -55,13 +54,13 @@ def _finished(runner: CommandRunner, build_id: BuildID) -> tuple[BuildStatus, Bu
         answer = runner.status(build_id)
         return answer if answer[0].is_terminal else None
 
-    answer = wait_until(terminal, what=f"{build_id} to finish")
+    answer = wait_until(terminal, message=f"{build_id} to finish")
     assert answer is not None
     return answer
 
 
 def _wait_status(runner: CommandRunner, build_id: BuildID, status: BuildStatus) -> None:
-    wait_until(lambda: runner.status(build_id)[0] is status, what=f"{build_id} {status}")
+    wait_until(lambda: runner.status(build_id)[0] is status, message=f"{build_id} {status}")
 
 
 def _build_dir(work_dir: Path, build_id: BuildID) -> Path:
@@ -69,7 +68,7 @@ def _build_dir(work_dir: Path, build_id: BuildID) -> Path:
 
 
 def _running_pid(work_dir: Path, build_id: BuildID, name: str) -> int:
-    pid = wait_until(lambda: recorded_pid(_build_dir(work_dir, build_id), name), what=name)
+    pid = wait_until(lambda: recorded_pid(_build_dir(work_dir, build_id), name), message=name)
     assert pid is not None
     return pid
 
@@ -148,7 +147,7 @@ def test_cancel_running_build_stops_whole_group(work_dir: Path, gates: Path) -> 
     pgid = _running_pid(work_dir, build_id, files.COMMAND_PID_FILE)
     assert runner.status(build_id)[0] is BuildStatus.RUNNING
     runner.cancel(build_id)
-    wait_until(lambda: _group_gone(pgid), what="the process group to go")
+    wait_until(lambda: _group_gone(pgid), message="the process group to go")
     status, meta = _finished(runner, build_id)
     assert status is BuildStatus.CANCELLED and meta["failure_reason"] == "cancelled"
 
@@ -162,7 +161,7 @@ def test_cancel_escalates_without_blocking_the_caller(work_dir: Path) -> None:
     # Well below the grace, with room for a loaded machine.
     assert time.monotonic() - started < 2.0, "cancel waited for the grace period"
     assert runner.status(build_id)[1]["native_state"] == "cancelling"
-    wait_until(lambda: _group_gone(pgid), what="SIGKILL after the grace period")
+    wait_until(lambda: _group_gone(pgid), message="SIGKILL after the grace period")
     status, meta = _finished(runner, build_id)
     assert status is BuildStatus.CANCELLED and meta["exit_code"] == str(128 + signal.SIGKILL)
 
@@ -258,7 +257,7 @@ def test_build_left_behind_by_dead_supervisor_is_lost_and_stopped(
     os.kill(_running_pid(work_dir, build_id, files.WRAPPER_PID_FILE), signal.SIGKILL)
     assert _finished(runner, build_id)[1]["failure_reason"] == "lost"
     # Its supervisor, the orphans' reaper, is dead: they are init's to reap now.
-    wait_until(lambda: _no_live_member(pgid), what="the orphaned command to be stopped")
+    wait_until(lambda: _no_live_member(pgid), message="the orphaned command to be stopped")
 
 
 def test_correlation_key_makes_trigger_idempotent(work_dir: Path) -> None:

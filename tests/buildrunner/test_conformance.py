@@ -14,9 +14,8 @@ from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.buildrunner.noop import NoopConfig, NoopRunner
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
 from buildq.testing import conformance
-
-from .helpers import FakeClock, stop_command_builds
-from .waiting import wait_until
+from tests.support.runners import FakeClock, stop_command_builds
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -43,7 +42,7 @@ def _command(tmp_path: Path) -> Iterator[Case]:
     runner = CommandRunner(config)
 
     def finish(build_id: BuildID) -> None:
-        wait_until(lambda: runner.status(build_id)[0].is_terminal, what="a terminal build")
+        wait_until(lambda: runner.status(build_id)[0].is_terminal, message="a terminal build")
 
     unknown = (
         *conformance.GENERIC_UNKNOWN_IDS,

@@ -16,7 +16,7 @@ from buildq.buildrunner.contract import BuildID, BuildRunner, BuildStatus, Chang
 from buildq.config.base import ConfigError, Secret, Table
 from buildq.testing import RunnerConformance, conformance
 from buildq.webhook import WebhookConfig, WebhookServer, route_for
-from tests.plugin_example import DISTRIBUTION, install
+from tests.support.plugin_example import DISTRIBUTION, install
 
 BUILDQ = str(Path(sys.executable).parent / "buildq")
 

@@ -9,9 +9,8 @@ import pytest
 from buildq.buildrunner.contract import BuildID, BuildNotFound, BuildStatus, Change
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
 from buildq.config.base import ConfigError, Table
-
-from .helpers import FakeClock
-from .waiting import wait_until
+from tests.support.runners import FakeClock
+from tests.support.waiting import wait_until
 
 T0 = 1_800_000_000.0
 

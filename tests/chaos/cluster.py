@@ -1,7 +1,7 @@
 """The daemons under chaos: ``buildq run`` processes that are killed, paused and restarted.
 
 A ``Node`` is one daemon slot: every (re)start is a new process with its own log file
-(``node<i>-run<j>.log``). Unlike ``tests.e2e.harness.DaemonProcess`` a start does not wait for
+(``node<i>-run<j>.log``). Unlike ``tests.support.daemon.DaemonProcess`` a start does not wait for
 readiness, since a daemon restarted during a database outage is not ready until it ends (and
 must not crash-loop meanwhile). The ``Lifetime`` of each process (pid, start, end, why it
 ended) is what explains a redelivery later: a delivery whose owner was SIGKILLed comes back.
@@ -25,10 +25,10 @@ from typing import Any
 
 import httpx
 
-from tests import shims
-from tests.e2e.harness import BUILDQ
-from tests.ops.scrape import scrape
-from tests.support import read_json_lines
+from tests.support import shims
+from tests.support.daemon import BUILDQ
+from tests.support.scrape import scrape
+from tests.support.waiting import read_json_lines
 
 
 @dataclass

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tests.chaos.cluster import Node
-from tests.support import wait_until
+from tests.support import REPO
+from tests.support.waiting import wait_until
 
 
 @dataclass
@@ -95,7 +96,7 @@ class ProxyOutage:
         port_file = workdir / "proxy.port"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.chaos.proxy", target, str(port_file)],
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=REPO,
         )
         wait_until(
             lambda: port_file.exists() and port_file.read_text(), timeout=30, message="proxy port"

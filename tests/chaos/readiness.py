@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from tests.chaos.audit import Verdict
 from tests.chaos.cluster import Node
 from tests.chaos.faults import FaultLog, Window
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 #: How long a daemon may take to notice a fault and turn red (its database probe runs every
 #: 2 s; a refused lease renewal shows within one renewal interval), on a loaded machine.

@@ -50,8 +50,8 @@ from tests.chaos.profiles import (
 )
 from tests.chaos.readiness import Readiness
 from tests.chaos.sampler import Sampler
-from tests.e2e.harness import BUILDQ
-from tests.support import wait_until
+from tests.support.daemon import BUILDQ
+from tests.support.waiting import wait_until
 
 DEFAULT_SERVER = "mysql+pymysql://root@127.0.0.1:3306/test"
 

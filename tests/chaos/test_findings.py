@@ -34,8 +34,8 @@ from buildq.orchestrator import topics
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.store import METADATA_ERROR_KEY, decode_metadata
 from tests.chaos.cluster import Node
-from tests.e2e.harness import DaemonProcess, World, write_config
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.waiting import wait_until
 
 NOOP = '[runners.noop]\ntype = "noop"\n[queues.main]\nrunner = "noop"\n'
 

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 
 from buildq.orchestrator import topics
-from tests.e2e.harness import BUILDQ, DaemonProcess, World
-from tests.fakeci import FakeBuildkite, FakeGitHub, FakeService, Fault
-from tests.fakeci.buildkite import sign as bk_sign
-from tests.fakeci.github import sign as gh_sign
+from tests.support.daemon import BUILDQ, DaemonProcess, World
+from tests.support.fakeci import FakeBuildkite, FakeGitHub, FakeService, Fault
+from tests.support.fakeci.buildkite import sign as bk_sign
+from tests.support.fakeci.github import sign as gh_sign
 
 RUNNER = "ci"
 TOKEN_ENV = "BUILDQ_E2E_CI_TOKEN"

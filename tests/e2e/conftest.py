@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import DaemonProcess, World, write_config
+from tests.support.daemon import DaemonProcess, World, write_config
 
 
 @pytest.fixture

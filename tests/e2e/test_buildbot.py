@@ -19,11 +19,11 @@ from buildq.buildrunner.buildbot import BuildbotRunner
 from buildq.buildrunner.contract import CORRELATION_KEY, BuildID, BuildStatus, Change
 from buildq.config.base import Table
 from buildq.testing import RunnerConformance, conformance
-from tests.e2e.buildbot_master import BuildbotMaster, buildbot_venv
 from tests.e2e.ci_support import build, cli, cli_json
-from tests.e2e.harness import DaemonProcess, World
 from tests.e2e.test_ci_backends import assert_one_chain_each, wait_polled, wait_terminal
-from tests.support import wait_until
+from tests.support.buildbot import BuildbotMaster, buildbot_venv
+from tests.support.daemon import DaemonProcess, World
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 

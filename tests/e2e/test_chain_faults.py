@@ -17,8 +17,8 @@ from buildq.db import Database, create_engine
 from buildq.orchestrator import topics
 from buildq.queue.contract import Message
 from buildq.queue.sql.retention import Retention
-from tests.e2e.harness import DaemonProcess, World
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World
+from tests.support.waiting import wait_until
 
 POLLS = 40
 SCRIPTED = f"""

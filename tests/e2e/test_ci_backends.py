@@ -26,8 +26,8 @@ from tests.e2e.ci_support import (
     settled_poll,
     start_ci,
 )
-from tests.e2e.harness import DaemonProcess, World
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World
+from tests.support.waiting import wait_until
 
 MakeDaemon = Callable[..., DaemonProcess]
 

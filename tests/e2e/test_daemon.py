@@ -12,8 +12,8 @@ import pytest
 from buildq.buildrunner import BuildID
 from buildq.orchestrator import topics
 from buildq.queue.contract import Message
-from tests.e2e.harness import BUILDQ
-from tests.support import wait_until
+from tests.support.daemon import BUILDQ
+from tests.support.waiting import wait_until
 
 SIM = """
 [runners.sim]

@@ -11,10 +11,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.e2e.ci_support import build, canary, cli
-from tests.e2e.harness import DaemonProcess, World
 from tests.e2e.test_ci_backends import assert_one_chain_each, wait_polled, wait_terminal
-from tests.fakeci.gitlab import FakeGitLab
-from tests.fakeci.jenkins import FakeJenkins
+from tests.support.daemon import DaemonProcess, World
+from tests.support.fakeci.gitlab import FakeGitLab
+from tests.support.fakeci.jenkins import FakeJenkins
 
 POLL = """
 accepted_interval_s = 0.2

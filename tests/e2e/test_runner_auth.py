@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.e2e.ci_support import FakeCI, build, start_ci
-from tests.e2e.harness import DaemonProcess, World
 from tests.e2e.test_ci_backends import BRISK_POLL, wait_polled, wait_terminal
-from tests.ops.scrape import get, ops_port, scrape
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World
+from tests.support.scrape import get, ops_port, scrape
+from tests.support.waiting import wait_until
 
 MakeDaemon = Callable[..., DaemonProcess]
 

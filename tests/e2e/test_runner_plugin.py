@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import DaemonProcess, World
 from tests.e2e.test_ci_backends import assert_one_chain_each, wait_terminal
-from tests.plugin_example import install
+from tests.support.daemon import DaemonProcess, World
+from tests.support.plugin_example import install
 
 CONFIG = """
 [runners.good]

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.harness import DaemonProcess, World
-from tests.ops.scrape import get, ops_port, scrape
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World
+from tests.support.scrape import get, ops_port, scrape
+from tests.support.waiting import wait_until
 
 VISIBILITY_TIMEOUT_MS = 1_000
 MAIN_POLLS = 8

@@ -23,10 +23,10 @@ import pytest
 import sqlalchemy as sa
 
 from buildq.migrations import upgrade
-from tests import shims
-from tests.e2e.harness import DaemonProcess, World, write_config
-from tests.ops.scrape import get, ops_port, scrape
-from tests.support import wait_until
+from tests.support import shims
+from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.scrape import get, ops_port, scrape
+from tests.support.waiting import wait_until
 
 SCRIPTED = """
 [runners.sim]

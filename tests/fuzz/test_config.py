@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from buildq.config import ConfigError, load_config
 from buildq.orchestrator.wiring import runners_from_config
 from buildq.webhook import WebhookConfig
-from tests.fuzz.strategies import NASTY
+from tests.support.strategies import NASTY
 
 FUZZ = settings(
     max_examples=300,

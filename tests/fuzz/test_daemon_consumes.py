@@ -23,9 +23,9 @@ from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, dlq_topic
 from tests.conftest import clean_tables
-from tests.e2e.harness import DaemonProcess, World, write_config
-from tests.fuzz.strategies import NASTY, encode, json_values, mutated, raw_bytes
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.strategies import NASTY, encode, json_values, mutated, raw_bytes
+from tests.support.waiting import wait_until
 
 EXAMPLES = settings(
     max_examples=30,

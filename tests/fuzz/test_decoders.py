@@ -19,7 +19,7 @@ from buildq.config.base import Secret
 from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.schema import builds
 from buildq.webhook import WebhookConfig, WebhookRoute, WebhookServer
-from tests.fuzz.strategies import encode, json_values, mutated, nasty_text, raw_bytes
+from tests.support.strategies import encode, json_values, mutated, nasty_text, raw_bytes
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 QUEUE_WIDTH = builds.c.queue.type.length  # type: ignore[attr-defined]

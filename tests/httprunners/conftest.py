@@ -21,9 +21,9 @@ from buildq.buildrunner.github import make_client as make_gh_client
 from buildq.buildrunner.gitlab import GitLabRunner
 from buildq.buildrunner.jenkins import JenkinsRunner
 from buildq.config.base import Table
-from tests.fakeci import FakeBuildkite, FakeGitHub
-from tests.fakeci.gitlab import FakeGitLab
-from tests.fakeci.jenkins import FakeJenkins
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci.gitlab import FakeGitLab
+from tests.support.fakeci.jenkins import FakeJenkins
 
 BK_TOKEN_ENV = "BUILDQ_TEST_BUILDKITE_TOKEN"
 GH_TOKEN_ENV = "BUILDQ_TEST_GITHUB_TOKEN"

@@ -12,9 +12,9 @@ from buildq.buildrunner import buildkite
 from buildq.buildrunner._ratelimit import HOLD_JITTER_S, MIN_HOLD_S, RateBudget
 from buildq.buildrunner.buildkite import BuildkiteConfig, BuildkiteRunner
 from buildq.buildrunner.contract import CORRELATION_KEY, BuildStatus, Change
-from tests.fakeci import FakeBuildkite, Fault
 from tests.httprunners.conftest import BK_TOKEN_ENV, buildkite_table
 from tests.httprunners.test_ratelimit import FakeTime
+from tests.support.fakeci import FakeBuildkite, Fault
 
 BACKOFF_S = 1.0
 

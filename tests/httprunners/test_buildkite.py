@@ -18,7 +18,7 @@ from buildq.buildrunner.contract import (
     RunnerUnauthorized,
     TransientRunnerError,
 )
-from tests.fakeci import FakeBuildkite, Fault
+from tests.support.fakeci import FakeBuildkite, Fault
 
 BASE = [Change("base-1", "aaa"), Change("base-2", "bbb", {"title": "fix"})]
 HEAD = [Change("head-1", "ccc")]

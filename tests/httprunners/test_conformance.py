@@ -11,7 +11,7 @@ from buildq.buildrunner.buildkite import BuildkiteRunner
 from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.buildrunner.github import GitHubRunner
 from buildq.testing import conformance
-from tests.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
 
 
 @dataclass

@@ -17,7 +17,7 @@ from buildq.buildrunner.contract import (
     TransientRunnerError,
 )
 from buildq.buildrunner.github import GitHubRunner, mentions_token
-from tests.fakeci import FakeGitHub, FakeRun, Fault
+from tests.support.fakeci import FakeGitHub, FakeRun, Fault
 
 BASE = [Change("base-1", "aaa")]
 HEAD = [Change("head-1", "bbb", {"title": "feat"}), Change("head-2", "ccc")]

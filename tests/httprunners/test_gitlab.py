@@ -22,9 +22,9 @@ from buildq.buildrunner.gitlab import GitLabRunner, rate_signal
 from buildq.config.base import ConfigError, Table
 from buildq.testing import RunnerConformance, conformance
 from buildq.webhook import WebhookConfig, WebhookServer, route_for
-from tests.fakeci import Fault
-from tests.fakeci.gitlab import FakeGitLab
 from tests.httprunners.conftest import GL_TOKEN_ENV, gitlab_table
+from tests.support.fakeci import Fault
+from tests.support.fakeci.gitlab import FakeGitLab
 
 MakeRunner = Callable[..., GitLabRunner]
 HEAD = [Change("change-1", "abc123")]

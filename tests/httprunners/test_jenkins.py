@@ -17,9 +17,9 @@ from buildq.buildrunner.contract import (
 )
 from buildq.buildrunner.jenkins import JenkinsRunner, parse_build_id, token_of
 from buildq.testing import RunnerConformance, conformance
-from tests.fakeci import Fault
-from tests.fakeci.jenkins import CRUMB_FIELD, FakeJenkins
 from tests.httprunners.conftest import JK_TOKEN_ENV
+from tests.support.fakeci import Fault
+from tests.support.fakeci.jenkins import CRUMB_FIELD, FakeJenkins
 
 MakeRunner = Callable[..., JenkinsRunner]
 HEAD = [Change("change-1", "abc123")]

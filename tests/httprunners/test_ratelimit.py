@@ -17,7 +17,7 @@ from buildq.buildrunner.contract import (
     TransientRunnerError,
 )
 from buildq.buildrunner.github import GitHubRunner
-from tests.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
 
 THREADS = 20
 POLLS_PER_THREAD = 3

@@ -14,8 +14,8 @@ from buildq.buildrunner.buildkite import make_client as make_bk_client
 from buildq.buildrunner.contract import CORRELATION_KEY, BuildID, Change, RunnerError
 from buildq.buildrunner.github import GitHubConfig, GitHubRunner
 from buildq.config.base import ConfigError, Table
-from tests.fakeci import FakeBuildkite, FakeGitHub, Fault
 from tests.httprunners.conftest import BK_TOKEN_ENV, buildkite_table, github_table
+from tests.support.fakeci import FakeBuildkite, FakeGitHub, Fault
 
 
 def exercise_failures(

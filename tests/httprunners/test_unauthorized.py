@@ -19,7 +19,7 @@ from buildq.buildrunner.contract import (
     TransientRunnerError,
 )
 from buildq.buildrunner.github import GitHubRunner
-from tests.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
 
 
 def _trigger(runner: BuildkiteRunner | GitHubRunner) -> BuildID:

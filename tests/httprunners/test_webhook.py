@@ -17,9 +17,9 @@ from buildq.buildrunner.contract import CORRELATION_KEY, BuildID, Change
 from buildq.buildrunner.github import GitHubRunner
 from buildq.config.base import ConfigError, Secret, Table
 from buildq.webhook import WebhookConfig, WebhookRoute, WebhookServer, route_for
-from tests.fakeci import FakeBuildkite, FakeGitHub
-from tests.fakeci.buildkite import sign as bk_sign
-from tests.fakeci.github import sign as gh_sign
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci.buildkite import sign as bk_sign
+from tests.support.fakeci.github import sign as gh_sign
 
 BK_SECRET = "bk-webhook-SECRET-5b1c"
 GH_SECRET = "gh-webhook-SECRET-77aa"

@@ -21,8 +21,8 @@ from structlog.testing import capture_logs
 from buildq.buildrunner.contract import BuildID
 from buildq.config.base import Secret
 from buildq.webhook import WebhookConfig, WebhookRoute, WebhookServer
-from tests.fakeci.buildkite import sign
-from tests.support import wait_until
+from tests.support.fakeci.buildkite import sign
+from tests.support.waiting import wait_until
 
 SECRET = "bk-webhook-SECRET-faults"
 BUILD_URL = "https://api.buildkite.com/v2/organizations/acme/pipelines/app/builds/7"

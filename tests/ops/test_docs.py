@@ -6,11 +6,11 @@ There is no Prometheus here to load them; these checks read the YAML as text.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from buildq.config import HttpConfig
+from tests.support import REPO
 
-OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+OPERATIONS = REPO / "docs" / "operations.md"
 
 
 def _yaml_blocks() -> list[str]:

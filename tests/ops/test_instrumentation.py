@@ -27,8 +27,8 @@ from buildq.orchestrator.model import Build
 from buildq.queue.contract import Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue
-from tests.ops.scrape import Scrape
-from tests.support import wait_until
+from tests.support.scrape import Scrape
+from tests.support.waiting import wait_until
 
 
 def scraped(metrics: Metrics) -> Scrape:

@@ -11,8 +11,8 @@ from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.contract import Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql.admin import QueueAdmin
-from tests.ops.scrape import Scrape, get, ops_port, scrape
-from tests.support import wait_until
+from tests.support.scrape import Scrape, get, ops_port, scrape
+from tests.support.waiting import wait_until
 
 FAST_REFRESH = {"BUILDQ_HTTP__METRICS_REFRESH_S": "0.3"}
 

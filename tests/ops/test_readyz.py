@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.harness import DaemonProcess, write_config
 from tests.ops.proxy import TcpProxy
-from tests.ops.scrape import get, ops_port, scrape
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, write_config
+from tests.support.scrape import get, ops_port, scrape
+from tests.support.waiting import wait_until
 
 NOOP = """
 [runners.noop]

@@ -24,9 +24,9 @@ import httpx
 import pytest
 
 from buildq.migrations import upgrade
-from tests.e2e.harness import DaemonProcess, write_config
-from tests.ops.scrape import ops_port
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, write_config
+from tests.support.scrape import ops_port
+from tests.support.waiting import wait_until
 
 SLOW = 150  # per endpoint
 

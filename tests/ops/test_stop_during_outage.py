@@ -10,9 +10,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.harness import DaemonProcess, World, write_config
 from tests.ops.proxy import TcpProxy
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.waiting import wait_until
 
 GRACE_S = 2
 #: The daemon's own margin (5 s) plus process exit on a loaded machine.

@@ -15,7 +15,7 @@ from buildq.queue.sql import SqlQueue
 from buildq.queue.worker import Job, LaneSettings, Worker
 from tests.queue.conftest import queue, subscribe  # noqa: F401 (fixtures)
 from tests.queue.test_publish import msg
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 
 class SlowController:

@@ -26,7 +26,7 @@ from buildq.queue.contract import (
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import deliveries, leases, messages
 from tests.queue.conftest import FAST
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 
 def msg(i: int, key: str | None = None) -> Message:

@@ -12,7 +12,7 @@ from buildq.queue.settings import Backoff
 from buildq.queue.sql.schema import deliveries, leases, messages
 from tests.queue.conftest import FAST
 from tests.queue.test_publish import count, msg
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 
 def test_ack_is_final(queue, db, subscribe):

@@ -10,7 +10,7 @@ from buildq.db import Database
 from buildq.queue import InvalidMessage, Message, PayloadTooLarge, PublisherClosed
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.schema import deliveries, messages
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 
 def msg(mid: str, key: str = "p", payload: bytes = b"x", **meta: str) -> Message:

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from buildq.db import Database, create_engine
 from buildq.queue import Message
 from buildq.queue.sql import SqlQueue
-from tests.support import read_json_lines, wait_until
+from tests.support import REPO
+from tests.support.waiting import read_json_lines, wait_until
 
 RENEW_S = 0.25
 LEASE_S = 1.5
@@ -43,7 +44,7 @@ class Member:
                 str(self.out),
                 *self.args,
             ],
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=REPO,
         )
         wait_until(lambda: self.id(), timeout=30, message="member started")
         return self

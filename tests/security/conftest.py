@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import DaemonProcess, World, write_config
-from tests.support import CliResult, run_cli
+from tests.support.cli import CliResult, run_cli
+from tests.support.daemon import DaemonProcess, World, write_config
 
 Result = CliResult
 

@@ -21,9 +21,9 @@ from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.sqlbatch import SqlBuildBatch
 from buildq.queue.contract import InvalidMessage, Message
 from buildq.queue.sql import SqlQueue
-from tests.e2e.harness import BUILDQ, World
 from tests.security.conftest import Cli, MakeDaemon
-from tests.support import wait_until
+from tests.support.daemon import BUILDQ, World
+from tests.support.waiting import wait_until
 
 HOSTILE = [
     "'; DROP TABLE builds; --",

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.harness import World
 from tests.security.conftest import Cli
+from tests.support.daemon import World
 
 HUGE = "1" + "0" * 29
 THOUSANDS_OF_DIGITS = "9" * 5000

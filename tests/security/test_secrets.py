@@ -36,9 +36,9 @@ from tests.e2e.ci_support import (
     canary,
     start_ci,
 )
-from tests.e2e.harness import BUILDQ, DaemonProcess, World, write_config
 from tests.security.conftest import MakeDaemon
-from tests.support import wait_until
+from tests.support.daemon import BUILDQ, DaemonProcess, World, write_config
+from tests.support.waiting import wait_until
 
 DB_PASSWORD_ENV = "BUILDQ_CANARY_DB_PASSWORD"
 

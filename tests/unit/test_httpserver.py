@@ -16,7 +16,7 @@ from buildq.httpserver import (
     ReceivedRequestHandler,
     content_length,
 )
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 LIMITS = Limits(max_connections=4, request_timeout_s=30, workers=1, max_body_bytes=100)
 

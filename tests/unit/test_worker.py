@@ -39,7 +39,7 @@ from buildq.queue.worker import (
     Unprocessable,
     Worker,
 )
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 from tests.unit.doubles import (
     BLOCK_S,
     FAST,

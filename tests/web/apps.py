@@ -27,7 +27,7 @@ from buildq.queue.sql import SqlQueue
 from buildq.web.app import create_app
 from buildq.web.config import WebConfig
 from tests.queue.conftest import FAST
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 CONFIG = """
 [database]

@@ -17,9 +17,9 @@ from buildq.orchestrator import topics
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql.schema import messages
 from buildq.web.config import WebConfig
-from tests.support import run_cli
+from tests.support.cli import run_cli
+from tests.support.web import TOKEN
 from tests.web.apps import seed, serving
-from tests.web.harness import TOKEN
 
 Serve = Callable[..., AbstractContextManager[httpx.Client]]
 

@@ -13,8 +13,8 @@ from selenium.webdriver.common.by import By
 from buildq.buildrunner import Change
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest, request_message
-from tests.support import wait_until
-from tests.web.harness import SIM, TOKEN, web_table
+from tests.support.waiting import wait_until
+from tests.support.web import SIM, TOKEN, web_table
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from buildq.db import Database, create_engine
 from buildq.orchestrator.schema import builds
 from buildq.web.app import CSP
 from buildq.web.auth import COOKIE
+from tests.support.web import TOKEN
 from tests.web.apps import insert_build, seed, serving
-from tests.web.harness import TOKEN
 
 PAGES = ["/", "/builds", "/build?id=r-live", "/build?id=r-bad", "/queue", "/login"]
 API = ["/api/overview", "/api/builds", "/api/build/timeline?id=r-bad", "/api/queue/topics"]

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from buildq.migrations import upgrade
-from tests.support import run_cli
+from tests.support import REPO
+from tests.support.cli import run_cli
 from tests.system.test_systemd import BUILDQ, SHIPPED_BUILDQ, _receive, _settings, _systemd_analyze
 
-UNIT = Path(__file__).resolve().parents[2] / "buildq" / "host" / "buildq-web.service"
+UNIT = REPO / "buildq" / "host" / "buildq-web.service"
 
 
 @pytest.fixture

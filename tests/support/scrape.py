@@ -8,8 +8,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.e2e.harness import DaemonProcess
-from tests.support import wait_until
+from tests.support.daemon import DaemonProcess
+from tests.support.waiting import wait_until
 
 
 def ops_port(daemon: DaemonProcess) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.harness import BUILDQ
-from tests.support import wait_until
+from tests.support.daemon import BUILDQ
+from tests.support.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

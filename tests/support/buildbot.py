@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 VERSION = "4.3.0"
 WORKERS = ("w1", "w2")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.shims.sitecustomize import CLOCK_STEP_EXEMPT, CLOCK_STEP_FILE, DISK_FULL_FILE
+from tests.support.shims.sitecustomize import CLOCK_STEP_EXEMPT, CLOCK_STEP_FILE, DISK_FULL_FILE
 
 #: The directory to put on a daemon's PYTHONPATH (it holds sitecustomize.py).
 SHIMS_DIR = Path(__file__).resolve().parent

@@ -19,7 +19,7 @@ from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
-from tests.support import read_json_lines, wait_until
+from tests.support.waiting import read_json_lines, wait_until
 
 BUILDQ = str(Path(sys.executable).parent / "buildq")
 

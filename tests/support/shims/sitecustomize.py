@@ -1,5 +1,5 @@
 """Faults of the host, injected inside a daemon process (issue 14): imported by Python at
-start-up when ``tests/shims`` is on PYTHONPATH (see ``tests.shims.env``). Each fault is off
+start-up when ``tests/shims`` is on PYTHONPATH (see ``tests.support.shims.env``). Each fault is off
 unless its variable names a file; the file is read on every call, so a test turns the fault on
 and off while the daemon runs.
 
@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-#: The variables that turn the faults on (tests.shims.env sets them).
+#: The variables that turn the faults on (tests.support.shims.env sets them).
 CLOCK_STEP_FILE = "BUILDQ_TEST_CLOCK_STEP_FILE"
 CLOCK_STEP_EXEMPT = "BUILDQ_TEST_CLOCK_STEP_EXEMPT"
 DISK_FULL_FILE = "BUILDQ_TEST_DISK_FULL_FILE"
@@ -88,6 +88,6 @@ def _install() -> None:
 
 
 # Only as the interpreter's own sitecustomize: tests import this module (as
-# tests.shims.sitecustomize) for the names above, and must not be faulted themselves.
+# tests.support.shims.sitecustomize) for the names above, and must not be faulted themselves.
 if __name__ == "sitecustomize":
     _install()
