@@ -2,13 +2,14 @@
 
 ``cli("queue", "topics", "--json")`` runs ``buildq.cli.main`` with ``--url`` of the test's
 database appended, returns exit code, stdout, stderr and (for ``--json``) the parsed output.
+Unlike tests/conftest.py's ``cli`` it can answer the confirmation prompt (``stdin=``), and
+what the command prints on stderr is the test's to judge.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,10 +17,7 @@ import sqlalchemy as sa
 
 from buildq.db import Database
 from buildq.queue import Message
-from buildq.queue.settings import SubscriptionSettings
-from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import metadata
-from tests.queue.conftest import FAST
 from tests.support.cli import CliResult, run_cli
 
 QUEUE_TABLES = ("queue_messages", "queue_groups", "queue_deliveries", "queue_leases")
@@ -49,30 +47,6 @@ def cli(backend_url: str, capsys: pytest.CaptureFixture[str], monkeypatch) -> Cl
 
 def msg(mid: str, key: str = "p", payload: bytes = b'{"n": 1}', **meta: str) -> Message:
     return Message(id=mid, payload=payload, partition_key=key, metadata=meta)
-
-
-@pytest.fixture
-def queue(db: Database) -> Iterator[SqlQueue]:
-    q = SqlQueue(db)
-    yield q
-    q.close()
-
-
-@pytest.fixture
-def subscribe(queue: SqlQueue) -> Iterator[Callable[..., SqlSubscription]]:
-    opened: list[SqlSubscription] = []
-
-    def _subscribe(
-        topic: str, group: str = "g", settings: SubscriptionSettings = FAST
-    ) -> SqlSubscription:
-        sub = queue.subscribe(topic, group, settings)
-        opened.append(sub)
-        return sub
-
-    yield _subscribe
-    for sub in opened:
-        with contextlib.suppress(Exception):
-            sub.close()
 
 
 def snapshot(db: Database) -> dict[str, list[tuple[Any, ...]]]:

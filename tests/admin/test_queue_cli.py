@@ -10,7 +10,7 @@ from buildq.queue.sql import admin as admin_module
 from buildq.queue.sql.leases import Membership
 from buildq.queue.sql.schema import leases, subscribers
 from tests.admin.conftest import Terminal, execute, msg, rows, snapshot
-from tests.queue.conftest import FAST
+from tests.support.database import FAST
 from tests.support.waiting import wait_until
 
 HOSTILE = ["'; DROP TABLE queue_messages; --", 'say "hi"', "ビルド/β/1", "tab\there"]

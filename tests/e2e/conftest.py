@@ -5,14 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, World, write_config
-
-
-@pytest.fixture
-def world(backend_url: str) -> Iterator[World]:
-    w = World(backend_url)
-    yield w
-    w.close()
+from tests.support.daemon import DaemonProcess, write_config
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from buildq.migrations import upgrade
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, dlq_topic
-from tests.conftest import clean_tables
 from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.database import BACKENDS, clean_tables
 from tests.support.strategies import NASTY, encode, json_values, mutated, raw_bytes
 from tests.support.waiting import wait_until
 
@@ -57,7 +57,7 @@ class Target:
     ids: Iterator[int]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(scope="module", params=BACKENDS)
 def target(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Target]:

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from tests.e2e.conftest import daemon, world
+from tests.e2e.conftest import daemon
 
-__all__ = ["daemon", "world"]
+__all__ = ["daemon"]

@@ -13,7 +13,6 @@ from buildq.buildrunner import TransientRunnerError
 from buildq.queue.contract import Delivery, Effect
 from buildq.queue.sql import SqlQueue
 from buildq.queue.worker import Job, LaneSettings, Worker
-from tests.queue.conftest import queue, subscribe  # noqa: F401 (fixtures)
 from tests.queue.test_publish import msg
 from tests.support.waiting import wait_until
 
@@ -44,8 +43,8 @@ class SlowController:
 
 @pytest.mark.parametrize("fails", [True, False], ids=["work_fails", "work_returns"])
 def test_work_that_ends_after_its_delivery_was_handed_back_is_not_a_failure(
-    queue: SqlQueue,  # noqa: F811
-    subscribe: Any,  # noqa: F811
+    queue: SqlQueue,
+    subscribe: Any,
     fails: bool,
 ) -> None:
     sub = subscribe("t")

@@ -25,7 +25,7 @@ from buildq.queue.contract import (
 )
 from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.queue.sql.schema import deliveries, leases, messages
-from tests.queue.conftest import FAST
+from tests.support.database import FAST
 from tests.support.waiting import wait_until
 
 
@@ -166,15 +166,13 @@ def test_a_claim_whose_lease_moved_is_not_kept_and_is_marked_lost(
 
 @pytest.mark.mysql
 def test_batch_acks_do_not_deadlock_with_the_members_lease_renewal(
-    mysql_test_url: str, tmp_path: Any
+    mysql_url: str, tmp_path: Any
 ) -> None:
     """The fence reads leases without locking them (docs/queue.md, "Locks"): a batch of acks
     over many slots and the renewer, updating the same lease rows every 20 ms, never deadlock."""
     from buildq.db import create_engine
-    from tests.conftest import clean_tables
 
-    clean_tables(mysql_test_url)
-    db = Database(create_engine(mysql_test_url), retry_for_s=10)
+    db = Database(create_engine(mysql_url), retry_for_s=10)
     deadlocks: list[int] = []
 
     def on_error(context: Any) -> None:

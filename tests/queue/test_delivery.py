@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from buildq.queue import AlreadyAcknowledged, DeliveryLost, Message
 from buildq.queue.settings import Backoff
 from buildq.queue.sql.schema import deliveries, leases, messages
-from tests.queue.conftest import FAST
 from tests.queue.test_publish import count, msg
+from tests.support.database import FAST
 from tests.support.waiting import wait_until
 
 

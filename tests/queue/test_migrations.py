@@ -13,10 +13,10 @@ from alembic.runtime.migration import MigrationContext
 from buildq.db import Database, create_engine
 from buildq.migrations import current_revision, head_revision, upgrade
 from buildq.queue.sql import SqlQueue
-from tests.queue.conftest import FAST
+from tests.support.database import BACKENDS, FAST
 
 
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(params=BACKENDS)
 def empty_url(request: pytest.FixtureRequest, tmp_path: Path):
     """A database with no tables at all."""
     if request.param == "sqlite":

@@ -17,11 +17,8 @@ pytestmark = pytest.mark.mysql
 
 
 @pytest.fixture
-def mysql_db(mysql_test_url: str):
-    from tests.conftest import clean_tables
-
-    clean_tables(mysql_test_url)
-    database = Database(create_engine(mysql_test_url), retry_for_s=20)
+def mysql_db(mysql_url: str):
+    database = Database(create_engine(mysql_url), retry_for_s=20)
     yield database
     database.dispose()
 

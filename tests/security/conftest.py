@@ -1,40 +1,13 @@
-"""The CLI run in-process against each backend, and daemons run as processes.
-
-``cli("builds", "show", X)`` runs ``buildq.cli.main`` with ``--url`` of the test's database
-appended and returns the exit code, stdout and stderr.
-"""
+"""Daemons run as processes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.cli import CliResult, run_cli
-from tests.support.daemon import DaemonProcess, World, write_config
-
-Result = CliResult
-
-Cli = Callable[..., Result]
-MakeDaemon = Callable[..., DaemonProcess]
-
-
-@pytest.fixture
-def cli(backend_url: str, capsys: pytest.CaptureFixture[str]) -> Cli:
-    def run(*argv: str, url: bool = True) -> Result:
-        result = run_cli([*argv, "--url", backend_url] if url else argv, capsys)
-        assert "Traceback" not in result.err, result.err[-3000:]
-        return result
-
-    return run
-
-
-@pytest.fixture
-def world(backend_url: str) -> Iterator[World]:
-    w = World(backend_url)
-    yield w
-    w.close()
+from tests.support.daemon import DaemonProcess, MakeDaemon, write_config
 
 
 @pytest.fixture

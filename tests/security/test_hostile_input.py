@@ -21,8 +21,8 @@ from buildq.orchestrator.model import BuildRequest
 from buildq.orchestrator.sqlbatch import SqlBuildBatch
 from buildq.queue.contract import InvalidMessage, Message
 from buildq.queue.sql import SqlQueue
-from tests.security.conftest import Cli, MakeDaemon
-from tests.support.daemon import BUILDQ, World
+from tests.support.cli import Cli
+from tests.support.daemon import BUILDQ, MakeDaemon, World
 from tests.support.waiting import wait_until
 
 HOSTILE = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tests.security.conftest import Cli
+from tests.support.cli import Cli
 from tests.support.daemon import World
 
 HUGE = "1" + "0" * 29

@@ -36,8 +36,7 @@ from tests.e2e.ci_support import (
     canary,
     start_ci,
 )
-from tests.security.conftest import MakeDaemon
-from tests.support.daemon import BUILDQ, DaemonProcess, World, write_config
+from tests.support.daemon import BUILDQ, DaemonProcess, MakeDaemon, World, write_config
 from tests.support.waiting import wait_until
 
 DB_PASSWORD_ENV = "BUILDQ_CANARY_DB_PASSWORD"

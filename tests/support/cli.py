@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,10 @@ class CliResult:
             and lines[0].startswith("buildq: ")
             and "Traceback" not in self.err
         )
+
+
+#: The ``cli`` fixture: ``cli(*argv)`` runs ``buildq ARGV --url <the test's database>``.
+Cli = Callable[..., CliResult]
 
 
 def run_cli(argv: Sequence[str], capsys: pytest.CaptureFixture[str]) -> CliResult:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,10 @@ class DaemonProcess:
             (self.log_dir / f"daemon-{i}.log").read_text(errors="replace")[-5000:]
             for i in range(len(self.runs))
         )
+
+
+#: The ``daemon`` fixture: ``daemon(body, env=None, url=None)`` makes a DaemonProcess.
+MakeDaemon = Callable[..., DaemonProcess]
 
 
 class World:

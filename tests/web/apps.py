@@ -26,7 +26,7 @@ from buildq.orchestrator.sqlstore import NOW
 from buildq.queue.sql import SqlQueue
 from buildq.web.app import create_app
 from buildq.web.config import WebConfig
-from tests.queue.conftest import FAST
+from tests.support.database import FAST
 from tests.support.waiting import wait_until
 
 CONFIG = """

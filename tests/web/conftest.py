@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import daemon, world  # noqa: F401 (fixtures used by these tests)
+from tests.e2e.conftest import daemon  # noqa: F401 (fixtures used by these tests)
 from tests.support.daemon import write_config
 from tests.support.web import TOKEN, TOKEN_ENV, WebProcess, require_chromium, start_chromium
 
