@@ -1,5 +1,6 @@
 """The fixtures every tier shares: a migrated database on each backend and the test's views of
-it (a queue, subscriptions, the builds), and the CLI run in this process.
+it (a queue, subscriptions, the builds), the CLI run in this process, and what more than one
+tier drives: the session's Buildbot master and the installed example runner plugin.
 
 ``backend_url`` is parametrised over SQLite (always) and MySQL/MariaDB (when
 BUILDQ_TEST_MYSQL_URL is set; see tests/support/database.py for what CI=true changes).
@@ -15,10 +16,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from buildq.buildrunner import registry
+from buildq.buildrunner.buildbot import BuildbotRunner
+from buildq.config.base import Table
 from buildq.db import Database, create_engine
 from buildq.migrations import upgrade
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
+from tests.support import plugin_example
+from tests.support.buildbot import BuildbotMaster, buildbot_venv
 from tests.support.cli import CliResult, run_cli
 from tests.support.daemon import World
 from tests.support.database import BACKENDS, FAST, clean_tables, require_mysql
@@ -114,6 +120,34 @@ def cli(backend_url: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., C
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def buildbot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildbotMaster]:
+    """A real Buildbot master and its workers, one for the whole session (slow to start)."""
+    master = BuildbotMaster(buildbot_venv(), tmp_path_factory.mktemp("buildbot")).create()
+    try:
+        master.start()
+        yield master
+    finally:
+        master.stop()
+
+
+@pytest.fixture
+def bb_runner(buildbot: BuildbotMaster) -> Iterator[BuildbotRunner]:
+    """A Buildbot runner on the session's master, built as the daemon builds it."""
+    table = Table("runners.bb", {"type": "buildbot", "api_url": buildbot.url, "builder": "buildq"})
+    kind = registry.get("buildbot")
+    runner = kind.factory("bb", kind.validate(table))
+    assert isinstance(runner, BuildbotRunner)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example runner plugin pip-installed into a directory of its own, to put on the path."""
+    return plugin_example.install(tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture(autouse=True)
