@@ -9,12 +9,10 @@ BUILDQ_TEST_MYSQL_URL is set; see tests/support/database.py for what CI=true cha
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from buildq.buildrunner import registry
 from buildq.buildrunner.buildbot import BuildbotRunner
@@ -27,7 +25,13 @@ from tests.support import plugin_example
 from tests.support.buildbot import BuildbotMaster, buildbot_venv
 from tests.support.cli import CliResult, run_cli
 from tests.support.daemon import World
-from tests.support.database import BACKENDS, FAST, clean_tables, require_mysql
+from tests.support.database import (
+    BACKENDS,
+    FAST,
+    clean_tables,
+    private_database,
+    require_mysql,
+)
 
 
 @pytest.fixture(scope="session")
@@ -38,17 +42,9 @@ def mysql_server_url() -> str:
 @pytest.fixture(scope="session")
 def mysql_test_url(mysql_server_url: str) -> Iterator[str]:
     """A private, migrated database on the MySQL server for this test session."""
-    server = sa.make_url(mysql_server_url)
-    name = f"buildq_test_{secrets.token_hex(4)}"
-    admin = sa.create_engine(server)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    url = server.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-    admin.dispose()
+    with private_database(mysql_server_url, "buildq_test") as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture

@@ -8,6 +8,9 @@ missing or unreachable MySQL fails them.
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -77,3 +80,24 @@ def clean_tables(url: str) -> None:
             if table in existing:
                 conn.exec_driver_sql(f"DELETE FROM {table}")  # noqa: S608 (our own names)
     engine.dispose()
+
+
+@contextmanager
+def private_database(
+    server_url: str, prefix: str, *, charset: bool = True, keep: bool = False
+) -> Iterator[str]:
+    """A new, empty database of its own on the MySQL server (utf8mb4_bin unless ``charset`` is
+    False: the server's default), dropped afterwards unless ``keep``."""
+    server = sa.make_url(server_url)
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    options = " CHARACTER SET utf8mb4 COLLATE utf8mb4_bin" if charset else ""
+    admin = sa.create_engine(server, pool_pre_ping=True)  # the server may restart meanwhile
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}{options}")
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        if not keep:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from buildq.db import Database, create_engine
 from buildq.migrations import current_revision, head_revision, upgrade
 from buildq.queue.sql import SqlQueue
-from tests.support.database import BACKENDS, FAST
+from tests.support.database import BACKENDS, FAST, private_database
 
 
 @pytest.fixture(params=BACKENDS)
@@ -22,15 +21,9 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fresh.db'}"
         return
-    server = sa.make_url(request.getfixturevalue("mysql_server_url"))
-    name = f"buildq_mig_{secrets.token_hex(4)}"
-    admin = sa.create_engine(server)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    yield server.set(database=name).render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE {name}")
-    admin.dispose()
+    server_url = request.getfixturevalue("mysql_server_url")
+    with private_database(server_url, "buildq_mig", charset=False) as url:
+        yield url
 
 
 def _metadata():

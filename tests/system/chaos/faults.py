@@ -23,6 +23,7 @@ each dead letter by one of these windows, and anything it cannot explain is a fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -32,7 +33,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -67,6 +69,15 @@ class FaultLog:
         with self._lock:
             self.windows.append(window)
         return window
+
+    @contextlib.contextmanager
+    def window(self, kind: str, detail: str = "", **extra: Any) -> Iterator[Window]:
+        """A fault's window, open while the block runs and closed however it ends."""
+        window = self.open(kind, detail, **extra)
+        try:
+            yield window
+        finally:
+            window.end = time.time()
 
     def of(self, kind: str) -> list[Window]:
         with self._lock:
@@ -169,19 +180,28 @@ class Schedule:
     #: The held CI calls are held from this long before the disk fills to this long after.
     hold_calls_s: float = 1.0
 
+    def phases(self) -> dict[str, tuple[float, float]]:
+        """When each phase (every fault but the kills) starts, and how long it lasts, in s."""
+        return {
+            "pause": (self.pause_at_s, self.pause_for_s),
+            "db_outage": (self.outage_at_s, self.outage_for_s),
+            "status_fault": (self.status_fault_at_s, self.status_fault_for_s),
+            "clock_step": (self.clock_step_at_s, self.clock_step_for_s),
+            "disk_full": (self.disk_full_at_s, self.disk_full_for_s),
+        }
+
     def phases_end_s(self) -> float:
-        """When the last phase (every fault but the kills) is over."""
-        return max(
-            self.pause_at_s + self.pause_for_s,
-            self.outage_at_s + self.outage_for_s,
-            self.status_fault_at_s + self.status_fault_for_s,
-            self.clock_step_at_s + self.clock_step_for_s,
-            self.disk_full_at_s + self.disk_full_for_s,
-        )
+        """When the last phase is over."""
+        return max(at_s + for_s for at_s, for_s in self.phases().values())
+
+
+#: A phase's fault: injected on entering the context, lifted on leaving it, whatever happens.
+Fault = Callable[[], AbstractContextManager[object]]
 
 
 class Injector:
-    """Runs the schedule on its own threads until ``stop``."""
+    """Runs the schedule on its own threads until ``stop``: the kills, and one thread per phase,
+    each played by the same driver (``_phase``)."""
 
     def __init__(
         self,
@@ -191,7 +211,6 @@ class Injector:
         schedule: Schedule,
         log: FaultLog,
         rng: random.Random,
-        on_outage: Sequence[Callable[[str], None]] = (),
         hold_calls_file: Path | None = None,
     ) -> None:
         self.nodes = nodes
@@ -204,7 +223,6 @@ class Injector:
         self.stopping = threading.Event()
         self._lock = threading.Lock()  # one process-level action at a time
         self._threads: list[threading.Thread] = []
-        self.outage_hooks = on_outage
         self.errors: list[str] = []
         #: Steps of a daemon's wall clock made (ahead and back count one each).
         self.clock_steps = 0
@@ -213,17 +231,22 @@ class Injector:
 
     def start(self) -> None:
         self.t0 = time.monotonic()
-        for name, target in (
-            ("kills", self._kills),
-            ("pause", self._pause),
-            ("outage", self._outage),
-            ("status", self._status_fault),
-            ("clock", self._clock_step),
-            ("disk", self._disk_full),
-        ):
-            thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        faults: dict[str, Fault] = {
+            "pause": self._pause,
+            "db_outage": self._outage,
+            "status_fault": self._status_fault,
+            "clock_step": self._clock_step,
+            "disk_full": self._disk_full,
+        }
+        self._spawn("kills", self._kills)
+        for name, (at_s, for_s) in self.schedule.phases().items():
+            self._spawn(name, functools.partial(self._phase, at_s, for_s, faults[name]))
+        if self.hold_file is not None:  # from just before the disk fills until just after
+            hold_s = self.schedule.hold_calls_s
+            at_s = self.schedule.disk_full_at_s - hold_s
+            self._spawn(
+                "hold_calls", functools.partial(self._phase, at_s, 2 * hold_s, self._hold_calls)
+            )
 
     def stop(self) -> None:
         """Let every phase play out (each ends by itself), then stop the kills."""
@@ -235,11 +258,24 @@ class Injector:
         for thread in self._threads:
             thread.join(timeout=180)
 
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=self._guard, args=(target,), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
     def _guard(self, target: Callable[[], None]) -> None:
         try:
             target()
         except Exception as err:  # a harness failure must surface in the report
             self.errors.append(f"{type(err).__name__}: {err}")
+
+    def _phase(self, at_s: float, for_s: float, fault: Fault) -> None:
+        """One phase: its fault injected ``at_s`` into the run and lifted ``for_s`` later (or
+        as soon as the run stops)."""
+        if not self._sleep_until(at_s):
+            return
+        with fault():
+            self._sleep_until(at_s + for_s)
 
     def _sleep_until(self, at_s: float) -> bool:
         """Wait until ``at_s`` into the run; False if the run stopped first."""
@@ -266,64 +302,51 @@ class Injector:
                 window.end = time.time()
                 node.spawn()
 
-    def _pause(self) -> None:
-        if not self._sleep_until(self.schedule.pause_at_s):
-            return
+    @contextlib.contextmanager
+    def _pause(self) -> Iterator[None]:
         with self._lock:
-            candidates = [n for n in self.nodes if n.alive()]
-            node = self.rng.choice(candidates)
+            node = self.rng.choice([n for n in self.nodes if n.alive()])
             window = self.log.open("pause", f"{node.name} pid {node.current.pid}")
             node.pause()
         try:
-            self.stopping.wait(self.schedule.pause_for_s)
+            yield
         finally:
             with self._lock:
                 if node.paused:
                     node.resume()
                 window.end = time.time()
 
-    def _outage(self) -> None:
-        if not self._sleep_until(self.schedule.outage_at_s):
-            return
-        window = self.log.open("db_outage")
-        for hook in self.outage_hooks:
-            hook("begin")
-        try:
-            self.outage.begin()
-            self.stopping.wait(self.schedule.outage_for_s)
-        finally:
-            self.outage.end()
-            window.end = time.time()
-            for hook in self.outage_hooks:
-                with contextlib.suppress(Exception):
-                    hook("end")
+    @contextlib.contextmanager
+    def _outage(self) -> Iterator[None]:
+        with self.log.window("db_outage"):
+            try:
+                self.outage.begin()
+                yield
+            finally:
+                self.outage.end()
 
-    def _status_fault(self) -> None:
-        if not self._sleep_until(self.schedule.status_fault_at_s):
-            return
-        window = self.log.open("status_fault")
-        self.fault_file.touch()
-        try:
-            self.stopping.wait(self.schedule.status_fault_for_s)
-        finally:
-            self.fault_file.unlink(missing_ok=True)
-            window.end = time.time()
+    @contextlib.contextmanager
+    def _status_fault(self) -> Iterator[None]:
+        with self.log.window("status_fault"):
+            self.fault_file.touch()
+            try:
+                yield
+            finally:
+                self.fault_file.unlink(missing_ok=True)
 
-    def _clock_step(self) -> None:
-        if not self._sleep_until(self.schedule.clock_step_at_s):
-            return
+    @contextlib.contextmanager
+    def _clock_step(self) -> Iterator[None]:
         node = self.rng.choice(self.nodes)
         step_s = self.schedule.clock_step_s
-        window = self.log.open("clock_step", f"{node.name} {step_s:+g}s")
-        _write_atomically(node.clock_step_file, str(step_s))
-        self.clock_steps += 1
-        try:
-            self._confirm_step(node, step_s)
-            self._sleep_until(self.schedule.clock_step_at_s + self.schedule.clock_step_for_s)
-        finally:
-            _write_atomically(node.clock_step_file, "0")  # and back, as NTP would correct it
+        with self.log.window("clock_step", f"{node.name} {step_s:+g}s"):
+            _write_atomically(node.clock_step_file, str(step_s))
             self.clock_steps += 1
-            window.end = time.time()
+            try:
+                self._confirm_step(node, step_s)
+                yield
+            finally:
+                _write_atomically(node.clock_step_file, "0")  # and back, as NTP would correct it
+                self.clock_steps += 1
 
     def _confirm_step(self, node: Node, step_s: float) -> None:
         """The step is in effect in the daemon: the time its /metrics says it last read the
@@ -339,20 +362,18 @@ class Injector:
         except AssertionError:
             self.errors.append(f"the clock step of {node.name} never showed in its /metrics")
 
-    def _disk_full(self) -> None:
-        at_s, hold_s = self.schedule.disk_full_at_s, self.schedule.hold_calls_s
-        if not self._sleep_until(at_s - hold_s):
-            return
-        if self.hold_file is not None:
-            self.hold_file.touch()
+    @contextlib.contextmanager
+    def _hold_calls(self) -> Iterator[None]:
+        """The held CI calls answer when it ends: into a full disk, on every daemon."""
+        assert self.hold_file is not None
+        self.hold_file.touch()
         try:
-            self._sleep_until(at_s)
-            self._fill_disks(release_at_s=at_s + hold_s)
+            yield
         finally:
-            if self.hold_file is not None:
-                self.hold_file.unlink(missing_ok=True)
+            self.hold_file.unlink(missing_ok=True)
 
-    def _fill_disks(self, release_at_s: float) -> None:
+    @contextlib.contextmanager
+    def _disk_full(self) -> Iterator[None]:
         count = self.schedule.disk_full_nodes or len(self.nodes)
         with self._lock:  # no kill in between: the witness is alive when the phase starts
             up = [n for n in self.nodes if n.alive() and not n.paused]
@@ -364,10 +385,7 @@ class Injector:
             for node in nodes:
                 node.disk_full_file.touch()
         try:
-            self._sleep_until(release_at_s)
-            if self.hold_file is not None:  # the held calls answer now, into a full disk
-                self.hold_file.unlink(missing_ok=True)
-            self._sleep_until(self.schedule.disk_full_at_s + self.schedule.disk_full_for_s)
+            yield
         finally:
             for node in nodes:
                 node.disk_full_file.unlink(missing_ok=True)

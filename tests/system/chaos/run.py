@@ -21,10 +21,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -36,6 +37,7 @@ from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, message_id
 from buildq.queue.sql import SqlQueue
 from tests.support.daemon import BUILDQ
+from tests.support.database import private_database
 from tests.support.waiting import wait_until
 from tests.system.chaos import audit, causes
 from tests.system.chaos.cluster import Node
@@ -73,23 +75,12 @@ class Run:
 @contextmanager
 def chaos_database(server_url: str, keep: bool = False) -> Iterator[str]:
     """A fresh, migrated database for the run on the server, with the retry audit installed."""
-    server = sa.make_url(server_url)
-    name = f"buildq_chaos_{secrets.token_hex(4)}"
-    admin = sa.create_engine(server, pool_pre_ping=True)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    url = server.set(database=name).render_as_string(hide_password=False)
-    try:
+    with private_database(server_url, "buildq_chaos", keep=keep) as url:
         upgrade(url)
         engine = sa.create_engine(url)
         causes.install(engine)
         engine.dispose()
         yield url
-    finally:
-        if not keep:
-            with admin.begin() as conn:
-                conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-        admin.dispose()
 
 
 def request(n: int) -> tuple[str, Message]:
@@ -128,15 +119,11 @@ def cancel_some(run: Run, config: Path, world: Database, stop: threading.Event) 
     """Cancel a few of the youngest builds through the CLI, as an operator would."""
     gap = run.profile.submit_over_s / max(1, run.profile.cancels)
     while not stop.wait(gap) and run.cancels_sent < run.profile.cancels:
-        try:
-            rows = world.read(
-                lambda c: c.exec_driver_sql(
-                    "SELECT build_id FROM builds WHERE status IN ('ACCEPTED', 'RUNNING')"
-                    " ORDER BY created_at DESC LIMIT 1"
-                ).all()
-            )
-        except Exception:
-            continue
+        rows = read_through_outages(
+            world,
+            "SELECT build_id FROM builds WHERE status IN ('ACCEPTED', 'RUNNING')"
+            " ORDER BY created_at DESC LIMIT 1",
+        )
         if not rows:
             continue
         done = subprocess.run(
@@ -150,21 +137,27 @@ def cancel_some(run: Run, config: Path, world: Database, stop: threading.Event) 
 
 
 def wait_for_drain(run: Run, world: Database, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
+    """Whether every submitted build is finished within ``timeout_s``."""
     terminal = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
-    while time.monotonic() < deadline:
-        try:
-            done = world.read(
-                lambda c: c.exec_driver_sql(
-                    f"SELECT COUNT(*) FROM builds WHERE status IN {terminal}"  # noqa: S608
-                ).scalar_one()
-            )
-        except Exception:
-            done = -1
-        if done >= run.profile.builds:
-            return True
-        time.sleep(0.5)
-    return False
+    count = f"SELECT COUNT(*) FROM builds WHERE status IN {terminal}"  # noqa: S608
+
+    def drained() -> bool:
+        rows = read_through_outages(world, count)
+        return bool(rows) and rows[0][0] >= run.profile.builds
+
+    try:
+        wait_until(drained, timeout=timeout_s, interval=0.5)
+    except AssertionError:
+        return False
+    return True
+
+
+def read_through_outages(world: Database, sql: str) -> list[Any] | None:
+    """The rows of ``sql``, or None while the database is away (the faults put it there)."""
+    try:
+        return world.read(lambda c: list(c.exec_driver_sql(sql).all()))
+    except Exception:
+        return None
 
 
 def execute(profile: Profile, server_url: str, workdir: Path, seed: int, keep: bool) -> str:
@@ -187,18 +180,7 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
     daemon_url = server.set(host="127.0.0.1", port=proxy.port) if proxy else server
     fault_file = workdir / "status-fault-b"
     hold_file = workdir / "hold-calls-a"
-    config = workdir / "buildq.toml"
-    config.write_text(
-        CONFIG.format(
-            url=daemon_url.render_as_string(hide_password=False),
-            state=workdir / "sim",
-            fault=fault_file,
-            hang=hold_file,
-            start_by_s=START_BY_S,
-            finish_by_s=FINISH_BY_S,
-        )
-    )
-    config.chmod(0o600)
+    config = _write_config(workdir, daemon_url, fault_file, hold_file)
     run.nodes = [Node(f"node{i}", config, workdir) for i in range(profile.daemons)]
     world = Database(create_engine(run.db_url, pool_size=4))
     faults = FaultLog()
@@ -208,7 +190,12 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
     try:
         for node in run.nodes:
             node.spawn()
-        _wait(lambda: all(n.ready() for n in run.nodes), 60, "daemons ready")
+        wait_until(
+            lambda: all(n.ready() for n in run.nodes),
+            timeout=60,
+            interval=0.2,
+            message="daemons ready",
+        )
         sampler.start()
         rng = random.Random(run.seed)
         injector = Injector(
@@ -266,6 +253,24 @@ def _execute(run: Run) -> tuple[audit.Verdict, str]:
         world.dispose()
 
 
+def _write_config(workdir: Path, daemon_url: sa.URL, fault_file: Path, hold_file: Path) -> Path:
+    """The daemons' config: the profile's queues and sim runners, on the database through the
+    proxy (or directly, when the real server restarts)."""
+    config = workdir / "buildq.toml"
+    config.write_text(
+        CONFIG.format(
+            url=daemon_url.render_as_string(hide_password=False),
+            state=workdir / "sim",
+            fault=fault_file,
+            hang=hold_file,
+            start_by_s=START_BY_S,
+            finish_by_s=FINISH_BY_S,
+        )
+    )
+    config.chmod(0o600)
+    return config
+
+
 def _stop_daemons(run: Run, verdict: audit.Verdict) -> None:
     """SIGTERM every daemon: each must exit 0; none may have exited by itself meanwhile."""
     for node in run.nodes:
@@ -317,10 +322,6 @@ def _summary(
         elapsed_s=round(elapsed_s),
         seed=run.seed,
     )
-
-
-def _wait(condition: Callable[[], object], timeout: float, what: str) -> None:
-    wait_until(condition, timeout=timeout, interval=0.2, message=what)
 
 
 def main(argv: list[str] | None = None) -> int:
