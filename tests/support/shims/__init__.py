@@ -1,7 +1,7 @@
 """Faults of a daemon's host, injected inside the daemon process: a wall-clock step and a full
 disk. ``sitecustomize.py`` here does the injecting (its docstring says how); ``env`` is the
-environment that puts it under a daemon. Used by tests/e2e/test_storage_faults.py and the chaos
-run (tests/chaos/faults.py).
+environment that puts it under a daemon. Used by tests/system/e2e/test_storage_faults.py and
+the chaos run (tests/system/chaos/faults.py).
 """
 
 from __future__ import annotations

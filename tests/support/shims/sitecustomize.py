@@ -1,7 +1,7 @@
 """Faults of the host, injected inside a daemon process (issue 14): imported by Python at
-start-up when ``tests/shims`` is on PYTHONPATH (see ``tests.support.shims.env``). Each fault is off
-unless its variable names a file; the file is read on every call, so a test turns the fault on
-and off while the daemon runs.
+start-up when ``tests/support/shims`` is on PYTHONPATH (see ``tests.support.shims.env``). Each
+fault is off unless its variable names a file; the file is read on every call, so a test turns
+the fault on and off while the daemon runs.
 
 - ``BUILDQ_TEST_CLOCK_STEP_FILE``: ``time.time`` (and ``time.time_ns``) add the seconds the
   file holds, as a host's clock that NTP stepped would. Only Python's wall-clock readings move:

@@ -3,15 +3,15 @@
 Whatever the faults, every request ends in exactly one terminal build with exactly one
 ``buildresult`` that agrees with it, whose poll ids are exactly ``1..polls``; no request was
 triggered into two runner builds; every retry and dead letter is explained by a fault
-(tests/chaos/causes.py), and every dead letter was reconciled into ``FAILED(infra)``; no daemon
-logged an unexpected traceback. And the faults that must change nothing changed nothing:
+(tests/system/chaos/causes.py), and every dead letter was reconciled into ``FAILED(infra)``; no
+daemon logged an unexpected traceback. And the faults that must change nothing changed nothing:
 
 - a step of a daemon's wall clock times no build out and cancels none on the CI;
 - a full disk dead-letters nothing and fails no build: its writes are retried until there is
   space again.
 
-The invariants sampled while the run goes on are in tests/chaos/sampler.py; /readyz is
-checked in tests/chaos/readiness.py.
+The invariants sampled while the run goes on are in tests/system/chaos/sampler.py; /readyz is
+checked in tests/system/chaos/readiness.py.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ readiness, since a daemon restarted during a database outage is not ready until 
 must not crash-loop meanwhile). The ``Lifetime`` of each process (pid, start, end, why it
 ended) is what explains a redelivery later: a delivery whose owner was SIGKILLed comes back.
 
-Every process runs with the host-fault shims of tests/shims, off until the harness writes a
+Every process runs with the host-fault shims of tests/support/shims, off until the harness writes a
 node's files: ``clock_step_file`` (seconds its wall clock is ahead) and ``disk_full_file``
 (while it exists, the process's writes fail as on a full database disk). The files outlive a
 restart, as a host's clock and disk do.

@@ -10,7 +10,7 @@ each dead letter by one of these windows, and anything it cannot explain is a fi
   stopping and starting the real MariaDB server (``ServerRestart``, ``make chaos`` only).
 - ``status_fault``: the ``sim`` runner of one queue fails every ``status`` call for a while.
 - ``clock_step``: one daemon's wall clock (``time.time`` in its process, through the shim of
-  tests/shims) jumps two hours ahead, and back at the end of the window. Nothing may notice:
+  tests/support/shims) jumps two hours ahead, and back at the end of the window. Nothing may notice:
   deadlines are measured on the database's clock, advanced by the monotonic one.
 - ``disk_full``: the database refuses every write of some daemons (the shim fails their write
   statements with MariaDB's "disk full", error 1021) for a while; ``nodes`` names them. A

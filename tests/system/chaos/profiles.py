@@ -1,6 +1,6 @@
 """What a chaos run does: how many builds, which faults when, and the daemons' config.
 
-The bounded run is what CI runs (``tests/chaos/test_chaos.py``), so its phases overlap where
+The bounded run is what CI runs (``tests/system/chaos/test_chaos.py``), so its phases overlap where
 they can be told apart afterwards and it lasts about a minute of faults; ``--full``
 (``make chaos``) spreads the same faults, plus a real MariaDB restart, over 1,000 builds.
 """

@@ -1,7 +1,7 @@
 """The chaos run: three daemons on one MariaDB, faults while builds flow, invariants checked.
 
-    python -m tests.system.chaos.run            # the bounded run (what tests/chaos/test_chaos.py runs)
-    python -m tests.system.chaos.run --full     # make chaos: 1,000 builds, a real MariaDB restart
+    python -m tests.system.chaos.run         # the bounded run (what test_chaos.py runs)
+    python -m tests.system.chaos.run --full  # make chaos: 1,000 builds, a real MariaDB restart
 
 The server comes from ``BUILDQ_TEST_MYSQL_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/test``);
 the run creates its own database on it and drops it afterwards (``--keep`` keeps it, and the

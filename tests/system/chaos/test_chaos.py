@@ -4,7 +4,7 @@ Three ``buildq run`` processes share one database through a TCP proxy; while bui
 daemons are SIGKILLed and restarted, one is SIGSTOPped past its lease, the proxy cuts the
 database away for a while, one queue's runner fails every status call for a while, the
 database refuses every daemon's writes for a while (a full disk), and one daemon's wall clock
-jumps two hours ahead. See tests/chaos/audit.py for the invariants and docs/reliability.md
+jumps two hours ahead. See tests/system/chaos/audit.py for the invariants and docs/reliability.md
 for the guarantees.
 """
 

@@ -144,7 +144,7 @@ def _insert_raw_message(db: Database, topic: str, key: str, metadata: bytes) -> 
 
 
 def _started_on_a_full_disk(tmp_path: Path) -> Node:
-    """A daemon (SQLite, through the shim of tests/shims) whose every write is refused as on
+    """A daemon (SQLite, through the shim of tests/support/shims) whose every write is refused as on
     a full disk from before it starts."""
     url = f"sqlite:///{tmp_path / 'buildq.db'}"
     upgrade(url)

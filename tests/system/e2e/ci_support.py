@@ -1,6 +1,6 @@
 """The fake CI services as the daemon under test sees them, and what the tests read back.
 
-``FakeCI`` puts one vendor fake (``tests/fakeci``) behind the few verbs an end-to-end test
+``FakeCI`` puts one vendor fake (``tests/support/fakeci``) behind the few verbs an end-to-end test
 needs: the runner's TOML table, "which build did buildq start for this request", move a build
 to running / passed / failed, and deliver a signed (or forged, or replayed) webhook about it.
 The daemon gets the API token and the webhook secret through environment variables, as in

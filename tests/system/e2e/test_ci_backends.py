@@ -1,7 +1,7 @@
 """The daemon against fake Buildkite and GitHub services: verdicts, secrets and webhooks.
 
 Each test runs ``buildq run`` as a process whose ``[runners.ci]`` points at a fake CI service
-on 127.0.0.1 (``tests/fakeci``), steers the fake's builds, and reads the outcome from the
+on 127.0.0.1 (``tests/support/fakeci``), steers the fake's builds, and reads the outcome from the
 database, the daemon's logs and the ``buildq`` CLI. The API token and the webhook secret are
 canary values that must never show up in anything the daemon writes.
 """

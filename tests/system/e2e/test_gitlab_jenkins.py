@@ -1,6 +1,6 @@
 """``buildq run`` against the fake GitLab and Jenkins: verdicts, cancel and the deadline.
 
-The runners' own tests (tests/httprunners) cover their faults; this checks the daemon drives
+The runners' own tests (tests/integration/runners) cover their faults; this checks the daemon drives
 them end to end, including the deadline's cancel reaching the service.
 """
 

@@ -6,7 +6,7 @@
   tmpfs this test mounts (it runs as root here, as CI does).
 - A wall-clock step on the daemon's host (NTP, a VM resumed) changes no deadline: the daemon
   reads the database's clock and advances it by the monotonic clock. The step is injected by
-  the shim in tests/shims, which moves ``time.time`` inside the daemon process only, so on
+  the shim in tests/support/shims, which moves ``time.time`` inside the daemon process only, so on
   MariaDB the database's clock does not move; on SQLite the database clock is the host's own
   (docs/scaling.md).
 """
