@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from bench.common import fresh_database, mysql_available
+from bench.databases import fresh_database, mysql_available
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql.schema import messages
 
