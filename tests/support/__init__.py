@@ -3,6 +3,7 @@
 - ``waiting``: ``wait_until`` (a condition and a deadline, never a bare sleep), and reading the
   JSON lines another process is still writing.
 - ``cli``: the ``buildq`` command run in this process.
+- ``tables``: the queue's tables read and written around the queue (the admin tools' view).
 - ``database``: the backends a test runs on, and emptying the session's MySQL database between
   tests (the fixtures themselves are in tests/conftest.py).
 - ``daemon``: ``buildq run`` as a real process, and ``World``, the test's view of its database.
