@@ -42,7 +42,7 @@ bench-full: $(STAMP)
 	$(BIN)/python -m bench --profile full
 
 chaos: $(STAMP)
-	$(BIN)/python -m tests.chaos.run --full
+	$(BIN)/python -m tests.system.chaos.run --full
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

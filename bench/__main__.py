@@ -29,21 +29,18 @@ from bench import (
     p5_capacity,
     peers,
 )
-from bench.common import (
+from bench.databases import (
     BACKENDS,
-    PROFILES,
     Backend,
-    Profile,
-    Recorder,
-    Result,
     drop_stale_databases,
     fresh_database,
-    log,
-    machine_info,
     mysql_available,
     server_lost,
-    wait_for,
 )
+from bench.machine import machine_info
+from bench.profiles import PROFILES, Profile
+from bench.report import Recorder, Result, log
+from bench.timing import wait_for
 
 BENCHES: dict[str, Callable[[Backend, Profile], Result]] = {
     "ceiling": lambda backend, profile: ceiling.run(backend, profile.ceiling_s, (1, 4, 16)),

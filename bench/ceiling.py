@@ -16,7 +16,9 @@ import threading
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from bench.common import Backend, Result, run_threads
+from bench.databases import Backend
+from bench.report import Result
+from bench.timing import run_threads
 
 _MYSQL_TABLES = (
     "CREATE TABLE IF NOT EXISTS bench_ceiling_rows (id BIGINT AUTO_INCREMENT PRIMARY KEY,"

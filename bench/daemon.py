@@ -26,7 +26,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import rss_kb, wait_for
+from bench.machine import rss_kb
+from bench.timing import wait_for
 
 STATS_INTERVAL_S = 0.5
 

@@ -16,7 +16,9 @@ import importlib.util
 import sqlalchemy as sa
 
 from bench import p1_cycle, peers
-from bench.common import Backend, Profile, Result, log
+from bench.databases import Backend
+from bench.profiles import Profile
+from bench.report import Result, log
 
 DRIVERS = {"pymysql": "mysql+pymysql", "mysqldb": "mysql+mysqldb"}
 

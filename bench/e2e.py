@@ -18,8 +18,11 @@ from pathlib import Path
 from sqlalchemy import and_, func, select
 
 from bench.ceiling import Ceiling
-from bench.common import Backend, Profile, Result, log, percentile, wait_for
 from bench.daemon import DaemonProcess, queries, round_trips, write_config
+from bench.databases import Backend
+from bench.profiles import Profile
+from bench.report import Result, log
+from bench.timing import percentile, wait_for
 from buildq.buildrunner import Change
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest

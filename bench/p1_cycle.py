@@ -31,8 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.ceiling import Ceiling
-from bench.common import Backend, Counter, Profile, Result, log
+from bench.databases import Backend
+from bench.profiles import Profile
 from bench.profiling import recording
+from bench.report import Result, log
+from bench.timing import Counter
 from bench.workload import never_finishing_runner
 from buildq.buildrunner import BuildID
 from buildq.buildrunner.sim import SimRunner

@@ -17,8 +17,11 @@ import itertools
 import threading
 
 from bench.ceiling import Ceiling
-from bench.common import Backend, Profile, Result, log, run_threads
+from bench.databases import Backend
+from bench.profiles import Profile
+from bench.report import Result, log
 from bench.shapes import PublishShapes
+from bench.timing import run_threads
 from bench.workload import never_finishing_runner
 from buildq.orchestrator.chain import poll_message
 from buildq.queue.settings import SubscriptionSettings

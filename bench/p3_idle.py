@@ -22,8 +22,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import Backend, Profile, Result, log
 from bench.daemon import DaemonProcess, latency_ms, queries, round_trips, write_config
+from bench.databases import Backend
+from bench.profiles import Profile
+from bench.report import Result, log
 from bench.workload import FOREVER_RUNNER, poll_every, seed_builds
 from buildq.queue.sql import SqlQueue
 

@@ -29,7 +29,11 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from bench.common import ROOT, Backend, Profile, Result, log, percentile, wait_for
+from bench import ROOT
+from bench.databases import Backend
+from bench.profiles import Profile
+from bench.report import Result, log
+from bench.timing import percentile, wait_for
 from buildq.queue.contract import Delivery, Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue

@@ -33,7 +33,6 @@ from typing import Any
 from sqlalchemy import select
 
 from bench.ceiling import Ceiling
-from bench.common import Backend, Profile, Result, fresh_database, log, percentile
 from bench.daemon import (
     DaemonProcess,
     latency_ms,
@@ -42,7 +41,11 @@ from bench.daemon import (
     round_trips,
     write_config,
 )
+from bench.databases import Backend, fresh_database
+from bench.profiles import Profile
 from bench.profiling import recording
+from bench.report import Result, log
+from bench.timing import percentile
 from bench.workload import FOREVER_RUNNER, poll_every, seed_builds
 from buildq.orchestrator import topics
 from buildq.queue.sql import SqlQueue

@@ -25,9 +25,12 @@ from pathlib import Path
 
 from sqlalchemy import Select, func, select
 
-from bench.common import Backend, Profile, Result, log, wait_for
 from bench.daemon import DaemonProcess, queries, round_trips, write_config
+from bench.databases import Backend
 from bench.e2e import requests
+from bench.profiles import Profile
+from bench.report import Result, log
+from bench.timing import wait_for
 from buildq.orchestrator import topics
 from buildq.queue.sql import SqlQueue
 from buildq.queue.sql.schema import messages as m

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS_DIR
+from bench.report import RESULTS_DIR
 
 RATE_HZ = 200
 #: Steps of a cycle, by a function that is on the stack while the step runs.

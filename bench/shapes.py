@@ -18,7 +18,8 @@ import threading
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from bench.common import Backend, run_threads
+from bench.databases import Backend
+from bench.timing import run_threads
 
 TOPIC = "bench_shape"
 _COLUMNS = (

@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import sqlalchemy as sa
 
-from bench.common import fresh_database, mysql_available
+from bench.databases import fresh_database, mysql_available
 from buildq.orchestrator.schema import builds
 from buildq.queue.sql.schema import messages
 
@@ -170,7 +170,7 @@ def time_pages(base: str, rounds: int) -> list[dict[str, Any]]:
 
 def browser_loads(base: str, rounds: int) -> list[dict[str, Any]]:
     try:
-        from tests.web.harness import CHROMEDRIVER, CHROMIUM, start_chromium
+        from tests.support.web import CHROMEDRIVER, CHROMIUM, start_chromium
     except ImportError:
         return []
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):

@@ -1,104 +1,67 @@
-"""Shared fixtures: a migrated database on each backend, and waiting with a deadline.
+"""The fixtures every tier shares: a migrated database on each backend and the test's views of
+it (a queue, subscriptions, the builds), the CLI run in this process, and what more than one
+tier drives: the session's Buildbot master and the installed example runner plugin.
 
 ``backend_url`` is parametrised over SQLite (always) and MySQL/MariaDB (when
-BUILDQ_TEST_MYSQL_URL is set). Without that variable MySQL tests skip with a visible reason —
-except under CI=true, where a missing or unreachable MySQL fails them.
+BUILDQ_TEST_MYSQL_URL is set; see tests/support/database.py for what CI=true changes).
 """
 
 from __future__ import annotations
 
-import os
-import secrets
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
-import sqlalchemy as sa
 
+from buildq.buildrunner import registry
+from buildq.buildrunner.buildbot import BuildbotRunner
+from buildq.config.base import Table
 from buildq.migrations import upgrade
+from buildq.queue.settings import SubscriptionSettings
+from buildq.queue.sql import SqlQueue, SqlSubscription
 from buildq.storage.database import Database, create_engine
-from tests.support import wait_until
-
-T = TypeVar("T")
-
-MYSQL_URL_ENV = "BUILDQ_TEST_MYSQL_URL"
-TABLES_IN_DELETE_ORDER = (
-    "queue_deliveries",
-    "queue_messages",
-    "queue_leases",
-    "queue_groups",
-    "queue_subscribers",
+from tests.support import plugin_example
+from tests.support.buildbot import BuildbotMaster, buildbot_venv
+from tests.support.cli import CliResult, run_cli
+from tests.support.daemon import World
+from tests.support.database import (
+    BACKENDS,
+    FAST,
+    clean_tables,
+    private_database,
+    require_mysql,
 )
-
-
-def _require_mysql() -> str:
-    url = os.environ.get(MYSQL_URL_ENV)
-    in_ci = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-    if not url:
-        if in_ci:
-            pytest.fail(f"{MYSQL_URL_ENV} is not set but CI=true: MySQL tests must run in CI")
-        pytest.skip(
-            f"MySQL tests need {MYSQL_URL_ENV} (e.g. mysql+pymysql://root@127.0.0.1:3306/test)"
-        )
-    try:
-        engine = sa.create_engine(url)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except sa.exc.OperationalError as err:
-        message = f"MySQL at {MYSQL_URL_ENV} is unreachable: {str(err.orig)[:200]}"
-        if in_ci:
-            pytest.fail(message)
-        pytest.skip(message)
-    return url
 
 
 @pytest.fixture(scope="session")
 def mysql_server_url() -> str:
-    return _require_mysql()
+    return require_mysql()
 
 
 @pytest.fixture(scope="session")
 def mysql_test_url(mysql_server_url: str) -> Iterator[str]:
     """A private, migrated database on the MySQL server for this test session."""
-    server = sa.make_url(mysql_server_url)
-    name = f"buildq_test_{secrets.token_hex(4)}"
-    admin = sa.create_engine(server)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-    url = server.set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    yield url
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
-    admin.dispose()
+    with private_database(mysql_server_url, "buildq_test") as url:
+        upgrade(url)
+        yield url
 
 
-def clean_tables(url: str) -> None:
-    engine = create_engine(url, pool_size=1)
-    inspector_tables = set(sa.inspect(engine).get_table_names())
-    with engine.begin() as conn:
-        for table in TABLES_IN_DELETE_ORDER + extra_tables():
-            if table in inspector_tables:
-                conn.exec_driver_sql(f"DELETE FROM {table}")  # noqa: S608 (our own names)
-    engine.dispose()
+@pytest.fixture
+def mysql_url(mysql_test_url: str) -> str:
+    """The session's MySQL database, emptied for this test."""
+    clean_tables(mysql_test_url)
+    return mysql_test_url
 
 
-def extra_tables() -> tuple[str, ...]:
-    """Tables of later migrations (the build store), cleaned between tests too."""
-    return ("build_requests", "builds")
-
-
-@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+@pytest.fixture(params=BACKENDS)
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database URL: a fresh SQLite file, or the session's MySQL database."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'buildq.db'}"
         upgrade(url)
         return url
-    url: str = request.getfixturevalue("mysql_test_url")
-    clean_tables(url)
+    url: str = request.getfixturevalue("mysql_url")
     return url
 
 
@@ -110,8 +73,77 @@ def db(backend_url: str) -> Iterator[Database]:
 
 
 @pytest.fixture
-def wait() -> Callable[..., object]:
-    return wait_until
+def queue(db: Database) -> Iterator[SqlQueue]:
+    q = SqlQueue(db)
+    yield q
+    q.close()
+
+
+@pytest.fixture
+def subscribe(queue: SqlQueue) -> Iterator[Callable[..., SqlSubscription]]:
+    """``subscribe(topic, group="g", settings=FAST)``: closed at the end of the test."""
+    opened: list[SqlSubscription] = []
+
+    def _subscribe(
+        topic: str, group: str = "g", settings: SubscriptionSettings = FAST, **kw: object
+    ) -> SqlSubscription:
+        sub = queue.subscribe(topic, group, settings, **kw)  # type: ignore[arg-type]
+        opened.append(sub)
+        return sub
+
+    yield _subscribe
+    for sub in opened:
+        with contextlib.suppress(Exception):
+            sub.close()
+
+
+@pytest.fixture
+def world(backend_url: str) -> Iterator[World]:
+    """The test's view of the database a daemon (or the CLI) works on."""
+    w = World(backend_url)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def cli(backend_url: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """``cli("builds", "show", X)``: ``buildq`` in this process with ``--url`` of the test's
+    database appended; a traceback on stderr fails the test."""
+
+    def run(*argv: str, url: bool = True) -> CliResult:
+        result = run_cli([*argv, "--url", backend_url] if url else argv, capsys)
+        assert "Traceback" not in result.err, result.err[-3000:]
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def buildbot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuildbotMaster]:
+    """A real Buildbot master and its workers, one for the whole session (slow to start)."""
+    master = BuildbotMaster(buildbot_venv(), tmp_path_factory.mktemp("buildbot")).create()
+    try:
+        master.start()
+        yield master
+    finally:
+        master.stop()
+
+
+@pytest.fixture
+def bb_runner(buildbot: BuildbotMaster) -> Iterator[BuildbotRunner]:
+    """A Buildbot runner on the session's master, built as the daemon builds it."""
+    table = Table("runners.bb", {"type": "buildbot", "api_url": buildbot.url, "builder": "buildq"})
+    kind = registry.get("buildbot")
+    runner = kind.factory("bb", kind.validate(table))
+    assert isinstance(runner, BuildbotRunner)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The example runner plugin pip-installed into a directory of its own, to put on the path."""
+    return plugin_example.install(tmp_path_factory.mktemp("plugin"))
 
 
 @pytest.fixture(autouse=True)

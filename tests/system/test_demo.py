@@ -19,9 +19,9 @@ from buildq.orchestrator.model import Build
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.queue.contract import StorageError
 from buildq.storage.database import Database, create_engine
-from tests.support import wait_until
+from tests.support import REPO
+from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 DEMO_DEADLINE_S = 90  # the demo takes ~20 s; the rest is room for a slow CI machine
 
 pytestmark = pytest.mark.slow

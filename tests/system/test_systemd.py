@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from buildq.systemd import Notifier
-from tests.support import wait_until
+from tests.support import REPO
+from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "buildq" / "host" / "buildq.service"
 BUILDQ = Path(sys.executable).with_name("buildq")
 SHIPPED_BUILDQ = "/opt/buildq/venv/bin/buildq"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import REPO
+from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

@@ -24,7 +24,7 @@ from buildq.queue.contract import (
 from buildq.queue.memory import MemoryDelivery, MemoryQueue
 from buildq.queue.settings import Backoff, SubscriptionSettings
 from buildq.queue.worker import INLINE, Job, Worker
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 
 #: A wait in a job that a test releases; long enough never to end first on a loaded machine.
 BLOCK_S = 30.0

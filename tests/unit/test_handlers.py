@@ -42,7 +42,7 @@ from buildq.queue.contract import Delivery, Message
 from buildq.queue.memory import MemoryAckedStep, MemoryQueue, MemorySession
 from buildq.queue.settings import Backoff
 from buildq.queue.worker import Handler, Job, LaneSettings, Worker
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 from tests.unit.doubles import BLOCK_S, FAST, Events, ManualClock, published, running
 
 RUNNER = "ci"

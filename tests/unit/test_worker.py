@@ -39,7 +39,7 @@ from buildq.queue.worker import (
     Worker,
 )
 from buildq.queue.worker.worker import _STOP_MARGIN_S
-from tests.support import wait_until
+from tests.support.waiting import wait_until
 from tests.unit.doubles import (
     BLOCK_S,
     FAST,

@@ -120,9 +120,9 @@ _due_in_my_slots = and_(
 #: FOR UPDATE, deliberately not SKIP LOCKED: each slot has one leaseholder, so members never
 #: compete for the same rows, but a member's scan does lock other slots' rows for an instant
 #: on its way past them. With SKIP LOCKED the owner would skip such a row and claim the next
-#: message of that partition first (seen in tests/scale: partition order broken); waiting the
-#: moment it takes the other short transaction to move on keeps the order. ``visible_at``
-#: (still in the index) is when each became due, for the dispatch-lag metric.
+#: message of that partition first (seen in tests/system/scale: partition order broken);
+#: waiting the moment it takes the other short transaction to move on keeps the order.
+#: ``visible_at`` (still in the index) is when each became due, for the dispatch-lag metric.
 claim_due = (
     select(d.c.seq, d.c.visible_at, d.c.slot)
     .where(_due_in_my_slots, d.c.visible_at <= NOW)

@@ -1,0 +1,230 @@
+"""Fixtures of the runner tests: a fake vendor on 127.0.0.1 and factories for runners pointed
+at it; and the one warning these tests may leave.
+
+Runners are built the way the daemon will build them: a TOML-shaped table read by the
+backend's ``from_table``, a client from the backend's ``make_client``. Timeouts, back-offs and
+lookup intervals are shrunk so failure paths take milliseconds.
+
+The warning: the command runner starts each build under a supervisor in its own session, which
+must outlive the runner (and the daemon: docs/runners.md). A runner object dropped while its
+supervisors run, or before it reaped the ones a test killed, makes ``Popen.__del__`` warn
+"subprocess N is still running". That is the design, not a leak (``stop_command_builds`` ends
+every build a test started), so it is exempt here, and only here; runners in reference cycles
+are collected at the end of each test, under the exemption, rather than during a later,
+unrelated one.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from buildq.buildrunner import registry
+from buildq.buildrunner.buildkite import BuildkiteConfig, BuildkiteRunner
+from buildq.buildrunner.buildkite import make_client as make_bk_client
+from buildq.buildrunner.github import GitHubConfig, GitHubRunner
+from buildq.buildrunner.github import make_client as make_gh_client
+from buildq.buildrunner.gitlab import GitLabRunner
+from buildq.buildrunner.jenkins import JenkinsRunner
+from buildq.config.base import Table
+from tests.support.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci.gitlab import FakeGitLab
+from tests.support.fakeci.jenkins import FakeJenkins
+
+BK_TOKEN_ENV = "BUILDQ_TEST_BUILDKITE_TOKEN"
+GH_TOKEN_ENV = "BUILDQ_TEST_GITHUB_TOKEN"
+
+SUPERVISOR_OUTLIVES_RUNNER = r"ignore:subprocess \d+ is still running:ResourceWarning"
+HERE = Path(__file__).parent
+
+FAST = {
+    "connect_timeout_s": 1.0,
+    "read_timeout_s": 2.0,
+    "retry_backoff_s": 0.01,
+    "retry_max_backoff_s": 0.05,
+    "lookup_interval_s": 0.02,
+    "max_rate_wait_s": 5.0,
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.parent == HERE:
+            item.add_marker(pytest.mark.filterwarnings(SUPERVISOR_OUTLIVES_RUNNER))
+
+
+@pytest.fixture(autouse=True)
+def _collect_dropped_runners() -> Iterator[None]:
+    yield
+    gc.collect()
+
+
+@pytest.fixture
+def bk() -> Iterator[FakeBuildkite]:
+    with FakeBuildkite() as fake:
+        yield fake
+
+
+@pytest.fixture
+def gh() -> Iterator[FakeGitHub]:
+    with FakeGitHub() as fake:
+        yield fake
+
+
+def buildkite_table(fake: FakeBuildkite, **overrides: Any) -> Table:
+    data = {
+        "type": "buildkite",
+        "api_url": fake.url,
+        "organization": fake.organization,
+        "pipeline": fake.pipeline,
+        "token_env": BK_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.ci", data)
+
+
+def github_table(fake: FakeGitHub, **overrides: Any) -> Table:
+    data = {
+        "type": "github",
+        "api_url": fake.url,
+        "owner": fake.owner,
+        "repo": fake.repo,
+        "workflow": fake.workflow,
+        "token_env": GH_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.gha", data)
+
+
+@pytest.fixture
+def make_bk_runner(
+    bk: FakeBuildkite, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., BuildkiteRunner]]:
+    clients: list[httpx.Client] = []
+    monkeypatch.setenv(BK_TOKEN_ENV, bk.token)
+
+    def make(**overrides: Any) -> BuildkiteRunner:
+        table = buildkite_table(bk, **overrides)
+        config = BuildkiteConfig.from_table(table)
+        table.reject_unknown()
+        clients.append(make_bk_client(config))
+        return BuildkiteRunner(config, clients[-1], name="ci")
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def make_gh_runner(
+    gh: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., GitHubRunner]]:
+    clients: list[httpx.Client] = []
+    monkeypatch.setenv(GH_TOKEN_ENV, gh.token)
+
+    def make(**overrides: Any) -> GitHubRunner:
+        table = github_table(gh, **overrides)
+        config = GitHubConfig.from_table(table)
+        table.reject_unknown()
+        clients.append(make_gh_client(config))
+        return GitHubRunner(config, clients[-1], name="gha")
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def bk_runner(make_bk_runner: Callable[..., BuildkiteRunner]) -> BuildkiteRunner:
+    return make_bk_runner()
+
+
+@pytest.fixture
+def gh_runner(make_gh_runner: Callable[..., GitHubRunner]) -> GitHubRunner:
+    return make_gh_runner()
+
+
+# --- GitLab and Jenkins -------------------------------------------------------------------
+
+GL_TOKEN_ENV = "BUILDQ_TEST_GITLAB_TOKEN"
+GL_TRIGGER_ENV = "BUILDQ_TEST_GITLAB_TRIGGER_TOKEN"
+JK_TOKEN_ENV = "BUILDQ_TEST_JENKINS_TOKEN"
+
+
+@pytest.fixture
+def gl() -> Iterator[FakeGitLab]:
+    with FakeGitLab() as fake:
+        yield fake
+
+
+@pytest.fixture
+def jk() -> Iterator[FakeJenkins]:
+    with FakeJenkins() as fake:
+        yield fake
+
+
+def gitlab_table(fake: FakeGitLab, **overrides: Any) -> Table:
+    data = {
+        "type": "gitlab",
+        "api_url": f"{fake.url}/api/v4",
+        "project": fake.project_path,
+        "token_env": GL_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.gl", data)
+
+
+def jenkins_table(fake: FakeJenkins, **overrides: Any) -> Table:
+    data = {
+        "type": "jenkins",
+        "api_url": fake.url,
+        "job": fake.job,
+        "user": fake.user,
+        "token_env": JK_TOKEN_ENV,
+        **FAST,
+        **overrides,
+    }
+    return Table("runners.jk", data)
+
+
+@pytest.fixture
+def make_gl_runner(
+    gl: FakeGitLab, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., GitLabRunner]]:
+    runners: list[GitLabRunner] = []
+    monkeypatch.setenv(GL_TOKEN_ENV, gl.token)
+    monkeypatch.setenv(GL_TRIGGER_ENV, gl.trigger_token)
+
+    def make(**overrides: Any) -> GitLabRunner:
+        config = registry.get("gitlab").validate(gitlab_table(gl, **overrides))
+        runners.append(registry.get("gitlab").factory("gl", config))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+@pytest.fixture
+def make_jk_runner(
+    jk: FakeJenkins, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., JenkinsRunner]]:
+    runners: list[JenkinsRunner] = []
+    monkeypatch.setenv(JK_TOKEN_ENV, jk.token)
+
+    def make(**overrides: Any) -> JenkinsRunner:
+        config = registry.get("jenkins").validate(jenkins_table(jk, **overrides))
+        runners.append(registry.get("jenkins").factory("jk", config))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()

@@ -1,0 +1,25 @@
+"""What the test tiers share (tests/unit, tests/integration, tests/system).
+
+- ``waiting``: ``wait_until`` (a condition and a deadline, never a bare sleep), and reading the
+  JSON lines another process is still writing.
+- ``cli``: the ``buildq`` command run in this process.
+- ``tables``: the queue's tables read and written around the queue (the admin tools' view).
+- ``database``: the backends a test runs on, and emptying the session's MySQL database between
+  tests (the fixtures themselves are in tests/conftest.py).
+- ``daemon``: ``buildq run`` as a real process, and ``World``, the test's view of its database.
+- ``scrape``: reading a daemon's ops endpoint as Prometheus would.
+- ``runners``: a clock for the runners, and cleaning up after the command runner's builds.
+- ``fakeci``: fake Buildkite, GitHub, GitLab and Jenkins services on 127.0.0.1.
+- ``buildbot``: a real Buildbot master and workers, from PyPI.
+- ``web``: ``buildq web`` as a process, and the system's headless Chromium.
+- ``strategies``: Hypothesis strategies for hostile input.
+- ``shims``: host faults (a clock step, a full disk) injected inside a daemon process.
+- ``plugin_example``: a runner plugin as a third party would ship it, and how tests install it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The checkout: where docs/, buildq/ and the shipped files are.
+REPO = Path(__file__).resolve().parents[2]
