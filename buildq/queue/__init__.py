@@ -59,7 +59,7 @@ def open(
 
     The schema must be there already: a database that is missing or not migrated to this
     version is refused with ``NotMigrated`` saying to run ``buildq db upgrade`` (opening never
-    creates a file or a table).
+    creates a file or a table). The queue owns the engine it opened: ``close()`` releases it.
     """
     from buildq.migrations import current_revision, head_revision
     from buildq.queue.sql import SqlQueue
@@ -81,7 +81,7 @@ def open(
         engine.dispose()
         found = "no buildq schema" if revision is None else f"schema revision {revision}"
         raise NotMigrated(f"database {shown} has {found}, not {head_revision()}: {fix}")
-    return SqlQueue(Database(engine), max_payload_bytes=max_payload_bytes)
+    return SqlQueue(Database(engine), max_payload_bytes=max_payload_bytes, owns_db=True)
 
 
 __all__ = [

@@ -98,8 +98,12 @@ class SqlQueue:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         on_published: PublishHook | None = None,
+        owns_db: bool = False,
     ) -> None:
         self.db = db
+        # A queue made by buildq.queue.open is the only holder of its engine: closing it must
+        # release the pool's connections, or an embedding program leaks one pool per open.
+        self._owns_db = owns_db
         self._on_published = on_published
         self.store = MessageStore(db, max_payload_bytes=max_payload_bytes)
         self._closed = False
@@ -215,8 +219,11 @@ class SqlQueue:
         return changed
 
     def close(self) -> None:
-        """Stop publishing. Subscriptions are closed by whoever opened them."""
+        """Stop publishing (and release the database when ``open`` made it). Subscriptions are
+        closed by whoever opened them."""
         self._closed = True
+        if self._owns_db:
+            self.db.dispose()
 
 
 def _log_duplicates(topic: str, results: list[PublishResult]) -> None:
