@@ -34,7 +34,7 @@ def test_open_a_migrated_database_publishes_and_delivers(backend_url: str) -> No
 
 def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path: Path) -> None:
     path = tmp_path / "nowhere" / "buildq.db"
-    with pytest.raises(NotMigrated, match="buildq db upgrade"):
+    with pytest.raises(NotMigrated, match=r"buildq db upgrade"):
         buildq.queue.open(f"sqlite:///{path}")
     assert not path.parent.exists()
 
@@ -42,7 +42,7 @@ def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path: Path) -> Non
 def test_an_empty_sqlite_file_is_refused_and_left_empty(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     sqlite3.connect(path).close()
-    with pytest.raises(NotMigrated, match="no buildq schema.*buildq db upgrade"):
+    with pytest.raises(NotMigrated, match=r"no buildq schema.*buildq db upgrade"):
         buildq.queue.open(f"sqlite:///{path}")
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
@@ -50,7 +50,7 @@ def test_an_empty_sqlite_file_is_refused_and_left_empty(tmp_path: Path) -> None:
 
 def test_an_empty_mysql_database_is_refused_and_left_empty(mysql_server_url: str) -> None:
     with private_database(mysql_server_url, "buildq_open") as url:
-        with pytest.raises(NotMigrated, match="no buildq schema.*buildq db upgrade"):
+        with pytest.raises(NotMigrated, match=r"no buildq schema.*buildq db upgrade"):
             buildq.queue.open(url)
         engine = sa.create_engine(url)
         try:
