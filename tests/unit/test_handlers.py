@@ -18,6 +18,7 @@ from buildq.buildrunner import (
     BuildRunner,
     BuildStatus,
     Change,
+    RunnerThrottled,
     RunnerUnauthorized,
     TransientRunnerError,
 )
@@ -58,12 +59,14 @@ POLL = PollPolicy(
     finish_by_s=0.0,
 )
 STEP_MS = 1_000
+THROTTLE_S = 7.0
 _NEVER = 2**31 - 1
 
 
 class RecordingRunner:
     """A runner's calls, recorded. ``status_fails`` makes status raise a transient error,
-    ``status_refused`` an unauthorized one (a revoked token); a status call waits while
+    ``status_refused`` an unauthorized one (a revoked token), ``status_throttled`` the CI's
+    rate limit (come back in ``THROTTLE_S``); a status call waits while
     ``status_open`` is clear (a slow CI); ``forward_cancel = False`` keeps cancels from the
     runner (a CI that ignores them)."""
 
@@ -72,6 +75,7 @@ class RecordingRunner:
         self.store = store
         self.status_fails = threading.Event()
         self.status_refused = threading.Event()
+        self.status_throttled = threading.Event()
         self.status_open = threading.Event()
         self.status_open.set()
         self.forward_cancel = True
@@ -106,6 +110,8 @@ class RecordingRunner:
             raise TransientRunnerError("simulated: the CI service is down")
         if self.status_refused.is_set():
             raise RunnerUnauthorized("simulated: 401 Unauthorized", "token refused")
+        if self.status_throttled.is_set():
+            raise RunnerThrottled("simulated: 429 Too Many Requests", THROTTLE_S)
         return self.inner.status(build_id)
 
     def cancel(self, build_id: BuildID) -> None:
@@ -450,6 +456,30 @@ def test_a_refused_token_keeps_the_build_polled_without_spending_retries(
 
     assert build.build_status is BuildStatus.SUCCEEDED
     assert h.seen(BUILDSIGNAL) == [(poll_id(build_id, n), 0, 1) for n in range(1, 7)]
+    assert [r["status"] for r in h.results()] == ["SUCCEEDED"]
+
+
+def test_a_rate_limited_poll_waits_out_the_limit_without_a_retry_or_a_held_call(
+    clock: ManualClock, queue: MemoryQueue
+) -> None:
+    h = Harness(clock, queue, sim_polls=2, max_attempts=1)
+    with running(h.worker):
+        build_id = h.triggered("r1")
+        h.poll(build_id, 1)  # RUNNING
+        h.runner.status_throttled.set()
+        clock.advance(STEP_MS)
+        assert h.events.wait_outcomes(poll_id(build_id, 2), topic=BUILDSIGNAL) == ["defer"]
+        # The limit's wait is the queue's: no call is in flight, nothing was retried.
+        assert h.worker.lane_load().get(RUNNER, (0, 0)) == (0, 0)
+        assert h.build(build_id).polls == 1
+        h.runner.status_throttled.clear()
+        clock.advance(int(THROTTLE_S * 1000))
+        outcomes = h.events.wait_outcomes(poll_id(build_id, 2), 2, topic=BUILDSIGNAL)
+
+    assert outcomes == ["defer", "ack"]
+    assert h.build(build_id).build_status is BuildStatus.SUCCEEDED
+    # Deferred, not nacked: still retry_count 0 (max_attempts 1 would have dead-lettered it).
+    assert h.seen(BUILDSIGNAL)[-2:] == [(poll_id(build_id, 2), 0, 1), (poll_id(build_id, 2), 0, 2)]
     assert [r["status"] for r in h.results()] == ["SUCCEEDED"]
 
 

@@ -56,6 +56,7 @@ def test_trigger_creates_one_pipeline_with_the_changes_as_variables(
     [
         ("created", BuildStatus.ACCEPTED, None),
         ("waiting_for_resource", BuildStatus.ACCEPTED, None),
+        ("waiting_for_callback", BuildStatus.ACCEPTED, None),
         ("preparing", BuildStatus.ACCEPTED, None),
         ("pending", BuildStatus.ACCEPTED, None),
         ("scheduled", BuildStatus.ACCEPTED, None),
