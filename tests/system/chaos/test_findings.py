@@ -8,13 +8,12 @@
   its subscription fail: the healthy messages claimed with it burned their retries into the
   DLQ, and the DLQ's reconciler then stalled on it the same way.
 
-Found by the full-disk phase and not fixed yet (expected failures, strict: each turns into a
-failure of its own once the daemon is fixed, and then loses its mark):
+Found by the full-disk phase, and fixed:
 
-- A daemon started while the database refuses writes answers /readyz 200 "ready" while it
-  waits to join its consumer groups, and consumes nothing.
-- If the refusal outlasts the write retry budget (30 s), ``buildq run`` exits 1 with a
-  traceback instead of waiting, as it waits for a database it cannot reach.
+- A daemon started while the database refuses writes answered /readyz 200 "ready" while it
+  waited to join its consumer groups, consuming nothing; it is 503 "starting" until it joined.
+- If the refusal outlasted the write retry budget (30 s), ``buildq run`` exited 1 with a
+  traceback; it waits now, as it waits for a database it cannot reach.
 """
 
 from __future__ import annotations
