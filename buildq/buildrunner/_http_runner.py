@@ -1,18 +1,21 @@
 """The HTTP runners' base class, ``HttpRunner``, and what they share above the transport.
 
 Every CI runner (``buildkite``, ``github``, ``gitlab``, ``jenkins``, ``buildbot``) is an
-``HttpRunner``: a name, a log bound to it, the HTTP core (``_http_transport``) and its rate
-budget, ``close``. Here too: creating a build at most once per correlation token, and the wire
-forms the vendors share for change lists and timestamps.
+``HttpRunner``: its config, a name, a log bound to it, the HTTP core (``_http_transport``) and
+its rate budget, ``close``. A subclass says who it is in class attributes (``kind``,
+``vendor``, ``rate_signal``) and derives any state of its own from the config in ``_setup``.
+Here too: creating a build at most once per correlation token, and the wire forms the vendors
+share for change lists and timestamps.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 import httpx
 import structlog
@@ -26,7 +29,7 @@ from buildq.buildrunner._http_transport import (
     VendorError,
     backoff,
 )
-from buildq.buildrunner._ratelimit import RateBudget, RateSignal
+from buildq.buildrunner._ratelimit import RateBudget, retry_after_signal
 from buildq.buildrunner.contract import (
     BuildNotFound,
     Change,
@@ -38,33 +41,52 @@ from buildq.buildrunner.contract import (
 T = TypeVar("T")
 
 
-class HttpRunner:
+class HttpConfig(Protocol):
+    """What ``HttpRunner`` reads of a runner's config: the shared transport settings."""
+
+    @property
+    def http(self) -> HttpSettings: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=HttpConfig)
+
+
+class HttpRunner(Generic[ConfigT]):
     """The part of an HTTP runner that is not its vendor's vocabulary. Thread-safe."""
 
+    #: The runner type (``RUNNER_KIND``'s name), and a runner's name when none is given.
+    kind: ClassVar[str]
     #: How the vendor is named in logs and errors.
     vendor: ClassVar[str]
+    #: Reads a response's rate-limit headers. Even a vendor with none of its own can sit
+    #: behind a proxy that answers 429, or 503 with ``Retry-After``: that is the default.
+    rate_signal = staticmethod(retry_after_signal)
 
     def __init__(
         self,
+        config: ConfigT,
         client: httpx.Client,
-        settings: HttpSettings,
         *,
-        name: str,
-        rate_signal: Callable[[httpx.Response], RateSignal],
-        budget: RateBudget | None,
-        sleep: Callable[[float], None],
+        name: str | None = None,
+        budget: RateBudget | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.name = name
-        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=name)
+        self.config = config
+        self.name = self.kind if name is None else name
+        self._log = structlog.get_logger("buildq.buildrunner").bind(runner=self.name)
         self._core = HttpCore(
             client,
-            settings,
+            config.http,
             vendor=self.vendor,
-            rate_signal=rate_signal,
+            rate_signal=self.rate_signal,
             budget=budget,
             sleep=sleep,
             log=self._log,
         )
+        self._setup()
+
+    def _setup(self) -> None:
+        """Per-instance state a subclass derives from ``self.config``; runs last in ``__init__``."""
 
     @property
     def budget(self) -> RateBudget:

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import itertools
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import httpx
 
-from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
+from buildq.buildrunner import _http_runner, _http_transport, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -153,29 +152,13 @@ def _mentions(reason: object, request_id: str) -> bool:
     return re.search(rf"(?<![{_TOKEN_EDGE}]){token}(?![{_TOKEN_EDGE}])", reason) is not None
 
 
-class BuildbotRunner(_http_runner.HttpRunner):
+class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
     """Forces, polls and cancels build requests of one Buildbot builder. Thread-safe."""
 
+    kind = KIND
     vendor = "Buildbot"
 
-    def __init__(
-        self,
-        config: BuildbotConfig,
-        client: httpx.Client,
-        *,
-        name: str = KIND,
-        budget: _ratelimit.RateBudget | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            client,
-            config.http,
-            name=name,
-            rate_signal=_ratelimit.retry_after_signal,
-            budget=budget,
-            sleep=sleep,
-        )
-        self.config = config
+    def _setup(self) -> None:
         self._rpc_ids = itertools.count(1)
 
     def trigger(

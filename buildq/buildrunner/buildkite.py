@@ -16,8 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -216,24 +215,12 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
     return meta
 
 
-class BuildkiteRunner(_http_runner.HttpRunner):
+class BuildkiteRunner(_http_runner.HttpRunner[BuildkiteConfig]):
     """Triggers, polls and cancels builds of one Buildkite pipeline. Thread-safe."""
 
+    kind = KIND
     vendor = "Buildkite"
-
-    def __init__(
-        self,
-        config: BuildkiteConfig,
-        client: httpx.Client,
-        *,
-        name: str = KIND,
-        budget: _ratelimit.RateBudget | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            client, config.http, name=name, rate_signal=rate_signal, budget=budget, sleep=sleep
-        )
-        self.config = config
+    rate_signal = staticmethod(rate_signal)
 
     def trigger(
         self,

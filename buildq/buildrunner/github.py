@@ -19,7 +19,7 @@ import hmac
 import json
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -183,26 +183,16 @@ def mentions_token(title: object, token: str) -> bool:
     return re.search(pattern, title) is not None
 
 
-class GitHubRunner(_http_runner.HttpRunner):
+class GitHubRunner(_http_runner.HttpRunner[GitHubConfig]):
     """Dispatches, polls and cancels runs of one GitHub Actions workflow. Thread-safe."""
 
+    kind = KIND
     vendor = "GitHub"
+    rate_signal = staticmethod(rate_signal)
 
-    def __init__(
-        self,
-        config: GitHubConfig,
-        client: httpx.Client,
-        *,
-        name: str = KIND,
-        budget: _ratelimit.RateBudget | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            client, config.http, name=name, rate_signal=rate_signal, budget=budget, sleep=sleep
-        )
-        self.config = config
+    def _setup(self) -> None:
         # Cleared for good once the server says it does not know the field (older GHES).
-        self._ask_run_details = config.return_run_details
+        self._ask_run_details = self.config.return_run_details
 
     def trigger(
         self,

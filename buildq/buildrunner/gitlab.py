@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -201,25 +201,15 @@ def build_id_from_event(headers: Mapping[str, str], payload: Mapping[str, Any]) 
     return build_id(project_id, pipeline_id)
 
 
-class GitLabRunner(_http_runner.HttpRunner):
+class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
     """Creates, polls and cancels pipelines of one GitLab project. Thread-safe."""
 
+    kind = KIND
     vendor = "GitLab"
+    rate_signal = staticmethod(rate_signal)
 
-    def __init__(
-        self,
-        config: GitLabConfig,
-        client: httpx.Client,
-        *,
-        name: str = KIND,
-        budget: _ratelimit.RateBudget | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            client, config.http, name=name, rate_signal=rate_signal, budget=budget, sleep=sleep
-        )
-        self.config = config
-        self._project = quote(config.project, safe="")
+    def _setup(self) -> None:
+        self._project = quote(self.config.project, safe="")
 
     def trigger(
         self,

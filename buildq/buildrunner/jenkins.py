@@ -19,7 +19,6 @@ import base64
 import hashlib
 import re
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from urllib.parse import quote
 
 import httpx
 
-from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
+from buildq.buildrunner import _http_runner, _http_transport, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -121,9 +120,6 @@ def _count(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
 
 
-rate_signal = _ratelimit.retry_after_signal
-
-
 def map_status(
     item: Mapping[str, Any] | None, build: Mapping[str, Any] | None, unstable_as: str
 ) -> tuple[BuildStatus, BuildMetadata]:
@@ -189,24 +185,13 @@ def _has_token(thing: object, token: str) -> bool:
     return request_id is not None and token_of(request_id) == token
 
 
-class JenkinsRunner(_http_runner.HttpRunner):
+class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
     """Builds, polls and stops builds of one Jenkins job. Thread-safe."""
 
+    kind = KIND
     vendor = "Jenkins"
 
-    def __init__(
-        self,
-        config: JenkinsConfig,
-        client: httpx.Client,
-        *,
-        name: str = KIND,
-        budget: _ratelimit.RateBudget | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        super().__init__(
-            client, config.http, name=name, rate_signal=rate_signal, budget=budget, sleep=sleep
-        )
-        self.config = config
+    def _setup(self) -> None:
         self._lock = threading.Lock()
         #: Queue id → build number, so polls skip the queue once the build is known. Only a
         #: shortcut: a restarted runner finds the same numbers again.
