@@ -21,7 +21,8 @@ def register(commands: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     from buildq import logs
     from buildq.config import ConfigError
-    from buildq.orchestrator.daemon import Daemon, NotMigrated
+    from buildq.orchestrator.daemon import Daemon
+    from buildq.queue import NotMigrated
     from buildq.storage.errors import DatabaseMissing
 
     config = common.load(args)

@@ -40,6 +40,7 @@ from buildq.orchestrator.rewake import WebhookRewake
 from buildq.orchestrator.sqlstore import SqlBuildStore
 from buildq.orchestrator.upkeep import purge_retained
 from buildq.orchestrator.wiring import WiredRunners, runners_from_config
+from buildq.queue import NotMigrated
 from buildq.queue.contract import TransientQueueError
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue, SqlSubscription
@@ -58,10 +59,6 @@ CONSUMED_TOPICS = (topics.BUILD, topics.BUILDSIGNAL, topics.BUILD_DLQ, topics.BU
 #: How much longer than the grace a stop may take, whatever the database does (systemd's
 #: TimeoutStopSec must be larger than shutdown_grace_s plus this).
 _STOP_MARGIN_S = 5.0
-
-
-class NotMigrated(RuntimeError):
-    pass
 
 
 class Daemon:
