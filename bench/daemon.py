@@ -22,7 +22,8 @@ import sys
 import textwrap
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,7 @@ class _Counts:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.sql: Counter[str] = Counter()
-        self.sql_ms: Counter[str] = Counter()
+        self.sql_ms: defaultdict[str, float] = defaultdict(float)
         self.processed: Counter[str] = Counter()
 
     def add_sql(self, key: str, ms: float | None = None) -> None:
@@ -201,7 +202,7 @@ def _install_sql_counters(counts: _Counts) -> None:
     # Rollbacks through the engine only: a pool reset's rollback is no round trip (MySQL pools
     # here do not reset; sqlite3 skips it outside a transaction).
     event.listen(Engine, "rollback", lambda _conn: counts.add_sql("ROLLBACK"))
-    original = DefaultDialect.do_commit
+    original: Callable[[Any, Any], None] = DefaultDialect.do_commit
 
     def timed_commit(self: Any, dbapi_conn: Any) -> None:
         counts.add_sql("COMMIT")

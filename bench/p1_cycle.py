@@ -26,7 +26,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,13 +240,20 @@ class Driver:
                 self.sub.hand_back(chunk)
             else:
                 effects = [self.cycle.decide(d) for d in chunk]
-                self.queue.run_in_transaction(
-                    lambda tx, chunk=chunk, effects=effects: self.hand_off(tx, chunk, effects)
-                )
+                self.queue.run_in_transaction(_bound(self.hand_off, chunk, effects))
                 self.done.add(len(chunk))
             with self._room:
                 self._inflight -= len(chunk)
                 self._room.notify_all()
+
+
+def _bound(
+    hand_off: Callable[[SqlTransaction, Sequence[Delivery], list[Step]], None],
+    chunk: Sequence[Delivery],
+    steps: list[Step],
+) -> Callable[[SqlTransaction], None]:
+    """``hand_off`` of this chunk, for ``run_in_transaction`` (which may run it again)."""
+    return lambda tx: hand_off(tx, chunk, steps)
 
 
 def _hand_off_each(tx: SqlTransaction, chunk: Sequence[Delivery], steps: list[Step]) -> None:
@@ -288,7 +295,10 @@ def _window_rate(
     """Rate of ``counter`` over ``seconds`` after a warm-up; with ``pyspy``, profiled."""
     time.sleep(warmup_s)
     before, started, cpu = counter.value, time.monotonic(), time.process_time()
-    with recording(os.getpid(), seconds, pyspy) if pyspy else nullcontext({}) as summary:
+    spying: AbstractContextManager[dict[str, Any]] = (
+        recording(os.getpid(), seconds, pyspy) if pyspy else nullcontext({})
+    )
+    with spying as summary:
         time.sleep(seconds)
         done = counter.value - before
         rate = done / (time.monotonic() - started)

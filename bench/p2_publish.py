@@ -24,6 +24,7 @@ from bench.shapes import PublishShapes
 from bench.timing import run_threads
 from bench.workload import never_finishing_runner
 from buildq.orchestrator.chain import poll_message
+from buildq.queue.contract import Message
 from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import SqlQueue
 
@@ -40,7 +41,7 @@ def run(backend: Backend, profile: Profile) -> Result:
     serial = itertools.count()
     serial_lock = threading.Lock()
 
-    def messages(count: int) -> list:
+    def messages(count: int) -> list[Message]:
         with serial_lock:
             numbers = [next(serial) for _ in range(count)]
         return [poll_message(build_ids[n % len(build_ids)], n) for n in numbers]

@@ -17,6 +17,7 @@ the consumer has when it is not also at its throughput limit.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -113,7 +114,7 @@ class _Recorder:
         self.seen: dict[str, tuple[int, float]] = {}
 
     def plan(self, deliveries: Sequence[Delivery]) -> list[Job]:
-        return [Job(d, lambda d=d: self.handle(d)) for d in deliveries]
+        return [Job(d, functools.partial(self.handle, d)) for d in deliveries]
 
     def handle(self, delivery: Delivery) -> Any:
         now = time.time() * 1000
@@ -159,7 +160,7 @@ def measure(backend: Backend, rate: int, seconds: float) -> dict[str, Any]:
     finally:
         consumer.stop(grace_s=5)
         queue.unsubscribe(sub)
-    due = dict(
+    due: dict[str, int] = dict(
         db.read(
             lambda conn: conn.execute(
                 text(

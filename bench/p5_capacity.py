@@ -26,7 +26,7 @@ import itertools
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +128,9 @@ def _run_daemons(
             time.sleep(warmup_s)
             before = [p.fresh_stats() for p in procs]
             started = time.monotonic()
-            spying = recording(procs[0].pid, seconds, pyspy) if pyspy else nullcontext({})
+            spying: AbstractContextManager[dict[str, Any]] = (
+                recording(procs[0].pid, seconds, pyspy) if pyspy else nullcontext({})
+            )
             with spying as profiled:
                 time.sleep(seconds)
             after = [p.fresh_stats() for p in procs]

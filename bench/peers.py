@@ -22,6 +22,7 @@ import itertools
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Select, func, select
 
@@ -60,7 +61,7 @@ runner = "sim"
 """
 
 
-def _results(prefix: str) -> Select[tuple[int]]:
+def _results(prefix: str) -> Select[Any]:
     return select(func.count()).where(
         m.c.topic == topics.BUILDRESULT, m.c.partition_key.like(f"{prefix}-%")
     )

@@ -73,8 +73,7 @@ def seed_builds(
         for i, build_id in enumerate(ids)
     ]
     for start in range(0, len(rows), 1_000):
-        chunk = rows[start : start + 1_000]
-        db.write(lambda conn, chunk=chunk: conn.execute(insert(builds), chunk))
+        _insert_builds(db, rows[start : start + 1_000])
     buckets: dict[int, list[str]] = defaultdict(list)
     low, high = first_poll_ms
     for build_id in ids:
@@ -82,9 +81,9 @@ def seed_builds(
         buckets[max(1, rng.randint(low, high) // 100 * 100)].append(build_id)
     for delay, members in sorted(buckets.items()):
         for start in range(0, len(members), 1_000):
-            chunk = members[start : start + 1_000]
+            batch = members[start : start + 1_000]
             queue.publish_many(
-                topics.BUILDSIGNAL, [poll_message(build_id, 1) for build_id in chunk], delay
+                topics.BUILDSIGNAL, [poll_message(build_id, 1) for build_id in batch], delay
             )
     return ids
 
@@ -104,3 +103,7 @@ finish_by_s = 0
 [queues.bench]
 runner = "sim"
 """
+
+
+def _insert_builds(db: Database, rows: list[dict[str, object]]) -> None:
+    db.write(lambda conn: conn.execute(insert(builds), rows))

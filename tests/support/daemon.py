@@ -147,7 +147,7 @@ class World:
         return ids
 
     def rows(self, sql: str, **params: Any) -> list[Any]:
-        return self.db.read(lambda c: c.execute(sa.text(sql), params).all())
+        return self.db.read(lambda c: list(c.execute(sa.text(sql), params).all()))
 
     def builds(self) -> list[Any]:
         return self.rows("SELECT * FROM builds ORDER BY request_id")
