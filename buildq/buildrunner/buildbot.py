@@ -340,21 +340,17 @@ def _problems(
         return
     names = scheduler.get("builder_names")
     if not isinstance(names, list) or name not in names:
-        yield (
-            f"force scheduler {sched!r} cannot start builder {name!r}",
-            (f"add {name!r} to its builderNames"),
-        )
+        detail = f"force scheduler {sched!r} cannot start builder {name!r}"
+        yield detail, f"add {name!r} to its builderNames"
     if scheduler.get("enabled") is False:
         yield f"force scheduler {sched!r} is disabled", "enable it (web UI or config)"
     missing = [p for p in PROPERTIES if p not in set(_field_names(scheduler.get("all_fields")))]
     if missing:
-        yield (
-            (
-                f"force scheduler {sched!r} does not declare {', '.join(missing)}: Buildbot would "
-                "leave them out of buildq's builds"
-            ),
-            f"add a StringParameter for each to its properties (see {_DOCS})",
+        detail = (
+            f"force scheduler {sched!r} does not declare {', '.join(missing)}: Buildbot would "
+            f"leave {'it' if len(missing) == 1 else 'them'} out of buildq's builds"
         )
+        yield detail, f"add a StringParameter for each to its properties (see {_DOCS})"
 
 
 def _field_names(fields: object) -> Iterator[str]:

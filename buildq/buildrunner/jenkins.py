@@ -366,8 +366,8 @@ def doctor(name: str, config: JenkinsConfig) -> list[registry.DoctorRow]:
     with closing(_runner(name, config)) as runner:
         job = runner.job()
     unseen = (
-        "the job's JSON shows no property list and concurrentBuild: whether "
-        "disableConcurrentBuilds aborts previous builds was not checked"
+        "the job's JSON does not show its properties and concurrentBuild: whether "
+        "disableConcurrentBuilds aborts running builds was not checked"
     )
     warnings = _siblings.jenkins_warnings(job)
     return _siblings.rows(name, f"job {config.job}", warnings, _siblings.JENKINS_FIX, unseen)
