@@ -2,8 +2,9 @@
 
 A kind is a ``RunnerKind``: how to validate the table (its config class's reader), how to
 build the runner from the validated config, and optionally how to read the CI service's
-webhook deliveries and what ``buildq doctor`` should ask the CI service. Config loading, the daemon's wiring, ``buildq doctor`` and the webhook
-receiver all ask this module, so a kind added by a plugin is treated exactly like a built-in.
+webhook deliveries and what ``buildq doctor`` asks the CI service (``DoctorRow`` rows).
+Config loading, the daemon's wiring, ``buildq doctor`` and the webhook receiver all ask this
+module, so a kind added by a plugin is treated exactly like a built-in.
 
 Plugins are Python distributions that declare an entry point in the ``buildq.runners`` group
 whose name is the kind and whose object is a ``RunnerKind``::
