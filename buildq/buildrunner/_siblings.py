@@ -1,13 +1,15 @@
 """CI settings that cancel buildq's builds against each other, as ``buildq doctor`` finds them.
 
-Every build buildq starts on a runner runs on the same branch (Buildkite) or ref (GitHub), so a
-setting that keeps only "the newest build of a branch" cancels merge-queue builds that are all
-meant to finish: Buildkite's *Cancel Intermediate Builds* and *Skip Intermediate Builds*, and a
-GitHub ``concurrency`` group that is not unique per run (a shared group keeps one run going
-and cancels the older pending one; ``cancel-in-progress`` cancels the running one too).
+Every build buildq starts on a runner runs on the same branch, ref or job, so a setting that
+keeps only "the newest build" cancels merge-queue builds that are all meant to finish:
+Buildkite's *Cancel Intermediate Builds* and *Skip Intermediate Builds*; a GitHub
+``concurrency`` group that is not unique per run (a shared group keeps one run going and
+cancels the older pending one; ``cancel-in-progress`` cancels the running one too); GitLab's
+*Auto-cancel redundant pipelines*; Jenkins' ``disableConcurrentBuilds(abortPrevious: true)``.
 docs/ci-runners.md ("Sibling builds") says how to configure around them.
 
-The functions here only read what the vendor's API shows; the runners fetch it.
+The functions here only read what the vendor's API shows, and word doctor's rows; each
+runner module fetches what they read, in its ``doctor`` hook (``RunnerKind.doctor``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,45 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from buildq.buildrunner.registry import DoctorRow
+
 #: What in a GitHub concurrency group makes it unique per buildq build.
 _UNIQUE_PER_RUN = ("buildq_request_id", "github.run_id")
+#: The job property behind ``disableConcurrentBuilds`` (workflow-job plugin).
+JENKINS_DISABLE_CONCURRENT = (
+    "org.jenkinsci.plugins.workflow.job.properties.DisableConcurrentBuildsJobProperty"
+)
+
+_DOCS = "docs/ci-runners.md#sibling-builds"
+BUILDKITE_FIX = (
+    "in the pipeline's Settings > Builds, turn it off or add '!{branch}' to its branch filter "
+    f"(see {_DOCS})"
+)
+GITHUB_FIX = (
+    "make the group unique per build, e.g. group: buildq-${{{{ inputs.buildq_request_id }}}}, "
+    f"or remove it from {{path}} (see {_DOCS})"
+)
+GITLAB_FIX = (
+    "turn off Auto-cancel redundant pipelines in Settings > CI/CD > General pipelines, or set "
+    f"workflow:auto_cancel:on_new_commit: none for buildq's pipelines (see {_DOCS})"
+)
+JENKINS_FIX = (
+    "drop abortPrevious from disableConcurrentBuilds in the job's Jenkinsfile options or its "
+    f"configuration; without it builds wait their turn (see {_DOCS})"
+)
+
+
+def rows(
+    name: str, where: str, warnings: list[str] | None, fix: str, unseen: str = ""
+) -> list[DoctorRow]:
+    """Doctor's rows for runner ``name``: the token can see ``where``; then a WARN per
+    warning, or, when the settings could not be read (``warnings`` None), a skip saying why
+    (``unseen``)."""
+    found = [DoctorRow(f"runner {name} api", "ok", f"the token can see {where}")]
+    label = f"runner {name} siblings"
+    if warnings is None:
+        return [*found, DoctorRow(label, "skip", unseen)]
+    return found + [DoctorRow(label, "WARN", warning, fix) for warning in warnings]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,3 +171,44 @@ def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
+
+
+def gitlab_warnings(project: Mapping[str, Any], ref: str) -> list[str] | None:
+    """What of a project's CI/CD settings cancels buildq's pipelines on ``ref``; None when the
+    token cannot see them (GitLab shows them to a Maintainer only)."""
+    setting = project.get("auto_cancel_pending_pipelines")
+    if not isinstance(setting, str):
+        return None
+    if setting != "enabled":
+        return []
+    # GitLab skips pipelines of the new one's commit and of the ref's head: only a ref that
+    # moved (a push, a merge) makes buildq's older pipelines redundant in its eyes.
+    return [
+        f"Auto-cancel redundant pipelines is on: when ref {ref!r} moves (a push, a merge), GitLab "
+        "cancels buildq's pipelines on an older commit that are pending or have started only "
+        "interruptible jobs, so buildq's builds cancel each other (reported CANCELLED)"
+    ]
+
+
+def jenkins_warnings(job: Mapping[str, Any]) -> list[str] | None:
+    """Whether a job's ``disableConcurrentBuilds`` aborts running builds; None when its JSON
+    does not say."""
+    properties = job.get("property")
+    if not isinstance(properties, list):
+        return None
+    if not any(
+        isinstance(p, Mapping) and p.get("_class") == JENKINS_DISABLE_CONCURRENT for p in properties
+    ):
+        return []
+    concurrent = job.get("concurrentBuild")
+    if not isinstance(concurrent, bool):
+        return None
+    # ``abortPrevious`` itself is not exported, but with the property set a Pipeline job
+    # reports concurrentBuild true only when abortPrevious is (WorkflowJob.isConcurrentBuild).
+    if not concurrent:
+        return []
+    return [
+        "disableConcurrentBuilds(abortPrevious: true) is set: each new build of the job aborts "
+        "the running one, so buildq's builds abort each other (Jenkins records NOT_BUILT, "
+        "which buildq reports FAILED, reason infra)"
+    ]

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -39,6 +40,11 @@ from buildq.config.base import Table
 
 KIND = "buildbot"
 REASON_PREFIX = "buildq "
+
+#: What a trigger sends as properties: the force scheduler must declare each one, or Buildbot
+#: leaves it out of the build (it takes only the fields it declares).
+PROPERTIES = (CORRELATION_KEY, "buildq_queue", "buildq_base", "buildq_head")
+_DOCS = "docs/ci-runners.md#buildbot"
 
 _ID = re.compile(r"^bb:([0-9]{1,18})$")
 _TOKEN_EDGE = r"A-Za-z0-9_.-"
@@ -214,6 +220,27 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
         self._rpc(f"/api/v2/buildrequests/{brid}", "cancel", {"reason": "cancelled by buildq"})
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=False)
 
+    def doctor_view(self) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+        """The builder and the force scheduler as the REST API shows them (None where the
+        master has none), for ``buildq doctor``."""
+        builder = self.config.builder
+        reply = self._core.read(
+            "GET", "/api/v2/builders", params={"name": builder}, missing_is_not_found=False
+        )
+        builders = reply.body.get("builders") if isinstance(reply.body, Mapping) else None
+        found = [
+            b
+            for b in (builders if isinstance(builders, list) else [])
+            if isinstance(b, Mapping) and b.get("name") == builder
+        ]
+        path = f"/api/v2/forceschedulers/{self.config.scheduler}"
+        reply = self._core.read("GET", path, accept=frozenset({404}), missing_is_not_found=False)
+        schedulers = reply.body.get("forceschedulers") if isinstance(reply.body, Mapping) else None
+        scheduler = schedulers[0] if isinstance(schedulers, list) and schedulers else None
+        return (found[0] if found else None), (
+            scheduler if reply.status == 200 and isinstance(scheduler, Mapping) else None
+        )
+
     def _rpc(self, path: str, method: str, params: Mapping[str, Any]) -> Any:
         body = {"jsonrpc": "2.0", "method": method, "id": next(self._rpc_ids), "params": params}
         return self._core.read("POST", path, body=body, missing_is_not_found=False).body
@@ -283,4 +310,57 @@ def _runner(name: str, config: BuildbotConfig) -> BuildbotRunner:
     return BuildbotRunner(config, make_client(config), name=name)
 
 
-RUNNER_KIND = registry.RunnerKind(KIND, BuildbotConfig.from_table, _runner)
+def doctor(name: str, config: BuildbotConfig) -> list[registry.DoctorRow]:
+    """``buildq doctor``: does the master have the builder, and a force scheduler that can
+    start it with buildq's properties? (Whether the builder collapses requests is not in
+    Buildbot's REST API: docs/ci-runners.md says so.)"""
+    with closing(_runner(name, config)) as runner:
+        builder, scheduler = runner.doctor_view()
+    label = f"runner {name} api"
+    problems = list(_problems(config, builder, scheduler))
+    if problems:
+        return [registry.DoctorRow(label, "FAIL", detail, fix) for detail, fix in problems]
+    detail = f"the master has builder {config.builder} and force scheduler {config.scheduler}"
+    return [registry.DoctorRow(label, "ok", detail)]
+
+
+def _problems(
+    config: BuildbotConfig, builder: Mapping[str, Any] | None, scheduler: Mapping[str, Any] | None
+) -> Iterator[tuple[str, str]]:
+    """(what is wrong, the fix) for each way the master cannot take buildq's triggers."""
+    name, sched = config.builder, config.scheduler
+    if builder is None:
+        yield f"the master has no builder {name!r}", "check builder against c['builders']"
+    elif builder.get("masterids") == []:
+        # A builder dropped from the config stays in the database, on no master.
+        yield f"builder {name!r} runs on no master", "add it back to c['builders']"
+    if scheduler is None:
+        fix = f"add a ForceScheduler named {sched!r} for builder {name!r} (see {_DOCS})"
+        yield f"the master has no force scheduler {sched!r}", fix
+        return
+    names = scheduler.get("builder_names")
+    if not isinstance(names, list) or name not in names:
+        detail = f"force scheduler {sched!r} cannot start builder {name!r}"
+        yield detail, f"add {name!r} to its builderNames"
+    if scheduler.get("enabled") is False:
+        yield f"force scheduler {sched!r} is disabled", "enable it (web UI or config)"
+    missing = [p for p in PROPERTIES if p not in set(_field_names(scheduler.get("all_fields")))]
+    if missing:
+        detail = (
+            f"force scheduler {sched!r} does not declare {', '.join(missing)}: Buildbot would "
+            f"leave {'it' if len(missing) == 1 else 'them'} out of buildq's builds"
+        )
+        yield detail, f"add a StringParameter for each to its properties (see {_DOCS})"
+
+
+def _field_names(fields: object) -> Iterator[str]:
+    """The ``fullName`` of every field of a force scheduler, nested ones included (a force
+    takes its arguments by full name)."""
+    for field in fields if isinstance(fields, list) else []:
+        if isinstance(field, Mapping):
+            if isinstance(field.get("fullName"), str):
+                yield field["fullName"]
+            yield from _field_names(field.get("fields"))
+
+
+RUNNER_KIND = registry.RunnerKind(KIND, BuildbotConfig.from_table, _runner, doctor=doctor)

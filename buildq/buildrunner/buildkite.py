@@ -17,13 +17,14 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, _siblings, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -341,9 +342,21 @@ def _runner(name: str, config: BuildkiteConfig) -> BuildkiteRunner:
     return BuildkiteRunner(config, make_client(config), name=name)
 
 
+def doctor(name: str, config: BuildkiteConfig) -> list[registry.DoctorRow]:
+    """``buildq doctor``: can the token see the pipeline; do its settings cancel buildq's builds."""
+    with closing(_runner(name, config)) as runner:
+        pipeline = runner.pipeline()
+    warnings = _siblings.buildkite_warnings(pipeline, config.branch)
+    where = f"pipeline {config.organization}/{config.pipeline}"
+    return _siblings.rows(
+        name, where, warnings, _siblings.BUILDKITE_FIX.format(branch=config.branch)
+    )
+
+
 RUNNER_KIND = registry.RunnerKind(
     KIND,
     BuildkiteConfig.from_table,
     _runner,
     registry.WebhookSpec(verify_signature, decode_event),
+    doctor=doctor,
 )

@@ -20,13 +20,14 @@ import json
 import re
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
 import httpx
 
-from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, _siblings, registry
 from buildq.buildrunner._github_status import map_status
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
@@ -360,9 +361,25 @@ def _runner(name: str, config: GitHubConfig) -> GitHubRunner:
     return GitHubRunner(config, make_client(config), name=name)
 
 
+def doctor(name: str, config: GitHubConfig) -> list[registry.DoctorRow]:
+    """``buildq doctor``: can the token see the workflow; does its ``concurrency`` cancel
+    buildq's runs (skipped when the token may not read the file)."""
+    with closing(_runner(name, config)) as runner:
+        workflow = runner.workflow_file()
+    warnings = None if workflow is None else _siblings.github_warnings(workflow)
+    unseen = (
+        f"cannot read {config.workflow} at {config.ref} (the token lacks Contents: read): "
+        "its concurrency settings were not checked"
+    )
+    where = f"workflow {config.workflow} of {config.owner}/{config.repo}"
+    fix = _siblings.GITHUB_FIX.format(path=config.workflow)
+    return _siblings.rows(name, where, warnings, fix, unseen)
+
+
 RUNNER_KIND = registry.RunnerKind(
     KIND,
     GitHubConfig.from_table,
     _runner,
     registry.WebhookSpec(verify_signature, decode_event),
+    doctor=doctor,
 )

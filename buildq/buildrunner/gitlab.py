@@ -17,6 +17,7 @@ import hmac
 import re
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, registry
+from buildq.buildrunner import _http_runner, _http_transport, _ratelimit, _siblings, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -263,6 +264,12 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
         )
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=reply.status >= 400)
 
+    def project(self) -> Mapping[str, Any]:
+        """The project as the API shows it to this token, for ``buildq doctor`` (its CI/CD
+        settings are shown to a Maintainer only)."""
+        reply = self._core.read("GET", f"/projects/{self._project}", missing_is_not_found=False)
+        return reply.body if isinstance(reply.body, Mapping) else {}
+
     def _create(self, variables: Mapping[str, str], request_id: str) -> BuildID:
         trigger = self.config.trigger_token
         if trigger is None:
@@ -323,9 +330,23 @@ def _runner(name: str, config: GitLabConfig) -> GitLabRunner:
     return GitLabRunner(config, make_client(config), name=name)
 
 
+def doctor(name: str, config: GitLabConfig) -> list[registry.DoctorRow]:
+    """``buildq doctor``: can the token see the project; does it cancel buildq's pipelines."""
+    with closing(_runner(name, config)) as runner:
+        project = runner.project()
+    unseen = (
+        "the token cannot see the project's CI/CD settings (they need the Maintainer role): "
+        "Auto-cancel redundant pipelines was not checked"
+    )
+    warnings = _siblings.gitlab_warnings(project, config.ref)
+    where = f"project {config.project}"
+    return _siblings.rows(name, where, warnings, _siblings.GITLAB_FIX, unseen)
+
+
 RUNNER_KIND = registry.RunnerKind(
     KIND,
     GitLabConfig.from_table,
     _runner,
     registry.WebhookSpec(verify_token, build_id_from_event),
+    doctor=doctor,
 )

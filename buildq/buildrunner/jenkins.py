@@ -21,6 +21,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard, TypeVar
@@ -28,7 +29,7 @@ from urllib.parse import quote
 
 import httpx
 
-from buildq.buildrunner import _http_runner, _http_transport, registry
+from buildq.buildrunner import _http_runner, _http_transport, _siblings, registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -246,6 +247,12 @@ class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
         )
         self._log.info("runner_cancel_requested", build_id=build_id.id, noop=False)
 
+    def job(self) -> Mapping[str, Any]:
+        """The job as the remote API shows it (its properties), for ``buildq doctor``."""
+        path = f"{job_path(self.config.job)}/api/json"
+        reply = self._core.read("GET", path, missing_is_not_found=False)
+        return reply.body if isinstance(reply.body, Mapping) else {}
+
     def _create(self, form: Mapping[str, str], token: str) -> BuildID:
         path = f"{job_path(self.config.job)}/buildWithParameters"
         reply = self._with_crumb(lambda: self._core.write_once("POST", path, form=form))
@@ -354,4 +361,16 @@ def _runner(name: str, config: JenkinsConfig) -> JenkinsRunner:
     return JenkinsRunner(config, make_client(config), name=name)
 
 
-RUNNER_KIND = registry.RunnerKind(KIND, JenkinsConfig.from_table, _runner)
+def doctor(name: str, config: JenkinsConfig) -> list[registry.DoctorRow]:
+    """``buildq doctor``: can the user see the job; does a new build abort the running one."""
+    with closing(_runner(name, config)) as runner:
+        job = runner.job()
+    unseen = (
+        "the job's JSON does not show its properties and concurrentBuild: whether "
+        "disableConcurrentBuilds aborts running builds was not checked"
+    )
+    warnings = _siblings.jenkins_warnings(job)
+    return _siblings.rows(name, f"job {config.job}", warnings, _siblings.JENKINS_FIX, unseen)
+
+
+RUNNER_KIND = registry.RunnerKind(KIND, JenkinsConfig.from_table, _runner, doctor=doctor)

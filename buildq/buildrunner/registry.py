@@ -2,8 +2,9 @@
 
 A kind is a ``RunnerKind``: how to validate the table (its config class's reader), how to
 build the runner from the validated config, and optionally how to read the CI service's
-webhook deliveries. Config loading, the daemon's wiring, ``buildq doctor`` and the webhook
-receiver all ask this module, so a kind added by a plugin is treated exactly like a built-in.
+webhook deliveries and what ``buildq doctor`` asks the CI service (``DoctorRow`` rows).
+Config loading, the daemon's wiring, ``buildq doctor`` and the webhook receiver all ask this
+module, so a kind added by a plugin is treated exactly like a built-in.
 
 Plugins are Python distributions that declare an entry point in the ``buildq.runners`` group
 whose name is the kind and whose object is a ``RunnerKind``::
@@ -24,7 +25,7 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.config.base import ConfigError, Secret, Table
@@ -78,6 +79,22 @@ class WebhookSpec:
         return value if isinstance(value, Secret) else None
 
 
+class DoctorRow(NamedTuple):
+    """One line of ``buildq doctor``'s table, as a kind's doctor hook reports it."""
+
+    name: str  # "runner <name> api", "runner <name> siblings", ...
+    status: str  # "ok", "WARN" (fails nothing), "FAIL" or "skip" (could not be checked)
+    detail: str
+    fix: str = ""
+
+
+#: A kind's questions to its CI service for ``buildq doctor`` (not run with ``--offline``):
+#: given the runner's name and validated config, the rows to show. Raising RunnerError
+#: (RunnerUnauthorized, TransientRunnerError) when it cannot ask is fine: doctor turns that
+#: into a FAIL row with the fix.
+DoctorHook = Callable[[str, Any], list[DoctorRow]]
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerKind:
     """One runner ``type``: validate its table, build its runner, read its webhooks."""
@@ -94,6 +111,9 @@ class RunnerKind:
     #: calls then run on threads of their own; one whose calls never wait (noop) is called
     #: on the thread that fetched the work.
     calls_wait: Callable[[Any], bool] = _calls_wait
+    #: What ``buildq doctor`` asks the CI service (token access, settings that cancel
+    #: buildq's builds); None: only the config is checked.
+    doctor: DoctorHook | None = None
 
     def validate(self, table: Table) -> Any:
         """The config object for ``table`` (with ``type``); unknown keys are refused."""

@@ -196,5 +196,5 @@ def _check_runner(name: str, table: Table, *, online: bool) -> list[Check]:
     detail = f"type {kind_name}{where}: config and secrets resolve"
     checks = [Check(f"runner {name}", "ok", detail)]
     if online:
-        checks += [Check(*row) for row in doctor_ci.inspect(name, kind_name, config)]
+        checks += [Check(*row) for row in doctor_ci.inspect(name, kind, config)]
     return checks

@@ -1,17 +1,25 @@
 """``buildq doctor`` asks the CI services (issue 15, items 3 and 7): whether the token sees the
-pipeline or workflow, and whether a CI setting cancels buildq's builds against each other."""
+pipeline, workflow, project or job, and whether a CI setting cancels buildq's builds against
+each other. Each kind asks through its doctor hook (``RunnerKind.doctor``); Buildbot's, against
+a real master, is in test_doctor_buildbot.py."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from buildq.buildrunner import RunnerUnauthorized, TransientRunnerError
 from buildq.buildrunner._siblings import branch_matches, concurrency_settings, github_warnings
+from buildq.buildrunner.registry import DoctorRow, RunnerKind
+from buildq.cli import doctor_ci
 from buildq.migrations import upgrade
 from tests.support.cli import CliResult, run_cli
 from tests.support.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci.gitlab import FakeGitLab
+from tests.support.fakeci.jenkins import DISABLE_CONCURRENT, FakeJenkins
 
 TOKEN_ENV = "BUILDQ_TEST_DOCTOR_TOKEN"
 
@@ -50,6 +58,20 @@ def gh(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
         yield fake
 
 
+@pytest.fixture
+def gl(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitLab]:
+    with FakeGitLab() as fake:
+        monkeypatch.setenv(TOKEN_ENV, fake.token)
+        yield fake
+
+
+@pytest.fixture
+def jk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJenkins]:
+    with FakeJenkins() as fake:
+        monkeypatch.setenv(TOKEN_ENV, fake.token)
+        yield fake
+
+
 def _doctor(tmp_path: Path, runner: str, capsys, *extra: str) -> tuple[CliResult, dict[str, dict]]:
     config = tmp_path / "buildq.toml"
     url = f"sqlite:///{tmp_path / 'x.db'}"
@@ -73,6 +95,21 @@ def _gh_table(fake: FakeGitHub) -> str:
         f'[runners.gh]\ntype = "github"\napi_url = "{fake.url}"\nowner = "{fake.owner}"\n'
         f'repo = "{fake.repo}"\nworkflow = "{fake.workflow}"\ntoken_env = "{TOKEN_ENV}"\n'
         "retry_backoff_s = 0.01\n"
+    )
+
+
+def _gl_table(fake: FakeGitLab, ref: str = "main", project: str | None = None) -> str:
+    return (
+        f'[runners.gl]\ntype = "gitlab"\napi_url = "{fake.url}/api/v4"\n'
+        f'project = "{project or fake.project_path}"\nref = "{ref}"\ntoken_env = "{TOKEN_ENV}"\n'
+        "retry_backoff_s = 0.01\n"
+    )
+
+
+def _jk_table(fake: FakeJenkins) -> str:
+    return (
+        f'[runners.jk]\ntype = "jenkins"\napi_url = "{fake.url}"\njob = "{fake.job}"\n'
+        f'user = "{fake.user}"\ntoken_env = "{TOKEN_ENV}"\nretry_backoff_s = 0.01\n'
     )
 
 
@@ -163,3 +200,132 @@ jobs:
 )
 def test_buildkite_branch_filters(branch_filter: str | None, matches: bool) -> None:
     assert branch_matches(branch_filter, "main") is matches
+
+
+def test_gitlab_auto_cancel_redundant_pipelines_is_a_warning(
+    gl: FakeGitLab, tmp_path: Path, capsys
+) -> None:
+    _, checks = _doctor(tmp_path, _gl_table(gl), capsys)
+    assert checks["runner gl api"] == {
+        "name": "runner gl api",
+        "status": "ok",
+        "detail": "the token can see project acme/app",
+        "fix": "",
+    }
+    assert "runner gl siblings" not in checks  # "disabled": nothing cancels buildq's pipelines
+    assert gl.request_count("GET", "/api/v4/projects/acme%2Fapp") == 1
+
+    gl.auto_cancel_pending_pipelines = "enabled"
+    result, checks = _doctor(tmp_path, _gl_table(gl, ref="merge-queue"), capsys)
+    warning = checks["runner gl siblings"]
+    assert warning["status"] == "WARN"
+    assert "Auto-cancel redundant pipelines is on" in warning["detail"]
+    assert "'merge-queue'" in warning["detail"] and "interruptible" in warning["detail"]
+    assert "Settings > CI/CD > General pipelines" in warning["fix"]
+    assert "workflow:auto_cancel:on_new_commit: none" in warning["fix"]
+    assert result.code == 0 and result.data["ok"] is True
+    assert gl.token not in result.out
+
+
+def test_gitlab_settings_hidden_from_a_developer_token_are_skipped(
+    gl: FakeGitLab, tmp_path: Path, capsys
+) -> None:
+    gl.auto_cancel_pending_pipelines = "enabled"
+    gl.maintainer = False  # GitLab shows CI/CD settings to a Maintainer only
+    result, checks = _doctor(tmp_path, _gl_table(gl), capsys)
+    assert checks["runner gl api"]["status"] == "ok"
+    skipped = checks["runner gl siblings"]
+    assert skipped["status"] == "skip" and "Maintainer" in skipped["detail"]
+    assert result.code == 0
+
+
+def test_gitlab_refused_token_and_unknown_project_fail(
+    gl: FakeGitLab, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "glpat-wrong")
+    result, checks = _doctor(tmp_path, _gl_table(gl), capsys)
+    api = checks["runner gl api"]
+    assert result.code == 1 and api["status"] == "FAIL"
+    assert api["detail"].startswith("GitLab answered 401") and "permissions" in api["fix"]
+    assert "runner gl siblings" not in checks
+
+    monkeypatch.setenv(TOKEN_ENV, gl.token)
+    result, checks = _doctor(tmp_path, _gl_table(gl, project="acme/gone"), capsys)
+    api = checks["runner gl api"]
+    assert result.code == 1 and api["status"] == "FAIL" and "404" in api["detail"]
+    assert api["fix"] == "check the runner's table against the CI service"
+
+
+def test_jenkins_abort_previous_is_a_warning(jk: FakeJenkins, tmp_path: Path, capsys) -> None:
+    _, checks = _doctor(tmp_path, _jk_table(jk), capsys)
+    assert checks["runner jk api"]["status"] == "ok"
+    assert checks["runner jk api"]["detail"] == "the token can see job folder/app-merge"
+    assert "runner jk siblings" not in checks
+
+    jk.disable_concurrent_builds(abort_previous=False)  # builds wait their turn: fine
+    _, checks = _doctor(tmp_path, _jk_table(jk), capsys)
+    assert "runner jk siblings" not in checks
+
+    jk.disable_concurrent_builds(abort_previous=True)
+    result, checks = _doctor(tmp_path, _jk_table(jk), capsys)
+    warning = checks["runner jk siblings"]
+    assert warning["status"] == "WARN"
+    assert "abortPrevious: true" in warning["detail"] and "NOT_BUILT" in warning["detail"]
+    assert warning["fix"].startswith("drop abortPrevious")
+    assert result.code == 0 and jk.token not in result.out
+
+
+def test_jenkins_job_json_without_concurrent_build_is_skipped(
+    jk: FakeJenkins, tmp_path: Path, capsys
+) -> None:
+    jk.job_properties = [{"_class": DISABLE_CONCURRENT}]
+    jk.concurrent_build = None
+    _, checks = _doctor(tmp_path, _jk_table(jk), capsys)
+    skipped = checks["runner jk siblings"]
+    assert skipped["status"] == "skip" and "not checked" in skipped["detail"]
+
+    jk.job_properties = None  # no property list at all: nothing to tell from
+    _, checks = _doctor(tmp_path, _jk_table(jk), capsys)
+    assert checks["runner jk siblings"]["status"] == "skip"
+
+
+def test_jenkins_refused_token_fails(
+    jk: FakeJenkins, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jk.deny(403, "Forbidden")  # a user without Item/Read on the job
+    result, checks = _doctor(tmp_path, _jk_table(jk), capsys)
+    api = checks["runner jk api"]
+    assert result.code == 1 and api["status"] == "FAIL"
+    assert api["detail"].startswith("Jenkins answered 403")
+    assert jk.token not in result.out
+
+
+def _kind(hook: Any) -> RunnerKind:
+    return RunnerKind("mycity", lambda table: None, lambda n, c: None, doctor=hook, source="x 1")
+
+
+def test_inspect_runs_any_kinds_hook_and_turns_its_errors_into_fail_rows() -> None:
+    rows = [DoctorRow("runner m ping", "ok", "pong")]
+    assert doctor_ci.inspect("m", _kind(lambda name, config: rows), None) == rows
+    assert doctor_ci.inspect("m", RunnerKind("k", lambda t: None, lambda n, c: None), None) == []
+
+    def refused(name: str, config: object) -> list[DoctorRow]:
+        raise RunnerUnauthorized("MyCity answered 403", "MyCity answered 403: check the token")
+
+    def unreachable(name: str, config: object) -> list[DoctorRow]:
+        raise TransientRunnerError("connect failed")
+
+    def broken(name: str, config: object) -> list[DoctorRow]:
+        raise KeyError("oops")
+
+    [row] = doctor_ci.inspect("m", _kind(refused), None)
+    assert row == DoctorRow(
+        "runner m api",
+        "FAIL",
+        "MyCity answered 403: check the token",
+        "give the runner a token with the permissions in docs/ci-runners.md",
+    )
+    [row] = doctor_ci.inspect("m", _kind(unreachable), None)  # a config without http.api_url
+    assert row.status == "FAIL" and row.detail == "cannot reach the CI service: connect failed"
+    [row] = doctor_ci.inspect("m", _kind(broken), None)
+    assert row.status == "FAIL" and "KeyError" in row.detail and row.fix == "report it to x 1"

@@ -108,6 +108,8 @@ def test_doctor_lists_the_plugin_and_a_broken_one(plugin_site: Path, tmp_path: P
     done = _buildq(["doctor", "--config", str(config)], plugin_site, tmp_path)
     assert f"runner type example from {DISTRIBUTION}" in done.stdout, done.stdout
     assert f"type example (plugin {DISTRIBUTION}): config and secrets resolve" in done.stdout
+    [hook] = [ln for ln in done.stdout.splitlines() if "runner ex outcome" in ln]
+    assert hook.startswith("ok") and hook.endswith("every build ends pass")  # its doctor hook
 
     broken = broken_site(tmp_path / "broken", "buildq_no_such_module:KIND")
     path = f"{plugin_site}{os.pathsep}{broken}"

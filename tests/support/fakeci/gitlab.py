@@ -5,6 +5,8 @@ rate limits) and checked against python-gitlab 8.6 (``ProjectPipelineManager``: 
 ``/projects/{id}/pipeline`` and ``/pipelines``, its list filters including ``name``;
 ``Project.trigger_pipeline``: ``/projects/{id}/trigger/pipeline`` with ``token``, ``ref`` and a
 ``variables`` object). A project is addressed by its numeric id or its URL-encoded path.
+``GET /projects/:id`` shows the CI/CD setting ``auto_cancel_pending_pipelines`` ("enabled" or
+"disabled") to a Maintainer's token only, as GitLab's ``API::Entities::Project`` does.
 
 Pipelines advance only when told (``set_status``). ``named=False`` plays a project whose
 ``.gitlab-ci.yml`` lacks ``workflow:name``, so its pipelines have no name.
@@ -62,6 +64,8 @@ class FakeGitLab(FakeService):
         self.project_path = project_path
         self.trigger_token = trigger_token
         self.named = named
+        self.auto_cancel_pending_pipelines = "disabled"
+        self.maintainer = True  # whether the token's role may see the project's CI/CD settings
         self._pipelines: dict[int, FakePipeline] = {}
         self._next_id = 1000
 
@@ -122,10 +126,14 @@ class FakeGitLab(FakeService):
 
     def route(self, request: Request) -> Reply:
         parts = [unquote(p) for p in request.path.strip("/").split("/")]
-        if parts[:3] != ["api", "v4", "projects"] or len(parts) < 5:
+        if parts[:3] != ["api", "v4", "projects"] or len(parts) < 4:
             return Reply(404, {"message": "404 Not Found"})
         if parts[3] not in (str(self.project_id), self.project_path):
             return Reply(404, {"message": "404 Project Not Found"})
+        if len(parts) == 4:
+            if request.method != "GET":
+                return Reply(404, {"message": "404 Not Found"})
+            return Reply(200, self._project_json())
         rest, method = parts[4:], request.method
         if rest == ["pipeline"] and method == "POST":
             return self._create(request.body, "api")
@@ -245,3 +253,14 @@ class FakeGitLab(FakeService):
             "coverage": None,
             "detailed_status": {"group": pipeline.status, "text": pipeline.status},
         }
+
+    def _project_json(self) -> dict[str, Any]:
+        project: dict[str, Any] = {
+            "id": self.project_id,
+            "path_with_namespace": self.project_path,
+            "default_branch": "main",
+            "web_url": f"{self.url}/{self.project_path}",
+        }
+        if self.maintainer:
+            project["auto_cancel_pending_pipelines"] = self.auto_cancel_pending_pipelines
+        return project

@@ -7,6 +7,9 @@ item in ``Location``; ``Q_ITEM`` ``queue/item/<n>/api/json``; ``Q_INFO``; ``CANC
 ``CRUMB_URL`` ``crumbIssuer/api/json`` with ``crumb`` and ``crumbRequestField``; folders as
 ``job/<folder>/job/<name>``). Authentication is HTTP basic with a user's API token.
 
+The job's ``api/json`` (without ``tree``) also shows ``concurrentBuild`` and its ``property``
+list, as a Pipeline job does (``disable_concurrent_builds``).
+
 Like Jenkins, a request whose parameters equal those of an item still waiting in the queue is
 merged into it, and a queue item is forgotten some time after its build started
 (``forget``). Builds move only when told (``start_build``, ``finish``).
@@ -28,6 +31,9 @@ TOKEN = "11fakejenkinsapitokenSECRET0123"
 CRUMB = "fake-crumb-0123456789abcdef"
 CRUMB_FIELD = "Jenkins-Crumb"
 RESULTS = frozenset({"SUCCESS", "UNSTABLE", "FAILURE", "NOT_BUILT", "ABORTED"})
+DISABLE_CONCURRENT = (
+    "org.jenkinsci.plugins.workflow.job.properties.DisableConcurrentBuildsJobProperty"
+)
 _RANGE = re.compile(r"\{(\d+),(\d+)\}\s*$")
 
 
@@ -69,6 +75,9 @@ class FakeJenkins(FakeService):
         self._items: dict[int, QueueItem] = {}
         self._builds: dict[int, FakeBuild] = {}
         self._ids = itertools.count(501)
+        #: What the job's api/json shows (None: leave the field out).
+        self.job_properties: list[dict[str, Any]] | None = []
+        self.concurrent_build: bool | None = True
 
     # test commands ---------------------------------------------------------------------
     def items(self) -> list[QueueItem]:
@@ -94,6 +103,14 @@ class FakeJenkins(FakeService):
             build = self._builds[number]
             build.result = result
             build.duration_ms = max(int(time.time() * 1000) - build.started_ms, 1)
+
+    def disable_concurrent_builds(self, *, abort_previous: bool) -> None:
+        """``options { disableConcurrentBuilds(abortPrevious: …) }``: the property is listed
+        without its field (not exported) and ``concurrentBuild`` is true only with
+        abortPrevious (workflow-job's ``WorkflowJob.isConcurrentBuild``)."""
+        with self.lock:
+            self.job_properties = [{"_class": DISABLE_CONCURRENT}]
+            self.concurrent_build = abort_previous
 
     def forget(self, queue_id: int) -> None:
         """Jenkins drops a started item from the queue's memory (minutes after it started)."""
@@ -184,10 +201,17 @@ class FakeJenkins(FakeService):
         window = _RANGE.search(tree)
         if window:
             builds = builds[int(window[1]) : int(window[2])]
-        return Reply(
-            200,
-            {"name": self.job.rsplit("/", 1)[-1], "builds": [self._build_json(b) for b in builds]},
-        )
+        body: dict[str, Any] = {
+            "name": self.job.rsplit("/", 1)[-1],
+            "builds": [self._build_json(b) for b in builds],
+        }
+        if not tree:  # a tree names the fields it wants; without one the job shows its own
+            body["fullName"] = self.job
+            if self.concurrent_build is not None:
+                body["concurrentBuild"] = self.concurrent_build
+            if self.job_properties is not None:
+                body["property"] = list(self.job_properties)
+        return Reply(200, body)
 
     def _parameters_action(self, parameters: dict[str, str]) -> list[dict[str, Any]]:
         return [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from buildq.buildrunner import BuildID, BuildNotFound, BuildStatus, Change
-from buildq.buildrunner.registry import MalformedEvent, RunnerKind, WebhookSpec
+from buildq.buildrunner.registry import DoctorRow, MalformedEvent, RunnerKind, WebhookSpec
 from buildq.config import Secret, Table
 
 _ID = re.compile(r"^example-(pass|fail)-[0-9a-f]{12}-[0-9]+$")
@@ -79,9 +79,17 @@ def _decode(headers: Mapping[str, str], payload: Mapping[str, Any]) -> BuildID |
     return BuildID(build)
 
 
+def _doctor(name: str, config: ExampleConfig) -> list[DoctorRow]:
+    """What ``buildq doctor`` shows beyond the config (a real plugin asks its CI service here,
+    and may raise RunnerError when it cannot: doctor shows that as a FAIL)."""
+    status = "WARN" if config.outcome == "fail" else "ok"
+    return [DoctorRow(f"runner {name} outcome", status, f"every build ends {config.outcome}")]
+
+
 KIND = RunnerKind(
     "example",
     ExampleConfig.from_table,
     lambda _name, config: ExampleRunner(config),
     WebhookSpec(_verify, _decode),
+    doctor=_doctor,
 )
