@@ -39,6 +39,7 @@ from buildq.buildrunner.contract import (
     Change,
     RunnerError,
     RunnerUnauthorized,
+    TransientRunnerError,
 )
 from buildq.config.base import ConfigError, Table
 
@@ -237,15 +238,32 @@ class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
         if status.is_terminal:
             self._log.info("runner_cancel_requested", build_id=build_id.id, noop=True)
             return
-        if build is None:
-            path, params = "/queue/cancelItem", {"id": str(queue_id)}
+        if build is not None:
+            self._stop(job, build)
         else:
-            path, params = f"{job_path(job)}/{build['number']}/stop", {}
-        # Jenkins answers both with a redirect (or 204); 404: it finished and was forgotten.
+            try:
+                self._post("/queue/cancelItem", {"id": str(queue_id)})
+            except TransientRunnerError:
+                # Jenkins answers 500 "Could not cancel run" for an item that left the queue
+                # since it was read: its build started (or someone cancelled it). Stop that
+                # build rather than fail: a cancel at the deadline is not asked again.
+                item, build = self._state(job, queue_id, token)
+                status, _ = map_status(item, build, self.config.unstable_as)
+                if build is None and not status.is_terminal:
+                    raise  # still waiting: a real failure, asked again on the next poll
+                if build is not None and not status.is_terminal:
+                    self._stop(job, build)
+        self._log.info("runner_cancel_requested", build_id=build_id.id, noop=False)
+
+    def _stop(self, job: str, build: Mapping[str, Any]) -> None:
+        self._post(f"{job_path(job)}/{build['number']}/stop", {})
+
+    def _post(self, path: str, params: Mapping[str, str]) -> None:
+        """A cancel or a stop. Jenkins answers cancelItem 204 and stop with a redirect to the
+        build's page; a 404 means the item or build is gone (forgotten, or deleted)."""
         self._with_crumb(
             lambda: self._core.read("POST", path, params=params, accept=frozenset({404}))
         )
-        self._log.info("runner_cancel_requested", build_id=build_id.id, noop=False)
 
     def job(self) -> Mapping[str, Any]:
         """The job as the remote API shows it (its properties), for ``buildq doctor``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from buildq.buildrunner.contract import (
@@ -139,6 +140,30 @@ def test_cancel_takes_a_queued_item_out_and_stops_a_running_build(
     assert runner.status(running)[0] is BuildStatus.CANCELLED
     runner.cancel(running)
     assert jk.request_count("POST", "/stop") == 1 and jk.request_count("POST", "/cancelItem") == 1
+
+
+def test_an_item_that_starts_before_its_cancel_arrives_is_stopped_as_a_build(
+    jk: FakeJenkins, make_jk_runner: MakeRunner
+) -> None:
+    runner = make_jk_runner()
+    build_id = runner.trigger("main", [], HEAD, {CORRELATION_KEY: "req-race"})
+    item = f"/queue/item/{queue_id(build_id)}/api/json"
+    waiting = httpx.get(jk.url + item, auth=(jk.user, jk.token)).json()
+    number = jk.start_build(queue_id(build_id))
+    # The runner reads the item while it still waits; it starts before the cancel arrives.
+    jk.inject(Fault(status=200, body=waiting, method="GET", path=item))
+    runner.cancel(build_id)
+    # Jenkins refuses to cancel an item that left the queue (500 "Could not cancel run"):
+    # the runner reads again and stops the build the item became.
+    assert {r.status for r in jk.requests_matching("POST", "/cancelItem")} == {500}
+    assert jk.request_count("POST", f"/{number}/stop") == 1
+    assert runner.status(build_id)[0] is BuildStatus.CANCELLED
+    # An item that is still waiting when Jenkins answers 500 is a failure, asked again later.
+    waiting_id = queue_id(runner.trigger("main", [], HEAD, {CORRELATION_KEY: "req-500"}))
+    jk.fail_next(10, 500, method="POST", path="/cancelItem")
+    with pytest.raises(TransientRunnerError, match="500"):
+        runner.cancel(BuildID(f"jk:{jk.job}/{waiting_id}/{token_of('req-500')}"))
+    jk.clear_faults()
 
 
 def test_faults_proxy_limits_5xx_timeouts_and_bad_credentials(

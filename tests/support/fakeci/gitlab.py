@@ -1,12 +1,19 @@
 """A fake GitLab REST API (v4: the pipeline endpoints buildq uses), in memory, on 127.0.0.1.
 
-Written from GitLab's API documentation (Pipelines API, Pipeline triggers API, Webhook events,
-rate limits) and checked against python-gitlab 8.6 (``ProjectPipelineManager``: paths
+Written from GitLab's API documentation (Pipelines API, Pipeline triggers API, REST API
+authentication and pagination, Webhook events, rate limits); python-gitlab drives it in
+tests/integration/runners/test_fakes_match_clients.py (``ProjectPipelineManager``: paths
 ``/projects/{id}/pipeline`` and ``/pipelines``, its list filters including ``name``;
 ``Project.trigger_pipeline``: ``/projects/{id}/trigger/pipeline`` with ``token``, ``ref`` and a
 ``variables`` object). A project is addressed by its numeric id or its URL-encoded path.
 ``GET /projects/:id`` shows the CI/CD setting ``auto_cancel_pending_pipelines`` ("enabled" or
 "disabled") to a Maintainer's token only, as GitLab's ``API::Entities::Project`` does.
+
+An access token is accepted as ``Authorization: Bearer`` (what buildq sends) or in the
+``PRIVATE-TOKEN`` header (what python-gitlab sends), as GitLab accepts both. The trigger
+endpoint is authenticated by the trigger token in its body and needs no access token, but one
+that is sent must be valid. Lists are paginated with GitLab's headers (``X-Page``,
+``X-Per-Page``, ``X-Next-Page``, ``X-Prev-Page``, ``X-Total``, ``X-Total-Pages`` and ``Link``).
 
 Pipelines advance only when told (``set_status``). ``named=False`` plays a project whose
 ``.gitlab-ci.yml`` lacks ``workflow:name``, so its pipelines have no name.
@@ -19,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlencode
 
 import httpx
 
@@ -28,6 +35,8 @@ from ._server import FakeService, Reply, Request, iso
 TOKEN = "glpat-fake-SECRET-0123456789"
 TRIGGER_TOKEN = "glptt-fake-TRIGGER-0123456789"
 FINISHED = frozenset({"success", "failed", "canceled", "skipped"})
+#: GitLab answers at most 100 items a page, whatever ``per_page`` asks for.
+MAX_PER_PAGE = 100
 STARTED = frozenset({"running", "canceling", "success", "failed", "canceled", "manual"})
 
 
@@ -109,6 +118,17 @@ class FakeGitLab(FakeService):
         return httpx.post(url, content=self.webhook_payload(pipeline_id), headers=headers)
 
     # vendor hooks ----------------------------------------------------------------------
+    def authorized(self, request: Request) -> bool:
+        """An access token as a bearer token or in ``PRIVATE-TOKEN``; none at all only for the
+        trigger endpoint, which checks the trigger token in its body (``_trigger``)."""
+        bearer = request.headers.get("authorization")
+        private = request.headers.get("private-token")
+        if bearer is None and private is None:
+            return request.method == "POST" and request.path.endswith("/trigger/pipeline")
+        return (bearer is None or bearer == f"Bearer {self.token}") and (
+            private is None or private == self.token
+        )
+
     def rate_headers(self, now: float) -> dict[str, str]:
         reset_epoch = int(time.time() + self.rate.reset_in(now))
         return {
@@ -200,10 +220,36 @@ class FakeGitLab(FakeService):
         after = request.param("updated_after")
         if after is not None:
             pipelines = [p for p in pipelines if iso(p.updated_at) >= after]
-        per_page = int(request.param("per_page", "20") or 20)
-        page = int(request.param("page", "1") or 1)
+        per_page = min(max(int(request.param("per_page", "20") or 20), 1), MAX_PER_PAGE)
+        page = max(int(request.param("page", "1") or 1), 1)
         chunk = pipelines[(page - 1) * per_page : page * per_page]
-        return Reply(200, [self._list_json(p) for p in chunk])
+        return Reply(
+            200,
+            [self._list_json(p) for p in chunk],
+            self._pagination(request, page, per_page, len(pipelines)),
+        )
+
+    def _pagination(self, request: Request, page: int, per_page: int, total: int) -> dict[str, str]:
+        """GitLab's offset pagination headers, ``Link`` with the request's own filters."""
+        pages = max((total + per_page - 1) // per_page, 1)
+        query = {k: v[0] for k, v in request.query.items() if k not in ("page", "per_page")}
+
+        def link(number: int) -> str:
+            params = urlencode({**query, "page": number, "per_page": per_page})
+            return f"<{self.url}{request.path}?{params}>"
+
+        links = [f'{link(page - 1)}; rel="prev"'] if 1 < page <= pages else []
+        links += [f'{link(page + 1)}; rel="next"'] if page < pages else []
+        links += [f'{link(1)}; rel="first"', f'{link(pages)}; rel="last"']
+        return {
+            "X-Page": str(page),
+            "X-Per-Page": str(per_page),
+            "X-Next-Page": str(page + 1) if page < pages else "",
+            "X-Prev-Page": str(page - 1) if 1 < page <= pages else "",
+            "X-Total": str(total),
+            "X-Total-Pages": str(pages),
+            "Link": ", ".join(links),
+        }
 
     def _new(
         self, project_id: int, ref: str, source: str, variables: dict[str, str]

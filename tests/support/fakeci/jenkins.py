@@ -1,18 +1,25 @@
 """A fake Jenkins (remote access API: the queue and job endpoints buildq uses) on 127.0.0.1.
 
-Written from Jenkins' "Remote access API" documentation and checked against python-jenkins
-1.8 (``BUILD_WITH_PARAMS_JOB`` ``job/<name>/buildWithParameters`` answering with the queue
-item in ``Location``; ``Q_ITEM`` ``queue/item/<n>/api/json``; ``Q_INFO``; ``CANCEL_QUEUE``
-``queue/cancelItem?id=<n>``; ``BUILD_INFO``; ``STOP_BUILD`` ``job/<name>/<n>/stop``;
-``CRUMB_URL`` ``crumbIssuer/api/json`` with ``crumb`` and ``crumbRequestField``; folders as
-``job/<folder>/job/<name>``). Authentication is HTTP basic with a user's API token.
+Written from Jenkins' "Remote access API" documentation and its source (``Queue.doCancelItem``,
+``WorkflowRun.doStop``, ``ParametersDefinitionProperty``); python-jenkins drives it in
+tests/integration/runners/test_fakes_match_clients.py (``BUILD_WITH_PARAMS_JOB``
+``job/<name>/buildWithParameters`` answering with the queue item in ``Location``; ``Q_ITEM``
+``queue/item/<n>/api/json``; ``Q_INFO``; ``CANCEL_QUEUE`` ``queue/cancelItem?id=<n>``;
+``BUILD_INFO``; ``STOP_BUILD`` ``job/<name>/<n>/stop``; ``CRUMB_URL`` ``crumbIssuer/api/json``
+with ``crumb`` and ``crumbRequestField``; folders as ``job/<folder>/job/<name>``).
+Authentication is HTTP basic with a user's API token.
 
 The job's ``api/json`` (without ``tree``) also shows ``concurrentBuild`` and its ``property``
 list, as a Pipeline job does (``disable_concurrent_builds``).
 
-Like Jenkins, a request whose parameters equal those of an item still waiting in the queue is
-merged into it, and a queue item is forgotten some time after its build started
-(``forget``). Builds move only when told (``start_build``, ``finish``).
+Like Jenkins, ``buildWithParameters`` reads the parameters from the query string and the form
+body alike; a request whose parameters equal those of an item still waiting in the queue is
+merged into it; ``queue/cancelItem`` answers 204 for a waiting item, 500 "Could not cancel"
+for one that already left the queue (its build started, or it was cancelled) and 404 once the
+item is forgotten; ``stop`` redirects to the ``Referer`` or else the build's page, which is
+served; and a queue item is forgotten some time after its build started (``forget``). Only an
+item that left the queue carries ``cancelled`` and ``executable``. Builds move only when told
+(``start_build``, ``finish``).
 """
 
 from __future__ import annotations
@@ -161,19 +168,25 @@ class FakeJenkins(FakeService):
             return Reply(404, "<html>Not Found</html>")
         rest = path[len(prefix) :]
         if rest == "/buildWithParameters" and method == "POST":
-            return self._build_with_parameters(request.body)
+            # Jenkins reads request parameters: the query string's and the form's alike.
+            form = request.body if isinstance(request.body, dict) else {}
+            return self._build_with_parameters({k: v[0] for k, v in request.query.items()} | form)
         if rest == "/api/json" and method == "GET":
             return self._job_json(request.param("tree", "") or "")
-        match = re.fullmatch(r"/(\d+)(/api/json|/stop)", rest)
+        match = re.fullmatch(r"/(\d+)(/api/json|/stop|)", rest)
         build = self._builds.get(int(match[1])) if match else None
         if match is None or build is None:
             return Reply(404, "<html>Not Found</html>")
         if match[2] == "/api/json" and method == "GET":
             return Reply(200, self._build_json(build), cacheable=True)
+        if match[2] == "" and method == "GET":  # the build's page, where a stop redirects to
+            return Reply(200, f"<html><title>{build.job} #{build.number}</title></html>")
         if match[2] == "/stop" and method == "POST":
             if build.result is None:
                 self.finish(build.number, "ABORTED")
-            return Reply(302, None, {"Location": self._build_url(build)})
+            # Stapler's forwardToPreviousPage: back to the Referer, else "." (the build's page).
+            location = request.headers.get("referer") or self._build_url(build)
+            return Reply(302, None, {"Location": location})
         return Reply(405, "<html>Method Not Allowed</html>")
 
     # endpoints -------------------------------------------------------------------------
@@ -190,10 +203,12 @@ class FakeJenkins(FakeService):
 
     def _cancel_item(self, raw_id: str) -> Reply:
         item = self._items.get(int(raw_id)) if raw_id.isdigit() else None
-        if item is None:
-            return Reply(404, "<html>Not Found</html>")
-        if item.number is None:
-            item.cancelled = True
+        if item is None or item.forgotten:
+            return Reply(404, f"<html>Provided id ({raw_id}) not found</html>")
+        if item.number is not None or item.cancelled:
+            # A LeftItem cannot be cancelled: Queue.cancel(item) is false, and Jenkins says so.
+            return Reply(500, f"<html>Could not cancel run for id {raw_id}</html>")
+        item.cancelled = True
         return Reply(204)
 
     def _job_json(self, tree: str) -> Reply:
@@ -230,13 +245,23 @@ class FakeJenkins(FakeService):
         executable = None
         if item.number is not None:
             executable = {"number": item.number, "url": self._build_url(self._builds[item.number])}
-        kind = "LeftItem" if item.cancelled or item.number is not None else "WaitingItem"
-        return {
-            "_class": f"hudson.model.Queue${kind}",
+        left = item.cancelled or item.number is not None
+        common = {
             "id": item.id,
             "actions": self._parameters_action(item.parameters),
             "task": {"name": item.job.rsplit("/", 1)[-1], "url": task_url},
-            "why": None if kind == "LeftItem" else "Waiting for next available executor",
+        }
+        if not left:
+            return {
+                "_class": "hudson.model.Queue$WaitingItem",
+                **common,
+                "why": "Waiting for next available executor",
+            }
+        # Only a LeftItem exports ``cancelled`` and ``executable``.
+        return {
+            "_class": "hudson.model.Queue$LeftItem",
+            **common,
+            "why": None,
             "cancelled": item.cancelled,
             "executable": executable,
         }
