@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -18,6 +18,7 @@ from buildq.cli import doctor_ci
 from buildq.migrations import upgrade
 from tests.support.cli import CliResult, run_cli
 from tests.support.fakeci import FakeBuildkite, FakeGitHub
+from tests.support.fakeci._server import FakeService
 from tests.support.fakeci.gitlab import FakeGitLab
 from tests.support.fakeci.jenkins import DISABLE_CONCURRENT, FakeJenkins
 
@@ -44,32 +45,34 @@ PER_BUILD = SHARED_GROUP.replace(
 )
 
 
-@pytest.fixture
-def bk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBuildkite]:
-    with FakeBuildkite() as fake:
+FakeT = TypeVar("FakeT", bound=FakeService)
+
+
+def _serving(fake_class: type[FakeT], monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeT]:
+    """A fake CI service whose token the runner under test reads from the environment."""
+    with fake_class() as fake:
         monkeypatch.setenv(TOKEN_ENV, fake.token)
         yield fake
+
+
+@pytest.fixture
+def bk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBuildkite]:
+    yield from _serving(FakeBuildkite, monkeypatch)
 
 
 @pytest.fixture
 def gh(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitHub]:
-    with FakeGitHub() as fake:
-        monkeypatch.setenv(TOKEN_ENV, fake.token)
-        yield fake
+    yield from _serving(FakeGitHub, monkeypatch)
 
 
 @pytest.fixture
 def gl(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeGitLab]:
-    with FakeGitLab() as fake:
-        monkeypatch.setenv(TOKEN_ENV, fake.token)
-        yield fake
+    yield from _serving(FakeGitLab, monkeypatch)
 
 
 @pytest.fixture
 def jk(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJenkins]:
-    with FakeJenkins() as fake:
-        monkeypatch.setenv(TOKEN_ENV, fake.token)
-        yield fake
+    yield from _serving(FakeJenkins, monkeypatch)
 
 
 def _doctor(tmp_path: Path, runner: str, capsys, *extra: str) -> tuple[CliResult, dict[str, dict]]:
