@@ -13,6 +13,7 @@
 - ``buildbot``: a real Buildbot master and workers, from PyPI.
 - ``web``: ``buildq web`` as a process, and the system's headless Chromium.
 - ``strategies``: Hypothesis strategies for hostile input.
+- ``tcp_proxy``: a TCP proxy in front of MariaDB that cuts and restores the link (an outage).
 - ``shims``: host faults (a clock step, a full disk) injected inside a daemon process.
 - ``plugin_example``: a runner plugin as a third party would ship it, and how tests install it.
 """

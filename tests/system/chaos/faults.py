@@ -106,7 +106,7 @@ class ProxyOutage:
     def __init__(self, target: str, workdir: Path) -> None:
         port_file = workdir / "proxy.port"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.system.chaos.proxy", target, str(port_file)],
+            [sys.executable, "-m", "tests.support.tcp_proxy", target, str(port_file)],
             cwd=REPO,
         )
         wait_until(

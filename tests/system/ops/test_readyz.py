@@ -8,8 +8,8 @@ import sqlalchemy as sa
 
 from tests.support.daemon import DaemonProcess, write_config
 from tests.support.scrape import get, ops_port, scrape
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_until
-from tests.system.ops.proxy import TcpProxy
 
 NOOP = """
 [runners.noop]
@@ -42,7 +42,8 @@ def test_readyz_goes_red_while_the_database_is_unreachable_and_green_after(
         # open file, so reads and writes go on and there is no outage to report; only new
         # connections would fail. SQLite has no server to stop.
         pytest.skip("SQLite has no server to lose: open connections keep working on the file")
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 3306).start()
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 3306))
+    proxy.listen()
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     config = write_config(tmp_path / "config", proxied, NOOP)
     d = DaemonProcess(config, tmp_path, {"BUILDQ_HTTP__METRICS_REFRESH_S": "0.5"})
@@ -53,13 +54,13 @@ def test_readyz_goes_red_while_the_database_is_unreachable_and_green_after(
         world.submit("fast", 3, prefix="before")
         wait_until(lambda: world.all_terminal(3), timeout=30, message="builds before the outage")
 
-        proxy.stop()
+        proxy.cut()
         wait_until(lambda: status(port, "/readyz") == 503, timeout=DOWN_WITHIN_S, message="red")
         assert "database unavailable" in get(port, "/readyz").text
         assert status(port, "/healthz") == 200, get(port, "/healthz").text
         wait_until(lambda: scrape(port).value("buildq_database_up") == 0, timeout=DOWN_WITHIN_S)
 
-        proxy.start()  # the same port again
+        proxy.listen()  # the same port again
         wait_until(lambda: status(port, "/readyz") == 200, timeout=UP_WITHIN_S, message="green")
         assert scrape(port).value("buildq_database_up") == 1
         world.submit("fast", 2, prefix="after")
@@ -67,4 +68,4 @@ def test_readyz_goes_red_while_the_database_is_unreachable_and_green_after(
         assert d.stop() == 0
     finally:
         d.cleanup()
-        proxy.stop()
+        proxy.cut()

@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_until
-from tests.system.ops.proxy import TcpProxy
 
 GRACE_S = 2
 #: The daemon's own margin (5 s) plus process exit on a loaded machine.
@@ -43,7 +43,8 @@ def test_sigterm_while_the_database_is_down_exits_within_the_grace(
     url = sa.make_url(backend_url)
     if url.get_backend_name() == "sqlite":
         pytest.skip("SQLite has no server to lose: open connections keep working on the file")
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 3306).start()
+    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 3306))
+    proxy.listen()
     proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     config = write_config(tmp_path / "config", proxied, SIM)
     grace = {"BUILDQ_DAEMON__SHUTDOWN_GRACE_S": str(GRACE_S)}
@@ -56,7 +57,7 @@ def test_sigterm_while_the_database_is_down_exits_within_the_grace(
             timeout=60,
             message="every build in flight, polled",
         )
-        proxy.stop()
+        proxy.cut()
         started = time.monotonic()
         first.signal(signal.SIGTERM)
         code = first.process.wait(timeout=BOUND_S + 30)
@@ -64,7 +65,7 @@ def test_sigterm_while_the_database_is_down_exits_within_the_grace(
         assert took < BOUND_S, (took, first.log_text()[-2000:])
         assert code == 0, first.log_text()[-2000:]
 
-        proxy.start()
+        proxy.listen()
         second = first.start()  # the same process wrapper: a second run, its own log
         wait_until(lambda: world.all_terminal(len(requests)), timeout=120, message="all finished")
         assert {r.status for r in world.builds()} == {"SUCCEEDED"}
@@ -73,4 +74,4 @@ def test_sigterm_while_the_database_is_down_exits_within_the_grace(
         assert second.stop() == 0
     finally:
         first.cleanup()
-        proxy.stop()
+        proxy.cut()

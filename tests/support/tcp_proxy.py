@@ -1,13 +1,17 @@
 """A TCP proxy in front of MariaDB that can play a database outage without stopping the server.
 
-    python -m tests.system.chaos.proxy TARGET_HOST:PORT PORT_FILE
+In a test's own process: ``TcpProxy(target).listen()`` gives the port to point a daemon at,
+``cut()`` plays the outage and ``listen()`` ends it on the same port. As a process of its own
+(the chaos run, where the test process's GIL must not sit between the daemons and their
+database):
+
+    python -m tests.support.tcp_proxy TARGET_HOST:PORT PORT_FILE
 
 listens on an ephemeral port of 127.0.0.1 (written to PORT_FILE) and forwards every connection
 to the target. ``SIGUSR1`` cuts it: the listening socket is closed (new connections are
 refused, as by a stopped server) and every open connection is reset (clients see "lost
 connection", as at a server restart). ``SIGUSR2`` listens again on the same port. ``SIGTERM``
-ends it. It runs as its own process so the test process's GIL does not sit between the
-daemons and their database.
+ends it.
 """
 
 from __future__ import annotations
