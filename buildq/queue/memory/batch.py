@@ -96,7 +96,6 @@ class MemoryCommitter:
             for acked_step in acked:
                 for topic, message, delay_ms in acked_step.outbox.messages:
                     queue._insert(topic, message, delay_ms)
-            queue._changed.notify_all()
         for member in list(queue._members.values()):
             member.wake()
         return results

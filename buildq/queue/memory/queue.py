@@ -75,7 +75,6 @@ class MemoryQueue:
     def __init__(self, *, clock: Clock = wall_clock_ms) -> None:
         self.clock = clock
         self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
         self._seq = itertools.count(1)
         self._log: dict[int, _Stored] = {}
         self._ids: dict[tuple[str, str, str, str], int] = {}
@@ -97,7 +96,6 @@ class MemoryQueue:
         with self._lock:
             self._check_open()
             results = [self._insert(topic, m, delay_ms) for m in messages]
-            self._changed.notify_all()
         self._wake({topic})
         return results
 
@@ -181,8 +179,6 @@ class MemoryQueue:
                     ):
                         state.visible_at = now
                         woken += 1
-            if woken:
-                self._changed.notify_all()
             return woken
 
     def committer(self, apply: MemoryApply = run_effects) -> MemoryCommitter:
