@@ -109,7 +109,8 @@ settle_defer: Update = (
     .values(inflight=0, owner="", visible_at=NOW + bindparam("p_delay_ms"))
 )
 
-#: Never started: back to its place in the fetch order (its message's visible_after).
+#: Never started (shutdown, rebalance): no retry counted, and back to its place in the fetch
+#: order (its message's visible_after), so a handover keeps its partition's order.
 settle_hand_back: Update = (
     update(d)
     .where(_claim_held)

@@ -180,24 +180,6 @@ select_next_due = (
     .limit(1)
 )
 
-#: Give an unprocessed delivery back without counting a retry. It returns to its original
-#: place in the fetch order (its message's visible_after), so a handover keeps partition order.
-mark_handed_back: Update = (
-    update(d)
-    .where(
-        d.c.seq == bindparam("p_seq"),
-        d.c.grp == bindparam("p_grp"),
-        d.c.attempt == bindparam("p_attempt"),
-        d.c.inflight == 1,
-        d.c.owner == bindparam("p_owner"),
-    )
-    .values(
-        inflight=0,
-        owner="",
-        visible_at=select(m.c.visible_after).where(m.c.seq == d.c.seq).scalar_subquery(),
-    )
-)
-
 #: The columns every copy of a message writes (into its DLQ, or back out of it).
 COPIED_MESSAGE_COLUMNS = (
     "topic",

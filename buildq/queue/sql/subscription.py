@@ -338,11 +338,8 @@ class SqlSubscription:
         mine = [d for d in deliveries if isinstance(d, SqlDelivery) and d._state is ClaimState.OPEN]
         if not mine:
             return
-        rows = [
-            {"seq": d.offset, "grp": self.group, "attempt": d.attempt, "owner": self.member_id}
-            for d in mine
-        ]
-        self.db.write(lambda conn: conn.execute(q.mark_handed_back, q.many(rows)))
+        rows = q.many([self._claim(d) for d in mine])
+        self.db.write(lambda conn: conn.execute(bq.settle_hand_back, rows))
         for delivery in mine:
             self.settled(delivery)
 
