@@ -175,14 +175,7 @@ def _delete_acked(conn: Connection, acked: list[SqlDelivery]) -> None:
         by_group[delivery.group].append(delivery)
     sql = bq.BatchSql.of(conn.dialect)
     for group, claims in by_group.items():
-        if sql.row_by_row:
-            rows = [(d.offset, group, d.attempt) for d in claims]
-            deleted = conn.exec_driver_sql(sql.delete_acked_row, rows).rowcount
-        else:
-            params: list[Any] = [group, *(d.offset for d in claims)]
-            for delivery in claims:
-                params += (delivery.offset, delivery.attempt)
-            deleted = conn.exec_driver_sql(sql.delete_acked(len(claims)), tuple(params)).rowcount
+        deleted = sql.delete_acked(conn, group, [(d.offset, d.attempt) for d in claims])
         if deleted != len(claims):
             raise _Fenced
 

@@ -1,6 +1,6 @@
 """The statements of the batched hot path: settling many deliveries and publishing many
 messages in a fixed number of statements per batch (``batch.py``), and keeping claims alive
-(``subscription.py``).
+(``claims.py``).
 
 A batch's deliveries and messages vary in number, so the statements whose shape follows the
 batch (a ``CASE`` arm per delivery, a ``VALUES`` row per message) are rendered as text, once per
@@ -15,11 +15,12 @@ cannot deadlock with the member's own lease renewal (see docs/queue.md, "Locks")
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sqlalchemy import Update, bindparam, delete, select, update
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 
 from buildq.queue.sql.schema import deliveries as d
 from buildq.queue.sql.schema import groups as g
@@ -48,6 +49,8 @@ MESSAGE_COLUMNS = (
     "created_at",
     "publish_token",
 )
+#: A claim as the fenced statements name it: (offset, attempt).
+Claim = tuple[int, int]
 #: Rows per INSERT: within SQLite's 32,766 parameters and MySQL's max_allowed_packet.
 MAX_ROWS_PER_INSERT = 500
 
@@ -155,11 +158,11 @@ class BatchSql:
         self.row_by_row = updates_row_by_row(dialect)
         #: The row-by-row forms (executemany; see ``updates_row_by_row``).
         p = self.p
-        self.delete_acked_row = (
+        self._delete_acked_row = (
             f"DELETE FROM queue_deliveries WHERE seq = {p} AND grp = {p} "  # noqa: S608
             f"AND attempt = {p} AND inflight = 1"
         )
-        self.extend_claim_row = (
+        self._extend_claim_row = (
             f"UPDATE queue_deliveries SET visible_at = {self.now} + {p} "  # noqa: S608
             f"WHERE seq = {p} AND grp = {p} AND attempt = {p} AND inflight = 1"
         )
@@ -172,6 +175,34 @@ class BatchSql:
             found = cls._by_dialect[key] = cls(dialect)
         return found
 
+    def delete_acked(self, conn: Connection, group: str, claims: Sequence[Claim]) -> int:
+        """Ack these claims of one group; how many were still ours."""
+        return self._fenced(conn, self._delete_acked_row, self._delete_acked, (), group, claims)
+
+    def extend_claims(self, conn: Connection, group: str, claims: Sequence[Claim], ms: int) -> int:
+        """Push these claims of one group ``ms`` past the database's now; how many were still
+        ours."""
+        return self._fenced(conn, self._extend_claim_row, self._extend_claims, (ms,), group, claims)
+
+    def _fenced(
+        self,
+        conn: Connection,
+        row_sql: str,
+        sql_of_size: Callable[[int], str],
+        lead: tuple[Any, ...],
+        group: str,
+        claims: Sequence[Claim],
+    ) -> int:
+        """Run a statement fenced per claim by its attempt, in the form this dialect runs best
+        (``updates_row_by_row``): its rowcount."""
+        if self.row_by_row:
+            rows = [(*lead, seq, group, attempt) for seq, attempt in claims]
+            return int(conn.exec_driver_sql(row_sql, rows).rowcount)
+        params: list[Any] = [*lead, group, *(seq for seq, _ in claims)]
+        for claim in claims:
+            params += claim
+        return int(conn.exec_driver_sql(sql_of_size(len(claims)), tuple(params)).rowcount)
+
     def _attempt_case(self, n: int) -> str:
         arms = " ".join(f"WHEN {self.p} THEN {self.p}" for _ in range(n))
         return f"attempt = CASE seq {arms} END"
@@ -180,18 +211,16 @@ class BatchSql:
         return ", ".join([self.p] * n)
 
     @lru_cache(maxsize=1024)  # noqa: B019 (a few instances, one per engine, live as long)
-    def delete_acked(self, n: int) -> str:
-        """Ack ``n`` claims of one group: params grp, the n offsets, then (offset, attempt)
-        pairs. Its rowcount says how many were still ours."""
+    def _delete_acked(self, n: int) -> str:
+        """Params: grp, the n offsets, then (offset, attempt) pairs."""
         return (
             f"DELETE FROM queue_deliveries WHERE grp = {self.p} "  # noqa: S608 (constants)
             f"AND seq IN ({self._in(n)}) AND inflight = 1 AND {self._attempt_case(n)}"
         )
 
     @lru_cache(maxsize=1024)  # noqa: B019
-    def extend_claims(self, n: int) -> str:
-        """Push ``n`` claims of one group further out: params ms, grp, the n offsets, then
-        (offset, attempt) pairs."""
+    def _extend_claims(self, n: int) -> str:
+        """Params: ms, grp, the n offsets, then (offset, attempt) pairs."""
         return (
             f"UPDATE queue_deliveries SET visible_at = {self.now} + {self.p} "  # noqa: S608
             f"WHERE grp = {self.p} AND seq IN ({self._in(n)}) AND inflight = 1 "

@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import structlog
 from sqlalchemy.engine import Connection
@@ -185,14 +184,7 @@ class ClaimKeeper:
         """Extend ``claims`` by ``ms``; the offsets of those no longer ours."""
         group = self.membership.group
         sql = bq.BatchSql.of(conn.dialect)
-        if sql.row_by_row:
-            rows = [(ms, d.offset, group, d.attempt) for d in claims]
-            extended = conn.exec_driver_sql(sql.extend_claim_row, rows).rowcount
-        else:
-            params: list[Any] = [ms, group, *(d.offset for d in claims)]
-            for delivery in claims:
-                params += (delivery.offset, delivery.attempt)
-            extended = conn.exec_driver_sql(sql.extend_claims(len(claims)), tuple(params)).rowcount
+        extended = sql.extend_claims(conn, group, [(d.offset, d.attempt) for d in claims], ms)
         if extended == len(claims):
             return set()
         held = inflight_attempts(conn, group, [d.offset for d in claims])
