@@ -22,10 +22,11 @@ from buildq.queue.worker.contract import Handler, Job
 class Route:
     handler: Handler
     subscription: Subscription
+    #: Where its fetcher waits for room (on the worker's lock).
+    room: threading.Condition
     #: Claimed by this fetcher and not in a lane nor behind its partition: its room.
     moving: int = 0
     released: list[Task] = field(default_factory=list)
-    room: threading.Condition | None = None
     last_tick: float = field(default_factory=time.monotonic)
 
 

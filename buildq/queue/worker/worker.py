@@ -95,7 +95,7 @@ class Worker:
             raise ValueError(
                 f"handler of {handler.topic!r} on a subscription of {subscription.topic!r}"
             )
-        self._routes.append(Route(handler, subscription, room=threading.Condition(self._lock)))
+        self._routes.append(Route(handler, subscription, threading.Condition(self._lock)))
 
     def start(self) -> None:
         self._commit_thread = self._spawn("commit", self._commits.run)
@@ -160,7 +160,6 @@ class Worker:
     def _wait_for_room(self, route: Route, limit: int, idle_s: float) -> int:
         """Wait until at least half the fetcher's room is free: refilling it one delivery at a
         time would cost a claim transaction per delivery."""
-        assert route.room is not None
         with self._lock:
             if route.moving > limit // 2 and not route.released and not self._stopping.is_set():
                 route.room.wait(max(idle_s, 0.05))
@@ -264,7 +263,6 @@ class Worker:
                     successor.route.released.append(successor)
                     released[id(successor.route)] = successor.route
             for route in (roomier | released).values():
-                assert route.room is not None
                 route.room.notify_all()
         for route in released.values():  # its fetcher may be waiting for due work instead
             route.subscription.wake()
@@ -314,7 +312,6 @@ class Worker:
             route.subscription.wake()
         with self._lock:
             for route in self._routes:
-                assert route.room is not None
                 route.room.notify_all()
         for thread in self._threads:
             if thread.name.startswith("fetch-"):
