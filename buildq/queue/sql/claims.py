@@ -18,12 +18,10 @@ from contextlib import contextmanager
 import structlog
 from sqlalchemy.engine import Connection
 
-from buildq.queue.settings import SubscriptionSettings
 from buildq.queue.sql import batch_queries as bq
 from buildq.queue.sql import queries as q
 from buildq.queue.sql.delivery import ClaimState, SqlDelivery
 from buildq.queue.sql.leases import Membership
-from buildq.storage.database import Database
 
 log = structlog.get_logger("buildq.queue")
 
@@ -31,16 +29,10 @@ log = structlog.get_logger("buildq.queue")
 class ClaimKeeper:
     """One member's unsettled claims and its lease thread (see the module docstring)."""
 
-    def __init__(
-        self,
-        membership: Membership,
-        db: Database,
-        settings: SubscriptionSettings,
-        emit: Callable[..., None],
-    ) -> None:
+    def __init__(self, membership: Membership, emit: Callable[..., None]) -> None:
         self.membership = membership
-        self.db = db
-        self.settings = settings
+        self.db = membership.db
+        self.settings = membership.settings
         self._emit = emit
         self._lock = threading.Lock()
         self._outstanding: dict[int, SqlDelivery] = {}  # offset -> its current claim

@@ -63,7 +63,7 @@ class SqlSubscription:
         )
         self._wake = threading.Event()
         self._on_event = on_event
-        self.claims = ClaimKeeper(self.membership, store.db, settings, self._emit)
+        self.claims = ClaimKeeper(self.membership, self._emit)
 
     @property
     def topic(self) -> str:
