@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 
@@ -153,27 +153,23 @@ def _count(value: object) -> TypeGuard[int]:
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """GitHub's ``x-ratelimit-*`` (reset is epoch seconds) and secondary limits (403/429)."""
+    signal = _ratelimit.limit_headers(response, "x-ratelimit-", reset_is_epoch=True)
+    if response.status_code not in (403, 429):
+        return signal
     headers = response.headers
-    remaining = _ratelimit.header_number(headers, "x-ratelimit-remaining")
-    limit = _ratelimit.header_number(headers, "x-ratelimit-limit")
-    reset_epoch = _ratelimit.header_number(headers, "x-ratelimit-reset")
-    reset_in = None if reset_epoch is None else max(reset_epoch - time.time(), 0.0)
-    limited: float | None = None
-    if response.status_code in (403, 429):
-        retry_after = _ratelimit.header_number(headers, "retry-after")
-        if retry_after is not None:
-            limited = retry_after
-        elif remaining == 0 and reset_in is not None:
-            limited = reset_in
-        elif response.status_code == 429 or "rate limit" in response.text.lower():
-            # GitHub: with neither header, wait at least a minute.
-            limited = 60.0
-    return _ratelimit.RateSignal(
-        remaining=None if remaining is None else int(remaining),
-        limit=None if limit is None else int(limit),
-        reset_in_s=reset_in,
-        limited_for_s=limited,
-    )
+    retry_after = _ratelimit.header_number(headers, "retry-after")
+    # The header as sent, not the budget's whole number: "0.5" left is not "none left".
+    exhausted = _ratelimit.header_number(headers, "x-ratelimit-remaining") == 0
+    if retry_after is not None:
+        limited = retry_after
+    elif exhausted and signal.reset_in_s is not None:
+        limited = signal.reset_in_s
+    elif response.status_code == 429 or "rate limit" in response.text.lower():
+        # GitHub: with neither header, wait at least a minute.
+        limited = 60.0
+    else:
+        return signal
+    return replace(signal, limited_for_s=limited)
 
 
 def mentions_token(title: object, token: str) -> bool:

@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
 from urllib.parse import quote
@@ -120,21 +120,12 @@ def _count(value: object) -> TypeGuard[int]:
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """GitLab's ``RateLimit-*`` headers (``RateLimit-Reset`` is epoch seconds) and 429s."""
-    headers = response.headers
-    remaining = _ratelimit.header_number(headers, "RateLimit-Remaining")
-    limit = _ratelimit.header_number(headers, "RateLimit-Limit")
-    reset_epoch = _ratelimit.header_number(headers, "RateLimit-Reset")
-    reset_in = None if reset_epoch is None else max(reset_epoch - time.time(), 0.0)
-    limited: float | None = None
-    if response.status_code == 429:
-        retry_after = _ratelimit.header_number(headers, "Retry-After")
-        limited = retry_after if retry_after is not None else (reset_in or 60.0)
-    return _ratelimit.RateSignal(
-        remaining=None if remaining is None else int(remaining),
-        limit=None if limit is None else int(limit),
-        reset_in_s=reset_in,
-        limited_for_s=limited,
-    )
+    signal = _ratelimit.limit_headers(response, "RateLimit-", reset_is_epoch=True)
+    if response.status_code != 429:
+        return signal
+    retry_after = _ratelimit.header_number(response.headers, "Retry-After")
+    limited = retry_after if retry_after is not None else (signal.reset_in_s or 60.0)
+    return replace(signal, limited_for_s=limited)
 
 
 def map_status(pipeline: Mapping[str, Any], manual_as: str) -> tuple[BuildStatus, BuildMetadata]:
