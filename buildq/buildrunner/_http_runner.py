@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeGuard, TypeVar
 
 import httpx
 import structlog
@@ -188,6 +188,12 @@ def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:
         if found is not None:
             return found
     return None
+
+
+def positive_int(value: object, below: int = 10**18) -> TypeGuard[int]:
+    """A positive JSON integer under ``below`` (``true`` is an int to Python, not to JSON).
+    The default keeps ids within the 18 digits the build ids take."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < below
 
 
 def changes_json(changes: Sequence[Change]) -> str:

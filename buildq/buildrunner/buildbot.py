@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any
 
 import httpx
 
@@ -101,10 +101,6 @@ def parse_build_id(value: BuildID) -> int:
     return int(match[1])
 
 
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
-
-
 def map_status(
     request: Mapping[str, Any], builds: Sequence[Mapping[str, Any]]
 ) -> tuple[BuildStatus, BuildMetadata]:
@@ -130,12 +126,12 @@ def map_status(
 
 def _metadata(request: Mapping[str, Any], build: Mapping[str, Any] | None) -> BuildMetadata:
     meta: BuildMetadata = {}
-    if _count(request.get("buildrequestid")):
+    if _http_runner.positive_int(request.get("buildrequestid")):
         meta["buildrequest_id"] = str(request["buildrequestid"])
     if build is None:
         return meta
     for key in ("buildid", "number", "builderid"):
-        if _count(build.get(key)):
+        if _http_runner.positive_int(build.get(key)):
             meta[key] = str(build[key])
     if isinstance(build.get("state_string"), str):
         meta["state_string"] = build["state_string"]
@@ -252,7 +248,7 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
         result = answer.get("result") if isinstance(answer, Mapping) else None
         # ``[buildset id, {builder id: build request id}]``
         if isinstance(result, list) and len(result) == 2 and isinstance(result[1], Mapping):
-            brids = [v for v in result[1].values() if _count(v)]
+            brids = [v for v in result[1].values() if _http_runner.positive_int(v)]
             if len(brids) == 1:
                 return build_id(brids[0])
         error = answer.get("error") if isinstance(answer, Mapping) else None
@@ -270,7 +266,7 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
             b["bsid"]
             for b in (buildsets if isinstance(buildsets, list) else [])
             if isinstance(b, Mapping)
-            and _count(b.get("bsid"))
+            and _http_runner.positive_int(b.get("bsid"))
             and _mentions(b.get("reason"), request_id)
         )
         for bsid in matches:  # should a duplicate ever exist, always settle on the first
@@ -301,7 +297,7 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
         brids = [
             r["buildrequestid"]
             for r in (requests if isinstance(requests, list) else [])
-            if isinstance(r, Mapping) and _count(r.get("buildrequestid"))
+            if isinstance(r, Mapping) and _http_runner.positive_int(r.get("buildrequestid"))
         ]
         return build_id(min(brids)) if brids else None
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any
 
 import httpx
 
@@ -52,6 +52,8 @@ _ID = re.compile(r"^gh:([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/([0-9]+)/([0-9]+)$")
 _TOKEN_EDGE = r"A-Za-z0-9_.-"
 _RUNS_PER_PAGE = 100
 _MAX_LOOKUP_PAGES = 3
+#: GitHub run ids are signed 64-bit (the gh: id does not cap their digits as the others do).
+_MAX_RUN_ID = 2**63
 #: Runs are listed by creation time on GitHub's clock; allow for ours being ahead.
 _CLOCK_SLACK_S = 300.0
 
@@ -115,7 +117,8 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
         return None
     owner, _, repo = str(repository.get("full_name", "")).partition("/")
     run_id, attempt = run.get("id"), run.get("run_attempt", 1)
-    if not (owner and repo and _count(run_id) and _count(attempt)):
+    valid = _http_runner.positive_int
+    if not (owner and repo and valid(run_id, _MAX_RUN_ID) and valid(attempt, _MAX_RUN_ID)):
         return None
     found = build_id(owner, repo, run_id, attempt)
     # Only an id buildq could have issued (a run it did not dispatch is ignored anyway).
@@ -144,11 +147,6 @@ def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> Buil
     if found is None:
         raise registry.MalformedEvent("no run in a workflow_run event")
     return found
-
-
-def _count(value: object) -> TypeGuard[int]:
-    """A positive JSON integer (``true`` is an int to Python, not to GitHub)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -113,11 +113,6 @@ def pipeline_name(request_id: str) -> str:
     return NAME_PREFIX + request_id
 
 
-def _count(value: object) -> TypeGuard[int]:
-    """A positive JSON integer (``true`` is an int to Python, not to GitLab)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
-
-
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """GitLab's ``RateLimit-*`` headers (``RateLimit-Reset`` is epoch seconds) and 429s."""
     signal = _ratelimit.limit_headers(response, "RateLimit-", reset_is_epoch=True)
@@ -159,7 +154,7 @@ def _metadata(pipeline: Mapping[str, Any]) -> BuildMetadata:
         value = pipeline.get(source)
         if isinstance(value, str) and value:
             meta[key] = value
-    if _count(pipeline.get("id")):
+    if _http_runner.positive_int(pipeline.get("id")):
         meta["pipeline_id"] = str(pipeline["id"])
     if isinstance(pipeline.get("source"), str):
         meta["source"] = pipeline["source"]
@@ -188,7 +183,7 @@ def build_id_from_event(headers: Mapping[str, str], payload: Mapping[str, Any]) 
     if not isinstance(attributes, Mapping) or not isinstance(project, Mapping):
         raise registry.MalformedEvent("a pipeline event without its pipeline")
     pipeline_id, project_id = attributes.get("id"), project.get("id")
-    if not (_count(pipeline_id) and _count(project_id)):
+    if not (_http_runner.positive_int(pipeline_id) and _http_runner.positive_int(project_id)):
         raise registry.MalformedEvent("a pipeline event without ids")
     return build_id(project_id, pipeline_id)
 
@@ -283,7 +278,10 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
             text = str(err).replace(trigger.reveal(), "<redacted>")
             raise _http_transport.VendorError(text, err.status) from None
         pipeline = reply.body if isinstance(reply.body, Mapping) else {}
-        if not (_count(pipeline.get("id")) and _count(pipeline.get("project_id"))):
+        if not (
+            _http_runner.positive_int(pipeline.get("id"))
+            and _http_runner.positive_int(pipeline.get("project_id"))
+        ):
             raise RunnerError("GitLab answered the create without pipeline and project ids")
         if pipeline.get("name", pipeline_name(request_id)) != pipeline_name(request_id):
             # Without the name a lost create could not be found again: say so once per create.
@@ -310,8 +308,8 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
             for p in (reply.body if isinstance(reply.body, list) else [])
             if isinstance(p, Mapping)
             and p.get("name") == pipeline_name(request_id)
-            and _count(p.get("id"))
-            and _count(p.get("project_id"))
+            and _http_runner.positive_int(p.get("id"))
+            and _http_runner.positive_int(p.get("project_id"))
         ]
         # Should a duplicate ever exist, every lookup settles on the same (first) pipeline.
         return build_id(*min(found, key=lambda f: f[1])) if found else None
