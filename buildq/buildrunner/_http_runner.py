@@ -11,6 +11,7 @@ share for change lists and timestamps.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -39,6 +40,9 @@ from buildq.buildrunner.contract import (
 )
 
 T = TypeVar("T")
+
+#: Characters a request id is made of: a token must not touch one to count as a whole word.
+_TOKEN_EDGE = r"A-Za-z0-9_.-"
 
 
 class HttpConfig(Protocol):
@@ -194,6 +198,16 @@ def positive_int(value: object, below: int = 10**18) -> TypeGuard[int]:
     """A positive JSON integer under ``below`` (``true`` is an int to Python, not to JSON).
     The default keeps ids within the 18 digits the build ids take."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value < below
+
+
+def mentions_token(text: object, token: str) -> bool:
+    """Whether a vendor's free text (a run-name, a force reason) carries the token as a whole
+    word (``req-1`` is not in ``req-12``): where the vendor keeps nothing else of the trigger,
+    that text is how a lost create is found again."""
+    if not isinstance(text, str):
+        return False
+    pattern = rf"(?<![{_TOKEN_EDGE}]){re.escape(token)}(?![{_TOKEN_EDGE}])"
+    return re.search(pattern, text) is not None
 
 
 def changes_json(changes: Sequence[Change]) -> str:

@@ -47,7 +47,6 @@ PROPERTIES = (CORRELATION_KEY, "buildq_queue", "buildq_base", "buildq_head")
 _DOCS = "docs/ci-runners.md#buildbot"
 
 _ID = re.compile(r"^bb:([0-9]{1,18})$")
-_TOKEN_EDGE = r"A-Za-z0-9_.-"
 
 #: Buildbot's result codes (``buildbot.process.results``) → buildq, with the failure reason.
 _RESULTS: Mapping[int, tuple[str, BuildStatus, str | None]] = {
@@ -144,14 +143,6 @@ def _iso(epoch: object) -> str | None:
     if not isinstance(epoch, int | float) or isinstance(epoch, bool) or epoch <= 0:
         return None
     return datetime.fromtimestamp(epoch, UTC).isoformat()
-
-
-def _mentions(reason: object, request_id: str) -> bool:
-    """Whether a buildset's reason carries ``buildq <request id>`` as whole words."""
-    if not isinstance(reason, str):
-        return False
-    token = re.escape(REASON_PREFIX + request_id)
-    return re.search(rf"(?<![{_TOKEN_EDGE}]){token}(?![{_TOKEN_EDGE}])", reason) is not None
 
 
 class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
@@ -267,7 +258,7 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
             for b in (buildsets if isinstance(buildsets, list) else [])
             if isinstance(b, Mapping)
             and _http_runner.positive_int(b.get("bsid"))
-            and _mentions(b.get("reason"), request_id)
+            and _http_runner.mentions_token(b.get("reason"), REASON_PREFIX + request_id)
         )
         for bsid in matches:  # should a duplicate ever exist, always settle on the first
             if self._property(bsid, CORRELATION_KEY) == request_id:

@@ -49,7 +49,6 @@ DEFAULT_API_VERSION = "2022-11-28"
 MAX_INPUT_CHARS = 65_535
 
 _ID = re.compile(r"^gh:([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/([0-9]+)/([0-9]+)$")
-_TOKEN_EDGE = r"A-Za-z0-9_.-"
 _RUNS_PER_PAGE = 100
 _MAX_LOOKUP_PAGES = 3
 #: GitHub run ids are signed 64-bit (the gh: id does not cap their digits as the others do).
@@ -168,14 +167,6 @@ def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     else:
         return signal
     return replace(signal, limited_for_s=limited)
-
-
-def mentions_token(title: object, token: str) -> bool:
-    """Whether a run-name carries the token as a whole word (``req-1`` is not in ``req-12``)."""
-    if not isinstance(title, str):
-        return False
-    pattern = rf"(?<![{_TOKEN_EDGE}]){re.escape(token)}(?![{_TOKEN_EDGE}])"
-    return re.search(pattern, title) is not None
 
 
 class GitHubRunner(_http_runner.HttpRunner[GitHubConfig]):
@@ -323,7 +314,7 @@ class GitHubRunner(_http_runner.HttpRunner[GitHubConfig]):
                 for run in runs
                 if isinstance(run, Mapping)
                 and isinstance(run.get("id"), int)
-                and mentions_token(run.get("display_title"), request_id)
+                and _http_runner.mentions_token(run.get("display_title"), request_id)
             ]
             if matches or len(runs) < _RUNS_PER_PAGE:
                 break
