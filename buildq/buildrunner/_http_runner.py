@@ -38,6 +38,7 @@ from buildq.buildrunner.contract import (
     RunnerUnauthorized,
     TransientRunnerError,
 )
+from buildq.config.base import Secret
 
 T = TypeVar("T")
 
@@ -86,11 +87,17 @@ class HttpRunner(Generic[ConfigT]):
             budget=budget,
             sleep=sleep,
             log=self._log,
+            secrets=self._secrets(),
         )
         self._setup()
 
     def _setup(self) -> None:
         """Per-instance state a subclass derives from ``self.config``; runs last in ``__init__``."""
+
+    def _secrets(self) -> Sequence[Secret]:
+        """Credentials of the config besides the API token that requests carry: no error
+        text shows them."""
+        return ()
 
     @property
     def budget(self) -> RateBudget:

@@ -198,6 +198,10 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
     def _setup(self) -> None:
         self._project = quote(self.config.project, safe="")
 
+    def _secrets(self) -> Sequence[Secret]:
+        # GitLab's error text may quote what it was sent, the trigger token included.
+        return () if self.config.trigger_token is None else (self.config.trigger_token,)
+
     def trigger(
         self,
         queue: str,
@@ -269,14 +273,7 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
         else:
             path = f"/projects/{self._project}/trigger/pipeline"
             body = {"token": trigger.reveal(), "ref": self.config.ref, "variables": variables}
-        try:
-            reply = self._core.write_once("POST", path, body=body)
-        except _http_transport.VendorError as err:
-            if trigger is None:
-                raise
-            # GitLab's error text may quote what it was sent, the trigger token included.
-            text = str(err).replace(trigger.reveal(), "<redacted>")
-            raise _http_transport.VendorError(text, err.status) from None
+        reply = self._core.write_once("POST", path, body=body)
         pipeline = reply.body if isinstance(reply.body, Mapping) else {}
         if not (
             _http_runner.positive_int(pipeline.get("id"))
