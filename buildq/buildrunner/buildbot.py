@@ -228,12 +228,16 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
             scheduler if reply.status == 200 and isinstance(scheduler, Mapping) else None
         )
 
-    def _rpc(self, path: str, method: str, params: Mapping[str, Any]) -> Any:
-        body = {"jsonrpc": "2.0", "method": method, "id": next(self._rpc_ids), "params": params}
-        return self._core.read("POST", path, body=body, missing_is_not_found=False).body
+    def _rpc(self, path: str, method: str, params: Mapping[str, Any]) -> None:
+        """A JSON-RPC call that is safe to repeat (``cancel``)."""
+        body = self._rpc_body(method, params)
+        self._core.read("POST", path, body=body, missing_is_not_found=False)
+
+    def _rpc_body(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "method": method, "id": next(self._rpc_ids), "params": params}
 
     def _force(self, params: Mapping[str, Any]) -> BuildID:
-        body = {"jsonrpc": "2.0", "method": "force", "id": next(self._rpc_ids), "params": params}
+        body = self._rpc_body("force", params)
         path = f"/api/v2/forceschedulers/{self.config.scheduler}"
         answer = self._core.write_once("POST", path, body=body).body
         result = answer.get("result") if isinstance(answer, Mapping) else None
