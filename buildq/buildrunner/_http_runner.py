@@ -11,11 +11,12 @@ share for change lists and timestamps.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeGuard, TypeVar
 
 import httpx
 import structlog
@@ -37,8 +38,12 @@ from buildq.buildrunner.contract import (
     RunnerUnauthorized,
     TransientRunnerError,
 )
+from buildq.config.base import Secret
 
 T = TypeVar("T")
+
+#: Characters a request id is made of: a token must not touch one to count as a whole word.
+_TOKEN_EDGE = r"A-Za-z0-9_.-"
 
 
 class HttpConfig(Protocol):
@@ -82,11 +87,17 @@ class HttpRunner(Generic[ConfigT]):
             budget=budget,
             sleep=sleep,
             log=self._log,
+            secrets=self._secrets(),
         )
         self._setup()
 
     def _setup(self) -> None:
         """Per-instance state a subclass derives from ``self.config``; runs last in ``__init__``."""
+
+    def _secrets(self) -> Sequence[Secret]:
+        """Credentials of the config besides the API token that requests carry: no error
+        text shows them."""
+        return ()
 
     @property
     def budget(self) -> RateBudget:
@@ -188,6 +199,22 @@ def poll_lookup(core: HttpCore, lookup: Callable[[], T | None]) -> T | None:
         if found is not None:
             return found
     return None
+
+
+def positive_int(value: object, below: int = 10**18) -> TypeGuard[int]:
+    """A positive JSON integer under ``below`` (``true`` is an int to Python, not to JSON).
+    The default keeps ids within the 18 digits the build ids take."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < below
+
+
+def mentions_token(text: object, token: str) -> bool:
+    """Whether a vendor's free text (a run-name, a force reason) carries the token as a whole
+    word (``req-1`` is not in ``req-12``): where the vendor keeps nothing else of the trigger,
+    that text is how a lost create is found again."""
+    if not isinstance(text, str):
+        return False
+    pattern = rf"(?<![{_TOKEN_EDGE}]){re.escape(token)}(?![{_TOKEN_EDGE}])"
+    return re.search(pattern, text) is not None
 
 
 def changes_json(changes: Sequence[Change]) -> str:

@@ -15,9 +15,9 @@ here, so every HTTP runner waits, retries and fails the same way:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import structlog
@@ -32,8 +32,6 @@ from buildq.buildrunner.contract import (
     TransientRunnerError,
 )
 from buildq.config.base import Secret, Table
-
-T = TypeVar("T")
 
 #: How often one request may be answered "rate limited" before the call gives up.
 _MAX_RATE_LIMITED_REPLIES = 4
@@ -151,7 +149,10 @@ class HttpCore:
         budget: RateBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
         log: Any = None,
+        secrets: Sequence[Secret] = (),
     ) -> None:
+        """``secrets``: what requests carry besides the API token (a trigger token in a
+        body), which a vendor may quote back in an error."""
         self.client = client
         self.settings = settings
         self.vendor = vendor
@@ -162,6 +163,7 @@ class HttpCore:
         self.sleep = sleep
         self.log = log if log is not None else structlog.get_logger("buildq.buildrunner")
         self._rate_signal = rate_signal
+        self._secrets = (settings.token, *secrets)
 
     def read(
         self,
@@ -226,7 +228,7 @@ class HttpCore:
     def error(
         self, method: str, path: str, response: httpx.Response, *, not_found: bool = False
     ) -> RunnerError:
-        """The RunnerError for a 4xx answer; its text never holds the token."""
+        """The RunnerError for a 4xx answer; its text never holds the token (nor ``secrets``)."""
         detail = _message_of(response)
         text = f"{self.vendor} answered {response.status_code} to {method} {path}"
         if detail:
@@ -244,8 +246,11 @@ class HttpCore:
         return VendorError(text, response.status_code)
 
     def scrub(self, text: str) -> str:
-        token = self.settings.token.reveal()
-        return text.replace(token, "<redacted>") if token else text
+        for secret in self._secrets:
+            value = secret.reveal()
+            if value:
+                text = text.replace(value, "<redacted>")
+        return text
 
     def _read_once(
         self,

@@ -141,6 +141,24 @@ def header_number(headers: httpx.Headers, name: str) -> float | None:
         return None
 
 
+def limit_headers(response: httpx.Response, prefix: str, *, reset_is_epoch: bool) -> RateSignal:
+    """The ``<prefix>Remaining``/``Limit``/``Reset`` headers a vendor sends on every answer
+    (names are case-insensitive). ``reset_is_epoch``: the reset is a Unix time, not seconds
+    from now. Whether the answer refused the request, and for how long, is each vendor's own
+    rule: the caller sets ``limited_for_s``."""
+    headers = response.headers
+    remaining = header_number(headers, prefix + "Remaining")
+    limit = header_number(headers, prefix + "Limit")
+    reset = header_number(headers, prefix + "Reset")
+    if reset is not None and reset_is_epoch:
+        reset = max(reset - time.time(), 0.0)
+    return RateSignal(
+        remaining=None if remaining is None else int(remaining),
+        limit=None if limit is None else int(limit),
+        reset_in_s=reset,
+    )
+
+
 class ETagCache:
     """Bounded LRU of (etag, body) per request key, for conditional GETs."""
 

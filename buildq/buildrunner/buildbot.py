@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any
 
 import httpx
 
@@ -47,7 +47,6 @@ PROPERTIES = (CORRELATION_KEY, "buildq_queue", "buildq_base", "buildq_head")
 _DOCS = "docs/ci-runners.md#buildbot"
 
 _ID = re.compile(r"^bb:([0-9]{1,18})$")
-_TOKEN_EDGE = r"A-Za-z0-9_.-"
 
 #: Buildbot's result codes (``buildbot.process.results``) → buildq, with the failure reason.
 _RESULTS: Mapping[int, tuple[str, BuildStatus, str | None]] = {
@@ -101,10 +100,6 @@ def parse_build_id(value: BuildID) -> int:
     return int(match[1])
 
 
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
-
-
 def map_status(
     request: Mapping[str, Any], builds: Sequence[Mapping[str, Any]]
 ) -> tuple[BuildStatus, BuildMetadata]:
@@ -130,12 +125,12 @@ def map_status(
 
 def _metadata(request: Mapping[str, Any], build: Mapping[str, Any] | None) -> BuildMetadata:
     meta: BuildMetadata = {}
-    if _count(request.get("buildrequestid")):
+    if _http_runner.positive_int(request.get("buildrequestid")):
         meta["buildrequest_id"] = str(request["buildrequestid"])
     if build is None:
         return meta
     for key in ("buildid", "number", "builderid"):
-        if _count(build.get(key)):
+        if _http_runner.positive_int(build.get(key)):
             meta[key] = str(build[key])
     if isinstance(build.get("state_string"), str):
         meta["state_string"] = build["state_string"]
@@ -148,14 +143,6 @@ def _iso(epoch: object) -> str | None:
     if not isinstance(epoch, int | float) or isinstance(epoch, bool) or epoch <= 0:
         return None
     return datetime.fromtimestamp(epoch, UTC).isoformat()
-
-
-def _mentions(reason: object, request_id: str) -> bool:
-    """Whether a buildset's reason carries ``buildq <request id>`` as whole words."""
-    if not isinstance(reason, str):
-        return False
-    token = re.escape(REASON_PREFIX + request_id)
-    return re.search(rf"(?<![{_TOKEN_EDGE}]){token}(?![{_TOKEN_EDGE}])", reason) is not None
 
 
 class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
@@ -241,18 +228,22 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
             scheduler if reply.status == 200 and isinstance(scheduler, Mapping) else None
         )
 
-    def _rpc(self, path: str, method: str, params: Mapping[str, Any]) -> Any:
-        body = {"jsonrpc": "2.0", "method": method, "id": next(self._rpc_ids), "params": params}
-        return self._core.read("POST", path, body=body, missing_is_not_found=False).body
+    def _rpc(self, path: str, method: str, params: Mapping[str, Any]) -> None:
+        """A JSON-RPC call that is safe to repeat (``cancel``)."""
+        body = self._rpc_body(method, params)
+        self._core.read("POST", path, body=body, missing_is_not_found=False)
+
+    def _rpc_body(self, method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "method": method, "id": next(self._rpc_ids), "params": params}
 
     def _force(self, params: Mapping[str, Any]) -> BuildID:
-        body = {"jsonrpc": "2.0", "method": "force", "id": next(self._rpc_ids), "params": params}
+        body = self._rpc_body("force", params)
         path = f"/api/v2/forceschedulers/{self.config.scheduler}"
         answer = self._core.write_once("POST", path, body=body).body
         result = answer.get("result") if isinstance(answer, Mapping) else None
         # ``[buildset id, {builder id: build request id}]``
         if isinstance(result, list) and len(result) == 2 and isinstance(result[1], Mapping):
-            brids = [v for v in result[1].values() if _count(v)]
+            brids = [v for v in result[1].values() if _http_runner.positive_int(v)]
             if len(brids) == 1:
                 return build_id(brids[0])
         error = answer.get("error") if isinstance(answer, Mapping) else None
@@ -270,8 +261,8 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
             b["bsid"]
             for b in (buildsets if isinstance(buildsets, list) else [])
             if isinstance(b, Mapping)
-            and _count(b.get("bsid"))
-            and _mentions(b.get("reason"), request_id)
+            and _http_runner.positive_int(b.get("bsid"))
+            and _http_runner.mentions_token(b.get("reason"), REASON_PREFIX + request_id)
         )
         for bsid in matches:  # should a duplicate ever exist, always settle on the first
             if self._property(bsid, CORRELATION_KEY) == request_id:
@@ -301,7 +292,7 @@ class BuildbotRunner(_http_runner.HttpRunner[BuildbotConfig]):
         brids = [
             r["buildrequestid"]
             for r in (requests if isinstance(requests, list) else [])
-            if isinstance(r, Mapping) and _count(r.get("buildrequestid"))
+            if isinstance(r, Mapping) and _http_runner.positive_int(r.get("buildrequestid"))
         ]
         return build_id(min(brids)) if brids else None
 

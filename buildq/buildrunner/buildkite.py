@@ -18,7 +18,7 @@ import hmac
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -158,20 +158,13 @@ def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> Buil
 
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """Buildkite's ``RateLimit-*`` headers; ``RateLimit-Reset`` is seconds from now."""
-    headers = response.headers
-    remaining = _ratelimit.header_number(headers, "RateLimit-Remaining")
-    limit = _ratelimit.header_number(headers, "RateLimit-Limit")
-    reset = _ratelimit.header_number(headers, "RateLimit-Reset")
-    limited: float | None = None
-    if response.status_code == 429:
-        retry_after = _ratelimit.header_number(headers, "Retry-After")
-        limited = max(reset if reset is not None else (retry_after or 60.0), 0.0)
-    return _ratelimit.RateSignal(
-        remaining=None if remaining is None else int(remaining),
-        limit=None if limit is None else int(limit),
-        reset_in_s=reset,
-        limited_for_s=limited,
-    )
+    signal = _ratelimit.limit_headers(response, "RateLimit-", reset_is_epoch=False)
+    if response.status_code != 429:
+        return signal
+    reset = signal.reset_in_s
+    retry_after = _ratelimit.header_number(response.headers, "Retry-After")
+    limited = max(reset if reset is not None else (retry_after or 60.0), 0.0)
+    return replace(signal, limited_for_s=limited)
 
 
 def map_status(build: Mapping[str, Any], blocked_as: str) -> tuple[BuildStatus, BuildMetadata]:

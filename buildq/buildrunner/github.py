@@ -21,9 +21,9 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any
 
 import httpx
 
@@ -49,9 +49,10 @@ DEFAULT_API_VERSION = "2022-11-28"
 MAX_INPUT_CHARS = 65_535
 
 _ID = re.compile(r"^gh:([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/([0-9]+)/([0-9]+)$")
-_TOKEN_EDGE = r"A-Za-z0-9_.-"
 _RUNS_PER_PAGE = 100
 _MAX_LOOKUP_PAGES = 3
+#: GitHub run ids are signed 64-bit (the gh: id does not cap their digits as the others do).
+_MAX_RUN_ID = 2**63
 #: Runs are listed by creation time on GitHub's clock; allow for ours being ahead.
 _CLOCK_SLACK_S = 300.0
 
@@ -115,7 +116,8 @@ def build_id_from_event(payload: Mapping[str, Any]) -> BuildID | None:
         return None
     owner, _, repo = str(repository.get("full_name", "")).partition("/")
     run_id, attempt = run.get("id"), run.get("run_attempt", 1)
-    if not (owner and repo and _count(run_id) and _count(attempt)):
+    valid = _http_runner.positive_int
+    if not (owner and repo and valid(run_id, _MAX_RUN_ID) and valid(attempt, _MAX_RUN_ID)):
         return None
     found = build_id(owner, repo, run_id, attempt)
     # Only an id buildq could have issued (a run it did not dispatch is ignored anyway).
@@ -146,42 +148,25 @@ def decode_event(headers: Mapping[str, str], payload: Mapping[str, Any]) -> Buil
     return found
 
 
-def _count(value: object) -> TypeGuard[int]:
-    """A positive JSON integer (``true`` is an int to Python, not to GitHub)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
-
-
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """GitHub's ``x-ratelimit-*`` (reset is epoch seconds) and secondary limits (403/429)."""
+    signal = _ratelimit.limit_headers(response, "x-ratelimit-", reset_is_epoch=True)
+    if response.status_code not in (403, 429):
+        return signal
     headers = response.headers
-    remaining = _ratelimit.header_number(headers, "x-ratelimit-remaining")
-    limit = _ratelimit.header_number(headers, "x-ratelimit-limit")
-    reset_epoch = _ratelimit.header_number(headers, "x-ratelimit-reset")
-    reset_in = None if reset_epoch is None else max(reset_epoch - time.time(), 0.0)
-    limited: float | None = None
-    if response.status_code in (403, 429):
-        retry_after = _ratelimit.header_number(headers, "retry-after")
-        if retry_after is not None:
-            limited = retry_after
-        elif remaining == 0 and reset_in is not None:
-            limited = reset_in
-        elif response.status_code == 429 or "rate limit" in response.text.lower():
-            # GitHub: with neither header, wait at least a minute.
-            limited = 60.0
-    return _ratelimit.RateSignal(
-        remaining=None if remaining is None else int(remaining),
-        limit=None if limit is None else int(limit),
-        reset_in_s=reset_in,
-        limited_for_s=limited,
-    )
-
-
-def mentions_token(title: object, token: str) -> bool:
-    """Whether a run-name carries the token as a whole word (``req-1`` is not in ``req-12``)."""
-    if not isinstance(title, str):
-        return False
-    pattern = rf"(?<![{_TOKEN_EDGE}]){re.escape(token)}(?![{_TOKEN_EDGE}])"
-    return re.search(pattern, title) is not None
+    retry_after = _ratelimit.header_number(headers, "retry-after")
+    # The header as sent, not the budget's whole number: "0.5" left is not "none left".
+    exhausted = _ratelimit.header_number(headers, "x-ratelimit-remaining") == 0
+    if retry_after is not None:
+        limited = retry_after
+    elif exhausted and signal.reset_in_s is not None:
+        limited = signal.reset_in_s
+    elif response.status_code == 429 or "rate limit" in response.text.lower():
+        # GitHub: with neither header, wait at least a minute.
+        limited = 60.0
+    else:
+        return signal
+    return replace(signal, limited_for_s=limited)
 
 
 class GitHubRunner(_http_runner.HttpRunner[GitHubConfig]):
@@ -329,7 +314,7 @@ class GitHubRunner(_http_runner.HttpRunner[GitHubConfig]):
                 for run in runs
                 if isinstance(run, Mapping)
                 and isinstance(run.get("id"), int)
-                and mentions_token(run.get("display_title"), request_id)
+                and _http_runner.mentions_token(run.get("display_title"), request_id)
             ]
             if matches or len(runs) < _RUNS_PER_PAGE:
                 break

@@ -18,9 +18,9 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -113,28 +113,14 @@ def pipeline_name(request_id: str) -> str:
     return NAME_PREFIX + request_id
 
 
-def _count(value: object) -> TypeGuard[int]:
-    """A positive JSON integer (``true`` is an int to Python, not to GitLab)."""
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
-
-
 def rate_signal(response: httpx.Response) -> _ratelimit.RateSignal:
     """GitLab's ``RateLimit-*`` headers (``RateLimit-Reset`` is epoch seconds) and 429s."""
-    headers = response.headers
-    remaining = _ratelimit.header_number(headers, "RateLimit-Remaining")
-    limit = _ratelimit.header_number(headers, "RateLimit-Limit")
-    reset_epoch = _ratelimit.header_number(headers, "RateLimit-Reset")
-    reset_in = None if reset_epoch is None else max(reset_epoch - time.time(), 0.0)
-    limited: float | None = None
-    if response.status_code == 429:
-        retry_after = _ratelimit.header_number(headers, "Retry-After")
-        limited = retry_after if retry_after is not None else (reset_in or 60.0)
-    return _ratelimit.RateSignal(
-        remaining=None if remaining is None else int(remaining),
-        limit=None if limit is None else int(limit),
-        reset_in_s=reset_in,
-        limited_for_s=limited,
-    )
+    signal = _ratelimit.limit_headers(response, "RateLimit-", reset_is_epoch=True)
+    if response.status_code != 429:
+        return signal
+    retry_after = _ratelimit.header_number(response.headers, "Retry-After")
+    limited = retry_after if retry_after is not None else (signal.reset_in_s or 60.0)
+    return replace(signal, limited_for_s=limited)
 
 
 def map_status(pipeline: Mapping[str, Any], manual_as: str) -> tuple[BuildStatus, BuildMetadata]:
@@ -168,7 +154,7 @@ def _metadata(pipeline: Mapping[str, Any]) -> BuildMetadata:
         value = pipeline.get(source)
         if isinstance(value, str) and value:
             meta[key] = value
-    if _count(pipeline.get("id")):
+    if _http_runner.positive_int(pipeline.get("id")):
         meta["pipeline_id"] = str(pipeline["id"])
     if isinstance(pipeline.get("source"), str):
         meta["source"] = pipeline["source"]
@@ -197,7 +183,7 @@ def build_id_from_event(headers: Mapping[str, str], payload: Mapping[str, Any]) 
     if not isinstance(attributes, Mapping) or not isinstance(project, Mapping):
         raise registry.MalformedEvent("a pipeline event without its pipeline")
     pipeline_id, project_id = attributes.get("id"), project.get("id")
-    if not (_count(pipeline_id) and _count(project_id)):
+    if not (_http_runner.positive_int(pipeline_id) and _http_runner.positive_int(project_id)):
         raise registry.MalformedEvent("a pipeline event without ids")
     return build_id(project_id, pipeline_id)
 
@@ -211,6 +197,10 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
 
     def _setup(self) -> None:
         self._project = quote(self.config.project, safe="")
+
+    def _secrets(self) -> Sequence[Secret]:
+        # GitLab's error text may quote what it was sent, the trigger token included.
+        return () if self.config.trigger_token is None else (self.config.trigger_token,)
 
     def trigger(
         self,
@@ -283,16 +273,12 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
         else:
             path = f"/projects/{self._project}/trigger/pipeline"
             body = {"token": trigger.reveal(), "ref": self.config.ref, "variables": variables}
-        try:
-            reply = self._core.write_once("POST", path, body=body)
-        except _http_transport.VendorError as err:
-            if trigger is None:
-                raise
-            # GitLab's error text may quote what it was sent, the trigger token included.
-            text = str(err).replace(trigger.reveal(), "<redacted>")
-            raise _http_transport.VendorError(text, err.status) from None
+        reply = self._core.write_once("POST", path, body=body)
         pipeline = reply.body if isinstance(reply.body, Mapping) else {}
-        if not (_count(pipeline.get("id")) and _count(pipeline.get("project_id"))):
+        if not (
+            _http_runner.positive_int(pipeline.get("id"))
+            and _http_runner.positive_int(pipeline.get("project_id"))
+        ):
             raise RunnerError("GitLab answered the create without pipeline and project ids")
         if pipeline.get("name", pipeline_name(request_id)) != pipeline_name(request_id):
             # Without the name a lost create could not be found again: say so once per create.
@@ -319,8 +305,8 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
             for p in (reply.body if isinstance(reply.body, list) else [])
             if isinstance(p, Mapping)
             and p.get("name") == pipeline_name(request_id)
-            and _count(p.get("id"))
-            and _count(p.get("project_id"))
+            and _http_runner.positive_int(p.get("id"))
+            and _http_runner.positive_int(p.get("project_id"))
         ]
         # Should a duplicate ever exist, every lookup settles on the same (first) pipeline.
         return build_id(*min(found, key=lambda f: f[1])) if found else None

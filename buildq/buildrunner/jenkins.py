@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeGuard, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -118,10 +118,6 @@ def job_path(job: str) -> str:
     return "".join(f"/job/{quote(part, safe='')}" for part in job.split("/"))
 
 
-def _count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18
-
-
 def map_status(
     item: Mapping[str, Any] | None, build: Mapping[str, Any] | None, unstable_as: str
 ) -> tuple[BuildStatus, BuildMetadata]:
@@ -153,12 +149,12 @@ def _metadata(build: Mapping[str, Any]) -> BuildMetadata:
     meta: BuildMetadata = {}
     if isinstance(build.get("url"), str):
         meta["url"] = build["url"]
-    if _count(build.get("number")):
+    if _http_runner.positive_int(build.get("number")):
         meta["number"] = str(build["number"])
     started_ms, duration_ms = build.get("timestamp"), build.get("duration")
-    if _count(started_ms):
+    if _http_runner.positive_int(started_ms):
         start = datetime.fromtimestamp(started_ms / 1000, UTC)
-        finished = _count(duration_ms) and build.get("building") is not True
+        finished = _http_runner.positive_int(duration_ms) and build.get("building") is not True
         end = start + timedelta(milliseconds=int(duration_ms or 0)) if finished else None
         meta.update(_http_runner.time_metadata(start.isoformat(), end.isoformat() if end else None))
     request_id = _parameters(build).get(PARAMETER)
@@ -318,7 +314,7 @@ class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
                     raise BuildNotFound(f"Jenkins queue item {queue_id} is not jk:{job}/…/{token}")
                 executable = item.get("executable")
                 number = executable.get("number") if isinstance(executable, Mapping) else None
-                if not _count(number):
+                if not _http_runner.positive_int(number):
                     return item, None
             else:
                 number = self._search(job, queue_id, token)
@@ -354,7 +350,9 @@ class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
     def _search(self, job: str, queue_id: int, token: str) -> int:
         """The number of the build a forgotten queue item became, from the job's history."""
         for build in self._recent_builds(job):
-            if _count(build.get("number")) and self._matches(build, queue_id, token):
+            if _http_runner.positive_int(build.get("number")) and self._matches(
+                build, queue_id, token
+            ):
                 return int(build["number"])
         raise BuildNotFound(f"Jenkins has no build for jk:{job}/{queue_id}/{token}")
 
@@ -367,10 +365,10 @@ class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
             task = item.get("task") if isinstance(item, Mapping) else None
             url = str(task.get("url", "")) if isinstance(task, Mapping) else ""
             ours = _has_token(item, token) and url.rstrip("/").endswith(job_path(job))
-            if ours and _count(item.get("id")):
+            if ours and _http_runner.positive_int(item.get("id")):
                 return build_id(job, item["id"], token)
         for build in self._recent_builds(job):
-            if _has_token(build, token) and _count(build.get("queueId")):
+            if _has_token(build, token) and _http_runner.positive_int(build.get("queueId")):
                 return build_id(job, build["queueId"], token)
         return None
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from buildq.buildrunner._http_runner import mentions_token
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
@@ -16,7 +17,7 @@ from buildq.buildrunner.contract import (
     RunnerError,
     TransientRunnerError,
 )
-from buildq.buildrunner.github import GitHubRunner, mentions_token
+from buildq.buildrunner.github import GitHubRunner
 from tests.support.fakeci import FakeGitHub, FakeRun, Fault
 
 BASE = [Change("base-1", "aaa")]

@@ -115,6 +115,21 @@ def test_trigger_token_creates_through_the_trigger_endpoint_and_stays_secret(
     assert gl.trigger_token not in str(refused.value) and "<redacted>" in str(refused.value)
 
 
+def test_a_refused_trigger_token_is_not_quoted_in_the_error_nor_its_summary(
+    gl: FakeGitLab, make_gl_runner: MakeRunner
+) -> None:
+    runner = make_gl_runner(trigger_token_env="BUILDQ_TEST_GITLAB_TRIGGER_TOKEN")
+    gl.inject(
+        Fault(
+            status=403, method="POST", path="/trigger", body={"message": f"bad {gl.trigger_token}"}
+        )
+    )
+    with pytest.raises(RunnerUnauthorized) as refused:
+        runner.trigger("main", [], HEAD, {CORRELATION_KEY: "req-t3"})
+    for text in (str(refused.value), refused.value.summary):
+        assert gl.trigger_token not in text and "<redacted>" in text
+
+
 def test_a_lost_create_response_is_resolved_by_name_not_by_a_second_pipeline(
     gl: FakeGitLab, make_gl_runner: MakeRunner
 ) -> None:
