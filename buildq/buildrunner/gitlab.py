@@ -231,11 +231,17 @@ class GitLabRunner(_http_runner.HttpRunner[GitLabConfig]):
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
         project_id, pipeline_id = parse_build_id(build_id)
-        reply = self._core.read(
-            "GET",
-            f"/projects/{project_id}/pipelines/{pipeline_id}",
-            conditional=self.config.conditional_requests,
-        )
+        try:
+            reply = self._core.read(
+                "GET",
+                f"/projects/{project_id}/pipelines/{pipeline_id}",
+                conditional=self.config.conditional_requests,
+            )
+        except BuildNotFound as err:
+            # GitLab answers 404 for every path of a project the token cannot see.
+            raise _http_runner.confirm_missing(
+                self._core, err, f"/projects/{project_id}", f"project {project_id}"
+            ) from None
         if not isinstance(reply.body, Mapping):
             raise TransientRunnerError(f"GitLab answered pipeline {build_id} without a body")
         return map_status(reply.body, self.config.manual_as)

@@ -12,6 +12,7 @@ from buildq.buildrunner import registry
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
+    BuildNotFound,
     BuildStatus,
     Change,
     RunnerError,
@@ -197,6 +198,24 @@ def test_5xx_and_timeouts_are_transient_and_a_refused_token_is_unauthorized(
     # (issue 15), not failed.
     assert isinstance(refused.value, RunnerUnauthorized)
     assert "401" in str(refused.value) and "glpat-wrong-SECRET" not in str(refused.value)
+
+
+def test_a_project_hidden_from_the_token_is_refused_and_a_deleted_pipeline_is_lost(
+    gl: FakeGitLab, make_gl_runner: MakeRunner
+) -> None:
+    runner = make_gl_runner()
+    build_id = runner.trigger("main", [], HEAD, {CORRELATION_KEY: "req-hidden"})
+    # GitLab answers 404, not 403, for a project the token cannot see (issue 15): the runner
+    # is refused and the build polled on, not failed as lost.
+    gl.visible = False
+    with pytest.raises(RunnerUnauthorized) as refused:
+        runner.status(build_id)
+    assert f"project {gl.project_id}" in refused.value.summary
+    gl.visible = True
+    with gl.lock:
+        del gl._pipelines[pipeline_id(build_id)]
+    with pytest.raises(BuildNotFound):
+        runner.status(build_id)
 
 
 def test_cancel_stops_a_running_pipeline_and_leaves_a_finished_one(

@@ -75,6 +75,9 @@ class FakeGitLab(FakeService):
         self.named = named
         self.auto_cancel_pending_pipelines = "disabled"
         self.maintainer = True  # whether the token's role may see the project's CI/CD settings
+        #: False plays a token that lost access: GitLab then answers 404 for the project and
+        #: for everything under it, as it does for a project that does not exist.
+        self.visible = True
         self._pipelines: dict[int, FakePipeline] = {}
         self._next_id = 1000
 
@@ -148,7 +151,7 @@ class FakeGitLab(FakeService):
         parts = [unquote(p) for p in request.path.strip("/").split("/")]
         if parts[:3] != ["api", "v4", "projects"] or len(parts) < 4:
             return Reply(404, {"message": "404 Not Found"})
-        if parts[3] not in (str(self.project_id), self.project_path):
+        if parts[3] not in (str(self.project_id), self.project_path) or not self.visible:
             return Reply(404, {"message": "404 Project Not Found"})
         if len(parts) == 4:
             if request.method != "GET":
