@@ -65,8 +65,6 @@ SELECT_STATE = select(
     b.c.cancel_requested_at,
     b.c.cancel_sent_at,
 )
-_P_BUILD = bindparam("p_build_id", type_=b.c.build_id.type)
-_select_state_by_build = SELECT_STATE.where(b.c.build_id == _P_BUILD)
 _select_by_request = select(b).where(b.c.request_id == bindparam("p_request_id"))
 
 
@@ -182,12 +180,6 @@ class SqlBuildBatch:
         self._polls: list[tuple[str, str, str, int, int]] = []
         self._finishes: list[tuple[str, str, str, str | None, str | None, int]] = []
         self._cancels: list[str] = []
-
-    # --- reads, at once -------------------------------------------------------------------
-
-    def state(self, build_id: str) -> BuildState | None:
-        row = self.conn.execute(_select_state_by_build, {"p_build_id": build_id}).first()
-        return None if row is None else to_state(row)
 
     # --- writes ---------------------------------------------------------------------------------
 
