@@ -20,10 +20,6 @@ from buildq.queue.contract import Effect, Outbox
 class BuildWrites(Protocol):
     """The writes of one step, in its batch's transaction."""
 
-    def state(self, build_id: str) -> BuildState | None:
-        """The build as this transaction sees it now."""
-        ...
-
     def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> None:
         """Record that ``request`` became ``build_id`` (ACCEPTED); a no-op if it already did."""
         ...

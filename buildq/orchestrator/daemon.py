@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
@@ -159,10 +159,19 @@ class Daemon:
             DeadLetterReconciler(topics.BUILDSIGNAL_DLQ, wired, self.store),
         ]
 
-    def _wait_for_database(self) -> Database | None:
-        url = self.config.database.connect_url()
+    def _attempts(self) -> Iterator[float]:
+        """One backoff for both of start-up's waits on the database (connect, join): yields
+        the delay to report, and sleeps it (doubling, to 10 s) only when the caller comes back
+        for another attempt; ends once stopping."""
         delay = 0.5
         while not self.stopping.is_set():
+            yield delay
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _wait_for_database(self) -> Database | None:
+        url = self.config.database.connect_url()
+        for delay in self._attempts():
             db = Database(create_engine(url, pool_size=self.config.database.pool_size))
             try:
                 revision = current_revision(db.engine)
@@ -170,8 +179,6 @@ class Daemon:
                 db.dispose()
                 self.probe.error = first_line(err)
                 log.warning("database_unavailable", error=self.probe.error, retry_in_s=delay)
-                self.stopping.wait(delay)
-                delay = min(delay * 2, 10.0)
                 continue
             head = self.probe.head_revision
             if revision != head:
@@ -189,15 +196,12 @@ class Daemon:
         takes (down, or a full disk: an operator may need minutes): a daemon that cannot
         join yet waits as one that cannot connect does, rather than exit. None if stopped."""
         assert self.queue is not None
-        delay = 0.5
-        while not self.stopping.is_set():
+        for delay in self._attempts():
             try:
                 return self.queue.subscribe(topic, topics.GROUP, settings)
             except TransientQueueError as err:
                 self.probe.error = f"cannot join the consumer group on {topic!r}: {first_line(err)}"
                 log.warning("join_failed", topic=topic, error=first_line(err), retry_in_s=delay)
-                self.stopping.wait(delay)
-                delay = min(delay * 2, 10.0)
         return None
 
     def _start_ops_server(self) -> None:

@@ -87,10 +87,6 @@ class MemoryBuildWrites:
                 return build
         return self._store.get_by_build(build_id)
 
-    def state(self, build_id: str) -> BuildState | None:
-        build = self._by_build(build_id)
-        return None if build is None else _state(build)
-
     def insert_triggered(self, request: BuildRequest, build_id: str, runner: str) -> None:
         if request.request_id in self._staged or self._store.get_by_request(request.request_id):
             return

@@ -52,6 +52,10 @@ _TRIGGERED_COLUMNS = (
     "updated_at",
 )
 _MAX_ROWS = 500
+#: The columns a recorded poll and a finish set per build, in the order a buffered row holds
+#: their values (after the build id): the CASE and the row-by-row forms both follow them.
+_POLL_COLUMNS = ("status", "metadata", "polls", "next_poll_at")
+_FINISH_COLUMNS = ("status", "metadata", "failure_reason", "error", "polls")
 
 SELECT_STATE = select(
     b.c.request_id,
@@ -65,8 +69,6 @@ SELECT_STATE = select(
     b.c.cancel_requested_at,
     b.c.cancel_sent_at,
 )
-_P_BUILD = bindparam("p_build_id", type_=b.c.build_id.type)
-_select_state_by_build = SELECT_STATE.where(b.c.build_id == _P_BUILD)
 _select_by_request = select(b).where(b.c.request_id == bindparam("p_request_id"))
 
 
@@ -105,17 +107,20 @@ class _Sql:
         self.p = placeholder(dialect)
         self.insert_ignore = insert_ignore_sql(dialect)
         self.row_by_row = updates_row_by_row(dialect)
-        p = self.p
-        #: The row-by-row forms (executemany; see ``dialect.updates_row_by_row``).
+        #: The row-by-row forms (executemany; see ``dialect.updates_row_by_row``). Params:
+        #: the columns' values, then the times the CASE forms bind too, then the build id.
+        where_row = f"WHERE build_id = {self.p} AND {_NOT_TERMINAL}"
         self.record_poll_row = (
-            f"UPDATE builds SET status = {p}, metadata = {p}, polls = {p}, "  # noqa: S608
-            f"next_poll_at = {p}, updated_at = {p} WHERE build_id = {p} AND {_NOT_TERMINAL}"
+            f"UPDATE builds SET {self._sets(_POLL_COLUMNS)}, "  # noqa: S608
+            f"updated_at = {self.p} {where_row}"
         )
         self.finish_row = (
-            f"UPDATE builds SET status = {p}, metadata = {p}, failure_reason = {p}, "  # noqa: S608
-            f"error = {p}, polls = {p}, finished_at = {p}, next_poll_at = NULL, "
-            f"updated_at = {p} WHERE build_id = {p} AND {_NOT_TERMINAL}"
+            f"UPDATE builds SET {self._sets(_FINISH_COLUMNS)}, "  # noqa: S608
+            f"finished_at = {self.p}, next_poll_at = NULL, updated_at = {self.p} {where_row}"
         )
+
+    def _sets(self, columns: tuple[str, ...]) -> str:
+        return ", ".join(f"{c} = {self.p}" for c in columns)
 
     def _case(self, column: str, n: int) -> str:
         arms = " ".join(f"WHEN {self.p} THEN {self.p}" for _ in range(n))
@@ -134,17 +139,16 @@ class _Sql:
 
     @lru_cache(maxsize=512)  # noqa: B019
     def record_polls(self, n: int) -> str:
-        """Params: per column (status, metadata, polls, next_poll_at) the (build, value)
-        pairs, then updated_at, then the build ids."""
-        sets = ", ".join(self._case(c, n) for c in ("status", "metadata", "polls", "next_poll_at"))
+        """Params: per column of ``_POLL_COLUMNS`` the (build, value) pairs, then
+        updated_at, then the build ids."""
+        sets = ", ".join(self._case(c, n) for c in _POLL_COLUMNS)
         return f"UPDATE builds SET {sets}, updated_at = {self.p} {self._where(n)}"  # noqa: S608
 
     @lru_cache(maxsize=512)  # noqa: B019
     def finish(self, n: int) -> str:
-        """Params: per column (status, metadata, failure_reason, error, polls) the (build,
-        value) pairs, then finished_at, updated_at, then the build ids."""
-        columns = ("status", "metadata", "failure_reason", "error", "polls")
-        sets = ", ".join(self._case(c, n) for c in columns)
+        """Params: per column of ``_FINISH_COLUMNS`` the (build, value) pairs, then
+        finished_at, updated_at, then the build ids."""
+        sets = ", ".join(self._case(c, n) for c in _FINISH_COLUMNS)
         return (
             f"UPDATE builds SET {sets}, finished_at = {self.p}, next_poll_at = NULL, "  # noqa: S608
             f"updated_at = {self.p} {self._where(n)}"
@@ -179,15 +183,10 @@ class SqlBuildBatch:
         self.finished: list[FinishedBuild] = []
         self._sql = _sql_of(conn.dialect)
         self._triggered: list[tuple[Any, ...]] = []
+        # (build id, then the values of _POLL_COLUMNS / _FINISH_COLUMNS in their order)
         self._polls: list[tuple[str, str, str, int, int]] = []
         self._finishes: list[tuple[str, str, str, str | None, str | None, int]] = []
         self._cancels: list[str] = []
-
-    # --- reads, at once -------------------------------------------------------------------
-
-    def state(self, build_id: str) -> BuildState | None:
-        row = self.conn.execute(_select_state_by_build, {"p_build_id": build_id}).first()
-        return None if row is None else to_state(row)
 
     # --- writes ---------------------------------------------------------------------------------
 
@@ -341,13 +340,12 @@ class SqlBuildBatch:
     def _flush_polls(self) -> None:
         rows, self._polls = self._polls, []
         if rows and self._sql.row_by_row:
-            now = self.now_ms
-            per_row = [(st, meta, polls, at, now, b) for b, st, meta, polls, at in rows]
+            per_row = [(*row[1:], self.now_ms, row[0]) for row in rows]
             self.conn.exec_driver_sql(self._sql.record_poll_row, per_row)
             return
         for start in range(0, len(rows), _MAX_ROWS):
             chunk = rows[start : start + _MAX_ROWS]
-            params = [*_pairs(chunk, 1), *_pairs(chunk, 2), *_pairs(chunk, 3), *_pairs(chunk, 4)]
+            params = _cases(chunk, len(_POLL_COLUMNS))
             params += [self.now_ms, *(row[0] for row in chunk)]
             self.conn.exec_driver_sql(self._sql.record_polls(len(chunk)), tuple(params))
 
@@ -355,13 +353,12 @@ class SqlBuildBatch:
         """True if every buffered finish landed."""
         rows, self._finishes = self._finishes, []
         if rows and self._sql.row_by_row:
-            now = self.now_ms
-            per_row = [(st, meta, why, err, n, now, now, b) for b, st, meta, why, err, n in rows]
+            per_row = [(*row[1:], self.now_ms, self.now_ms, row[0]) for row in rows]
             return self.conn.exec_driver_sql(self._sql.finish_row, per_row).rowcount == len(rows)
         landed = 0
         for start in range(0, len(rows), _MAX_ROWS):
             chunk = rows[start : start + _MAX_ROWS]
-            params = [*(v for column in range(1, 6) for v in _pairs(chunk, column))]
+            params = _cases(chunk, len(_FINISH_COLUMNS))
             params += [self.now_ms, self.now_ms, *(row[0] for row in chunk)]
             result = self.conn.exec_driver_sql(self._sql.finish(len(chunk)), tuple(params))
             landed += result.rowcount
@@ -374,9 +371,10 @@ class SqlBuildBatch:
             self.conn.exec_driver_sql(self._sql.cancel_sent(len(chunk)), (self.now_ms, *chunk))
 
 
-def _pairs(rows: list[Any], column: int) -> list[Any]:
-    """(build id, value) pairs of one column, flattened: a CASE's parameters."""
-    return [v for row in rows for v in (row[0], row[column])]
+def _cases(rows: list[Any], columns: int) -> list[Any]:
+    """Rows of (build id, value per column): for each column in turn its CASE's (build id,
+    value) pairs, flattened."""
+    return [v for column in range(1, columns + 1) for row in rows for v in (row[0], row[column])]
 
 
 __all__ = ["SqlBuildBatch", "changes_json", "dump", "to_state"]
