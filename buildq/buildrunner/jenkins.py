@@ -73,7 +73,7 @@ class JenkinsConfig:
     @classmethod
     def from_table(cls, table: Table) -> JenkinsConfig:
         job = table.str("job").strip("/")
-        if not all(_JOB_SEGMENT.match(part) for part in job.split("/")):
+        if not _is_job_name(job):
             raise ConfigError(table.key("job"), job, "a job's full name (folders joined by /)")
         return cls(
             job=job,
@@ -108,9 +108,15 @@ def build_id(job: str, queue_id: int, token: str) -> BuildID:
 
 def parse_build_id(value: BuildID) -> tuple[str, int, str]:
     match = _ID.match(value.id)
-    if match is None or not all(_JOB_SEGMENT.match(p) for p in match[1].split("/")):
+    if match is None or not _is_job_name(match[1]):
         raise BuildNotFound(f"{value.id!r} is not a Jenkins build id (jk:<job>/<queue id>/<token>)")
     return match[1], int(match[2]), match[3]
+
+
+def _is_job_name(job: str) -> bool:
+    """Folders joined by ``/``; "." and ".." are no names: in a URL path they would name
+    another resource."""
+    return all(_JOB_SEGMENT.match(part) and part not in (".", "..") for part in job.split("/"))
 
 
 def job_path(job: str) -> str:
@@ -224,7 +230,15 @@ class JenkinsRunner(_http_runner.HttpRunner[JenkinsConfig]):
         return result
 
     def status(self, build_id: BuildID) -> tuple[BuildStatus, BuildMetadata]:
-        item, build = self._state(*parse_build_id(build_id))
+        job, queue_id, token = parse_build_id(build_id)
+        try:
+            item, build = self._state(job, queue_id, token)
+        except BuildNotFound as err:
+            # Jenkins answers 404 for a job the user may not read: without Job/Read the
+            # build is hidden, not gone.
+            raise _http_runner.confirm_missing(
+                self._core, err, f"{job_path(job)}/api/json", f"job {job}"
+            ) from None
         return map_status(item, build, self.config.unstable_as)
 
     def cancel(self, build_id: BuildID) -> None:

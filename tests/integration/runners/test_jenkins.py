@@ -10,6 +10,7 @@ import pytest
 from buildq.buildrunner.contract import (
     CORRELATION_KEY,
     BuildID,
+    BuildNotFound,
     BuildStatus,
     Change,
     RunnerError,
@@ -164,6 +165,26 @@ def test_an_item_that_starts_before_its_cancel_arrives_is_stopped_as_a_build(
     with pytest.raises(TransientRunnerError, match="500"):
         runner.cancel(BuildID(f"jk:{jk.job}/{waiting_id}/{token_of('req-500')}"))
     jk.clear_faults()
+
+
+def test_a_job_the_user_may_not_read_is_refused_and_a_deleted_build_is_lost(
+    jk: FakeJenkins, make_jk_runner: MakeRunner
+) -> None:
+    runner = make_jk_runner()
+    build_id = runner.trigger("main", [], HEAD, {CORRELATION_KEY: "req-hidden"})
+    queue_id = parse_build_id(build_id)[1]
+    number = jk.start_build(queue_id)
+    assert runner.status(build_id)[0] is BuildStatus.RUNNING
+    # Without Job/Read, Jenkins answers 404 for the job and its builds: refused, not lost.
+    jk.job_readable = False
+    with pytest.raises(RunnerUnauthorized) as refused:
+        runner.status(build_id)
+    assert f"job {jk.job}" in refused.value.summary
+    jk.job_readable = True
+    with jk.lock:
+        del jk._builds[number]
+    with pytest.raises(BuildNotFound):
+        runner.status(build_id)
 
 
 def test_faults_proxy_limits_5xx_timeouts_and_bad_credentials(

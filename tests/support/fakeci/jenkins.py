@@ -85,6 +85,8 @@ class FakeJenkins(FakeService):
         #: What the job's api/json shows (None: leave the field out).
         self.job_properties: list[dict[str, Any]] | None = []
         self.concurrent_build: bool | None = True
+        #: False plays a user who lost Job/Read: Jenkins answers 404 for the job and its builds.
+        self.job_readable = True
 
     # test commands ---------------------------------------------------------------------
     def items(self) -> list[QueueItem]:
@@ -164,7 +166,7 @@ class FakeJenkins(FakeService):
 
     def _job_route(self, request: Request, path: str, method: str) -> Reply:
         prefix = "".join(f"/job/{part}" for part in self.job.split("/"))
-        if not path.startswith(prefix):
+        if not path.startswith(prefix) or not self.job_readable:
             return Reply(404, "<html>Not Found</html>")
         rest = path[len(prefix) :]
         if rest == "/buildWithParameters" and method == "POST":
