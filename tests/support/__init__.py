@@ -20,7 +20,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 #: The checkout: where docs/, buildq/ and the shipped files are.
 REPO = Path(__file__).resolve().parents[2]
+
+#: Whether this is a CI run (``CI=true``): a missing tool there is a failure, not a skip.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
