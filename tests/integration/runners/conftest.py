@@ -26,9 +26,10 @@ import pytest
 
 from buildq.buildrunner import registry
 from buildq.buildrunner.buildkite import BuildkiteRunner
+from buildq.buildrunner.contract import BuildID
 from buildq.buildrunner.github import GitHubRunner
 from buildq.buildrunner.gitlab import GitLabRunner
-from buildq.buildrunner.jenkins import JenkinsRunner
+from buildq.buildrunner.jenkins import JenkinsRunner, parse_build_id
 from buildq.config.base import Table
 from tests.support.fakeci import FakeBuildkite, FakeGitHub
 from tests.support.fakeci.gitlab import FakeGitLab
@@ -168,6 +169,16 @@ def gl() -> Iterator[FakeGitLab]:
 def jk() -> Iterator[FakeJenkins]:
     with FakeJenkins() as fake:
         yield fake
+
+
+def pipeline_id(build_id: BuildID) -> int:
+    """The GitLab pipeline a build id names (``gl:<project>/<pipeline>``)."""
+    return int(build_id.id.rsplit("/", 1)[1])
+
+
+def queue_id(build_id: BuildID) -> int:
+    """The Jenkins queue item a build id names."""
+    return parse_build_id(build_id)[1]
 
 
 def gitlab_table(fake: FakeGitLab, **overrides: Any) -> Table:
