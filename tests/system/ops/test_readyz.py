@@ -3,20 +3,11 @@
 
 from __future__ import annotations
 
-from tests.support.daemon import DaemonProcess, write_config
+from tests.support.daemon import DaemonProcess, noop_queue, write_config
 from tests.support.scrape import get, ops_port, scrape
 from tests.support.waiting import wait_until
 
-NOOP = """
-[runners.noop]
-type = "noop"
-
-[queues.fast]
-runner = "noop"
-
-[queues.fast.poll]
-accepted_interval_s = 0.05
-"""
+NOOP = noop_queue("fast")
 
 #: The probe runs every 2 s; a failing one flips /readyz at once.
 DOWN_WITHIN_S = 10
