@@ -12,6 +12,7 @@
 - ``fakeci``: fake Buildkite, GitHub, GitLab and Jenkins services on 127.0.0.1.
 - ``buildbot``: a real Buildbot master and workers, from PyPI.
 - ``web``: ``buildq web`` as a process, and the system's headless Chromium.
+- ``systemd``: the shipped units under ``systemd-analyze``, and sd_notify datagrams on a socket.
 - ``strategies``: Hypothesis strategies for hostile input.
 - ``tcp_proxy``: a TCP proxy in front of MariaDB that cuts and restores the link (an outage).
 - ``shims``: host faults (a clock step, a full disk) injected inside a daemon process.
@@ -20,7 +21,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 #: The checkout: where docs/, buildq/ and the shipped files are.
 REPO = Path(__file__).resolve().parents[2]
+
+#: Whether this is a CI run (``CI=true``): a missing tool there is a failure, not a skip.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

@@ -41,6 +41,21 @@ batch_size = 32
 """
 
 
+def noop_queue(queue: str) -> str:
+    """Runners and queues for ``write_config``: a noop runner behind ``queue``, polled every
+    50 ms, so a build is done on its first poll."""
+    return f"""
+[runners.noop]
+type = "noop"
+
+[queues.{queue}]
+runner = "noop"
+
+[queues.{queue}.poll]
+accepted_interval_s = 0.05
+"""
+
+
 def write_config(directory: Path, url: str, body: str) -> Path:
     """A config for the daemon under test: ``body`` holds runners and queues."""
     directory.mkdir(parents=True, exist_ok=True)

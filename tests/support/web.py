@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from tests.support import IN_CI
 from tests.support.daemon import BUILDQ
 from tests.support.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TOKEN_ENV = "BUILDQ_TEST_WEB_TOKEN"
 TOKEN = "web-test-token-0f3c9a71d2e84b56"
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +16,11 @@ import pytest
 
 from buildq.systemd import Notifier
 from tests.support import REPO
+from tests.support.daemon import BUILDQ
+from tests.support.systemd import local_copy, receive, security, unit_settings, verify
 from tests.support.waiting import wait_until
 
 UNIT = REPO / "buildq" / "host" / "buildq.service"
-BUILDQ = Path(sys.executable).with_name("buildq")
-SHIPPED_BUILDQ = "/opt/buildq/venv/bin/buildq"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 CONFIG = """
 [database]
@@ -44,71 +41,33 @@ runner = "sim"
 """
 
 
-def _systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        reason = "systemd-analyze is not installed (Debian package: systemd)"
-        if IN_CI:
-            pytest.fail(f"{reason}, but CI=true: .ci/run installs it")
-        pytest.skip(reason)
-    return path
-
-
 @pytest.fixture
 def local_unit(tmp_path: Path) -> Path:
-    """The shipped unit, with ExecStart pointed at this venv (verify checks the binary exists)."""
-    text = UNIT.read_text()
-    assert SHIPPED_BUILDQ in text, f"ExecStart of {UNIT} moved: update SHIPPED_BUILDQ"
-    unit = tmp_path / UNIT.name
-    unit.write_text(text.replace(SHIPPED_BUILDQ, str(BUILDQ)))
-    return unit
+    return local_copy(UNIT, tmp_path)
 
 
 def test_unit_verifies_without_errors_or_warnings(local_unit: Path) -> None:
     # systemd 252 does not look up User= here, so the buildq user need not exist. verify exits
     # 0 on unknown keys and bad values (it only prints them), so the output must be empty.
-    result = subprocess.run(
-        [_systemd_analyze(), "verify", str(local_unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = verify(local_unit)
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == ""
 
 
 def test_unit_hardening_stays_high(local_unit: Path) -> None:
-    analyze = _systemd_analyze()
-    help_text = subprocess.run([analyze, "security", "--help"], capture_output=True, text=True)
-    if "--offline" not in help_text.stdout:
-        pytest.skip("systemd-analyze security --offline needs systemd 250 or newer")
     # The exposure of the shipped unit is 1.5 ("OK"); 2.0 leaves room, not a loophole.
-    result = subprocess.run(
-        [analyze, "security", "--offline=true", "--threshold=20", "--no-pager", str(local_unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = security(local_unit)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
 
 
 def test_unit_keeps_what_the_daemon_relies_on() -> None:
-    settings = _settings(UNIT.read_text())
+    settings = unit_settings(UNIT.read_text())
     assert settings["Type"] == ["notify"]
     assert settings["RestartPreventExitStatus"] == ["2"]  # see test_bad_start_exits_2
     # The command runner's builds must outlive a restart: see docs/runners.md.
     assert settings["KillMode"] == ["process"]
     stop_s = int(settings["TimeoutStopSec"][0].removesuffix("s"))
     assert stop_s > 30 + 10, "TimeoutStopSec must exceed the default daemon.shutdown_grace_s"
-
-
-def _settings(unit_text: str) -> dict[str, list[str]]:
-    settings: dict[str, list[str]] = {}
-    for line in unit_text.splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, _, value = line.partition("=")
-            settings.setdefault(key, []).append(value)
-    return settings
 
 
 # --- sd_notify on a real socket ---------------------------------------------------------------
@@ -139,20 +98,6 @@ def _upgrade(config_file: Path) -> None:
     )
 
 
-def _receive(sock: socket.socket, wanted: str, deadline: float) -> list[str]:
-    """Datagrams up to and including the first with ``wanted`` among its lines."""
-    seen = []
-    while True:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            message = sock.recv(4096).decode()
-        except TimeoutError:
-            raise AssertionError(f"no {wanted} before the deadline; got {seen}") from None
-        seen.append(message)
-        if wanted in message.splitlines():
-            return seen
-
-
 @pytest.mark.slow
 def test_daemon_notifies_ready_watchdog_and_stopping(
     tmp_path: Path, config_file: Path, notify_socket: socket.socket
@@ -169,11 +114,11 @@ def test_daemon_notifies_ready_watchdog_and_stopping(
             [str(BUILDQ), "run", "--config", str(config_file)], env=env, stderr=log
         )
     try:
-        _receive(notify_socket, "READY=1", time.monotonic() + 30)
+        receive(notify_socket, "READY=1", time.monotonic() + 30)
         # WATCHDOG_USEC=2 s asks for a ping every second.
-        _receive(notify_socket, "WATCHDOG=1", time.monotonic() + 5)
+        receive(notify_socket, "WATCHDOG=1", time.monotonic() + 5)
         daemon.send_signal(signal.SIGTERM)
-        _receive(notify_socket, "STOPPING=1", time.monotonic() + 5)
+        receive(notify_socket, "STOPPING=1", time.monotonic() + 5)
         assert daemon.wait(timeout=20) == 0, (tmp_path / "daemon.log").read_text()[-3000:]
     finally:
         if daemon.poll() is None:

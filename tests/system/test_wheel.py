@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO
+from tests.support import IN_CI, REPO
 from tests.support.waiting import wait_until
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _run(*argv: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:

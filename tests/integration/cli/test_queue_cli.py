@@ -186,31 +186,10 @@ def test_reset_offset_redelivers_from_an_offset_and_skips_before_it(cli, db, que
     third = sorted(offsets)[2]
     before = snapshot(db)
 
-    dry = cli(
-        "queue",
-        "reset-offset",
-        "--topic",
-        "t",
-        "--group",
-        "g",
-        "--to",
-        str(third),
-        "--dry-run",
-        "--json",
-    ).data
+    reset = ("queue", "reset-offset", "--topic", "t", "--group", "g", "--to", str(third))
+    dry = cli(*reset, "--dry-run", "--json").data
     assert snapshot(db) == before
-    done = cli(
-        "queue",
-        "reset-offset",
-        "--topic",
-        "t",
-        "--group",
-        "g",
-        "--to",
-        str(third),
-        "--yes",
-        "--json",
-    ).data
+    done = cli(*reset, "--yes", "--json").data
 
     assert (dry["added"], dry["skipped"], dry["dry_run"]) == (3, 0, True)
     assert (done["added"], done["skipped"]) == (3, 0)
@@ -229,15 +208,9 @@ def test_reset_offset_redelivers_from_an_offset_and_skips_before_it(cli, db, que
 
 def test_publish_validates_json_and_reports_duplicates(cli, db, tmp_path, subscribe):
     sub = subscribe("t")
+    publish = ("queue", "publish", "--topic", "t", "--id", "x/poll/1", "--partition", "x")
     first = cli(
-        "queue",
-        "publish",
-        "--topic",
-        "t",
-        "--id",
-        "x/poll/1",
-        "--partition",
-        "x",
+        *publish,
         "--payload",
         '{"step": 1}',
         "--metadata",
@@ -247,18 +220,7 @@ def test_publish_validates_json_and_reports_duplicates(cli, db, tmp_path, subscr
         "--json",
     )
     (tmp_path / "p.json").write_text('{"step": 1}')
-    again = cli(
-        "queue",
-        "publish",
-        "--topic",
-        "t",
-        "--id",
-        "x/poll/1",
-        "--partition",
-        "x",
-        "--payload-file",
-        str(tmp_path / "p.json"),
-    )
+    again = cli(*publish, "--payload-file", str(tmp_path / "p.json"))
 
     assert first.code == 0 and first.data["duplicate"] is False
     assert again.code == 0 and "duplicate" in again.out

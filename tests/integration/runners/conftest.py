@@ -1,8 +1,8 @@
 """Fixtures of the runner tests: a fake vendor on 127.0.0.1 and factories for runners pointed
 at it; and the one warning these tests may leave.
 
-Runners are built the way the daemon will build them: a TOML-shaped table read by the
-backend's ``from_table``, a client from the backend's ``make_client``. Timeouts, back-offs and
+Runners are built the way the daemon will build them: a TOML-shaped table validated by the
+backend's registry entry, the runner (and its client) built by the entry's factory. Timeouts, back-offs and
 lookup intervals are shrunk so failure paths take milliseconds.
 
 The warning: the command runner starts each build under a supervisor in its own session, which
@@ -16,21 +16,20 @@ unrelated one.
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from buildq.buildrunner import registry
-from buildq.buildrunner.buildkite import BuildkiteConfig, BuildkiteRunner
-from buildq.buildrunner.buildkite import make_client as make_bk_client
-from buildq.buildrunner.github import GitHubConfig, GitHubRunner
-from buildq.buildrunner.github import make_client as make_gh_client
+from buildq.buildrunner.buildkite import BuildkiteRunner
+from buildq.buildrunner.contract import BuildID
+from buildq.buildrunner.github import GitHubRunner
 from buildq.buildrunner.gitlab import GitLabRunner
-from buildq.buildrunner.jenkins import JenkinsRunner
+from buildq.buildrunner.jenkins import JenkinsRunner, parse_build_id
 from buildq.config.base import Table
 from tests.support.fakeci import FakeBuildkite, FakeGitHub
 from tests.support.fakeci.gitlab import FakeGitLab
@@ -103,42 +102,44 @@ def github_table(fake: FakeGitHub, **overrides: Any) -> Table:
     return Table("runners.gha", data)
 
 
+def runner_factory(
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    name: str,
+    table: Callable[..., Table],
+    env: dict[str, str],
+) -> Iterator[Callable[..., Any]]:
+    """A ``make(**overrides)`` that builds runners of ``kind`` as the daemon does: the registry
+    validates ``table(**overrides)`` and its factory builds the runner, named ``name``. ``env``
+    (the tokens) is set first; every runner made is closed, with its client, after the test."""
+    runners: list[Any] = []
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def make(**overrides: Any) -> Any:
+        spec = registry.get(kind)
+        runners.append(spec.factory(name, spec.validate(table(**overrides))))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
 @pytest.fixture
 def make_bk_runner(
     bk: FakeBuildkite, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., BuildkiteRunner]]:
-    clients: list[httpx.Client] = []
-    monkeypatch.setenv(BK_TOKEN_ENV, bk.token)
-
-    def make(**overrides: Any) -> BuildkiteRunner:
-        table = buildkite_table(bk, **overrides)
-        config = BuildkiteConfig.from_table(table)
-        table.reject_unknown()
-        clients.append(make_bk_client(config))
-        return BuildkiteRunner(config, clients[-1], name="ci")
-
-    yield make
-    for client in clients:
-        client.close()
+    table = functools.partial(buildkite_table, bk)
+    yield from runner_factory(monkeypatch, "buildkite", "ci", table, {BK_TOKEN_ENV: bk.token})
 
 
 @pytest.fixture
 def make_gh_runner(
     gh: FakeGitHub, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., GitHubRunner]]:
-    clients: list[httpx.Client] = []
-    monkeypatch.setenv(GH_TOKEN_ENV, gh.token)
-
-    def make(**overrides: Any) -> GitHubRunner:
-        table = github_table(gh, **overrides)
-        config = GitHubConfig.from_table(table)
-        table.reject_unknown()
-        clients.append(make_gh_client(config))
-        return GitHubRunner(config, clients[-1], name="gha")
-
-    yield make
-    for client in clients:
-        client.close()
+    table = functools.partial(github_table, gh)
+    yield from runner_factory(monkeypatch, "github", "gha", table, {GH_TOKEN_ENV: gh.token})
 
 
 @pytest.fixture
@@ -170,6 +171,16 @@ def jk() -> Iterator[FakeJenkins]:
         yield fake
 
 
+def pipeline_id(build_id: BuildID) -> int:
+    """The GitLab pipeline a build id names (``gl:<project>/<pipeline>``)."""
+    return int(build_id.id.rsplit("/", 1)[1])
+
+
+def queue_id(build_id: BuildID) -> int:
+    """The Jenkins queue item a build id names."""
+    return parse_build_id(build_id)[1]
+
+
 def gitlab_table(fake: FakeGitLab, **overrides: Any) -> Table:
     data = {
         "type": "gitlab",
@@ -199,32 +210,13 @@ def jenkins_table(fake: FakeJenkins, **overrides: Any) -> Table:
 def make_gl_runner(
     gl: FakeGitLab, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., GitLabRunner]]:
-    runners: list[GitLabRunner] = []
-    monkeypatch.setenv(GL_TOKEN_ENV, gl.token)
-    monkeypatch.setenv(GL_TRIGGER_ENV, gl.trigger_token)
-
-    def make(**overrides: Any) -> GitLabRunner:
-        config = registry.get("gitlab").validate(gitlab_table(gl, **overrides))
-        runners.append(registry.get("gitlab").factory("gl", config))
-        return runners[-1]
-
-    yield make
-    for runner in runners:
-        runner.close()
+    env = {GL_TOKEN_ENV: gl.token, GL_TRIGGER_ENV: gl.trigger_token}
+    yield from runner_factory(monkeypatch, "gitlab", "gl", functools.partial(gitlab_table, gl), env)
 
 
 @pytest.fixture
 def make_jk_runner(
     jk: FakeJenkins, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Callable[..., JenkinsRunner]]:
-    runners: list[JenkinsRunner] = []
-    monkeypatch.setenv(JK_TOKEN_ENV, jk.token)
-
-    def make(**overrides: Any) -> JenkinsRunner:
-        config = registry.get("jenkins").validate(jenkins_table(jk, **overrides))
-        runners.append(registry.get("jenkins").factory("jk", config))
-        return runners[-1]
-
-    yield make
-    for runner in runners:
-        runner.close()
+    table = functools.partial(jenkins_table, jk)
+    yield from runner_factory(monkeypatch, "jenkins", "jk", table, {JK_TOKEN_ENV: jk.token})

@@ -24,11 +24,12 @@ from buildq.buildrunner.buildkite import BuildkiteRunner
 from buildq.buildrunner.command import CommandConfig, CommandRunner
 from buildq.buildrunner.contract import BuildID, BuildRunner
 from buildq.buildrunner.github import GitHubRunner
-from buildq.buildrunner.jenkins import parse_build_id, token_of
+from buildq.buildrunner.jenkins import token_of
 from buildq.buildrunner.noop import NoopConfig, NoopRunner
 from buildq.buildrunner.sim import SimConfig, SimProfile, SimRunner, Span
 from buildq.config.base import Table
 from buildq.testing import RunnerConformance, conformance
+from tests.integration.runners.conftest import pipeline_id, queue_id
 from tests.support.fakeci import FakeBuildkite, FakeGitHub
 from tests.support.fakeci.gitlab import FakeGitLab
 from tests.support.fakeci.jenkins import FakeJenkins
@@ -105,7 +106,7 @@ def _gitlab(request: pytest.FixtureRequest, _tmp_path: Path) -> Iterator[Case]:
     gl: FakeGitLab = request.getfixturevalue("gl")
     yield Case(
         request.getfixturevalue("make_gl_runner")(),
-        lambda build_id: gl.set_status(int(build_id.id.rsplit("/", 1)[1]), "success"),
+        lambda build_id: gl.set_status(pipeline_id(build_id), "success"),
         # Not an id in another project: GitLab answers 404 for a project the token cannot see
         # as for one that does not exist, so the runner reports that as a refused token
         # (test_gitlab.py), as GitHub does for a hidden repository.
@@ -118,7 +119,7 @@ def _jenkins(request: pytest.FixtureRequest, _tmp_path: Path) -> Iterator[Case]:
     token = token_of("nobody")
     yield Case(
         request.getfixturevalue("make_jk_runner")(),
-        lambda build_id: jk.finish(jk.start_build(parse_build_id(build_id)[1]), "SUCCESS"),
+        lambda build_id: jk.finish(jk.start_build(queue_id(build_id)), "SUCCESS"),
         (
             *conformance.GENERIC_UNKNOWN_IDS,
             f"jk:folder/app-merge/999/{token}",

@@ -24,10 +24,10 @@ import pytest
 from gitlab.v4.objects import ProjectPipelineManager
 
 from buildq.buildrunner._http_runner import changes_json
-from buildq.buildrunner.contract import CORRELATION_KEY, BuildID, BuildStatus, Change
+from buildq.buildrunner.contract import CORRELATION_KEY, BuildStatus, Change
 from buildq.buildrunner.gitlab import GitLabRunner
-from buildq.buildrunner.jenkins import JenkinsRunner, parse_build_id
-from tests.integration.runners.conftest import GL_TRIGGER_ENV
+from buildq.buildrunner.jenkins import JenkinsRunner
+from tests.integration.runners.conftest import GL_TRIGGER_ENV, pipeline_id, queue_id
 from tests.support.fakeci import Request
 from tests.support.fakeci.gitlab import FakeGitLab
 from tests.support.fakeci.jenkins import CRUMB, CRUMB_FIELD, FakeJenkins
@@ -82,10 +82,6 @@ def gitlab_client(gl: FakeGitLab) -> Iterator[gitlab.Gitlab]:
     """python-gitlab as its docs set it up for a personal access token (``PRIVATE-TOKEN``)."""
     with gitlab.Gitlab(gl.url, private_token=gl.token) as client:
         yield client
-
-
-def pipeline_id(build_id: BuildID) -> int:
-    return int(build_id.id.rsplit("/", 1)[1])
 
 
 def test_gitlab_pipelines_create_sends_the_runners_request_and_answers_what_it_reads(
@@ -262,10 +258,6 @@ def jenkins_client(jk: FakeJenkins) -> Iterator[jenkins.Jenkins]:
     client = jenkins.Jenkins(jk.url, username=jk.user, password=jk.token, timeout=5)
     yield client
     client._session.close()
-
-
-def queue_id(build_id: BuildID) -> int:
-    return parse_build_id(build_id)[1]
 
 
 def test_jenkins_build_job_queues_what_the_runner_queues(

@@ -22,16 +22,12 @@ from buildq.buildrunner.contract import (
 from buildq.buildrunner.gitlab import GitLabRunner, rate_signal
 from buildq.config.base import ConfigError, Table
 from buildq.webhook import WebhookConfig, WebhookServer, route_for
-from tests.integration.runners.conftest import GL_TOKEN_ENV, gitlab_table
+from tests.integration.runners.conftest import GL_TOKEN_ENV, gitlab_table, pipeline_id
 from tests.support.fakeci import Fault
 from tests.support.fakeci.gitlab import FakeGitLab
 
 MakeRunner = Callable[..., GitLabRunner]
 HEAD = [Change("change-1", "abc123")]
-
-
-def pipeline_id(build_id: BuildID) -> int:
-    return int(build_id.id.rsplit("/", 1)[1])
 
 
 def test_trigger_creates_one_pipeline_with_the_changes_as_variables(

@@ -17,17 +17,13 @@ from buildq.buildrunner.contract import (
     RunnerUnauthorized,
     TransientRunnerError,
 )
-from buildq.buildrunner.jenkins import JenkinsRunner, parse_build_id, token_of
-from tests.integration.runners.conftest import JK_TOKEN_ENV
+from buildq.buildrunner.jenkins import JenkinsRunner, token_of
+from tests.integration.runners.conftest import JK_TOKEN_ENV, queue_id
 from tests.support.fakeci import Fault
 from tests.support.fakeci.jenkins import CRUMB_FIELD, FakeJenkins
 
 MakeRunner = Callable[..., JenkinsRunner]
 HEAD = [Change("change-1", "abc123")]
-
-
-def queue_id(build_id: BuildID) -> int:
-    return parse_build_id(build_id)[1]
 
 
 def test_a_build_goes_from_queue_item_to_build_number_and_survives_being_forgotten(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ from buildq.buildrunner import registry
 from buildq.buildrunner.contract import BuildID, BuildStatus, Change
 from buildq.config.base import ConfigError, Secret, Table
 from buildq.webhook import WebhookConfig, WebhookServer, route_for
+from tests.support.daemon import BUILDQ
 from tests.support.plugin_example import DISTRIBUTION
-
-BUILDQ = str(Path(sys.executable).parent / "buildq")
 
 
 @pytest.fixture

@@ -94,13 +94,6 @@ class FakeGitLab(FakeService):
         with self.lock:
             self._enter(self._pipelines[pipeline_id], status)
 
-    def add_pipeline(self, variables: dict[str, str] | None = None, status: str = "running") -> int:
-        """A pipeline buildq did not create (someone pushed): returns its id."""
-        with self.lock:
-            pipeline = self._new(self.project_id, "main", "push", variables or {})
-            self._enter(pipeline, status)
-            return pipeline.id
-
     def webhook_payload(self, pipeline_id: int) -> bytes:
         with self.lock:
             pipeline = self._pipelines[pipeline_id]

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
+from tests.support.daemon import BUILDQ
 from tests.support.tables import msg, snapshot
-
-BUILDQ = str(Path(sys.executable).parent / "buildq")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:

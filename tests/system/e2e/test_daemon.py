@@ -12,7 +12,7 @@ import pytest
 from buildq.buildrunner import BuildID
 from buildq.orchestrator import topics
 from buildq.queue.contract import Message
-from tests.support.daemon import BUILDQ
+from tests.support.daemon import BUILDQ, noop_queue
 from tests.support.waiting import wait_until
 
 SIM = """
@@ -76,16 +76,7 @@ def test_many_sim_builds_poll_to_the_end_with_one_live_poll_each(daemon, world, 
 
 
 def test_noop_builds_finish_on_the_first_poll(daemon, world):
-    daemon(
-        """
-        [runners.noop]
-        type = "noop"
-        [queues.fast]
-        runner = "noop"
-        [queues.fast.poll]
-        accepted_interval_s = 0.05
-        """
-    ).start()
+    daemon(noop_queue("fast")).start()
     requests = world.submit("fast", 20)
     wait_until(lambda: world.all_terminal(20), timeout=60)
     assert_clean_finish(world, requests)

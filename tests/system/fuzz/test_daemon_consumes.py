@@ -22,7 +22,7 @@ from buildq.migrations import upgrade
 from buildq.orchestrator import topics
 from buildq.orchestrator.model import BuildRequest
 from buildq.queue.contract import Message, dlq_topic
-from tests.support.daemon import DaemonProcess, World, write_config
+from tests.support.daemon import DaemonProcess, World, noop_queue, write_config
 from tests.support.database import BACKENDS, clean_tables
 from tests.support.strategies import NASTY, encode, json_values, mutated, raw_bytes
 from tests.support.waiting import wait_until
@@ -33,16 +33,7 @@ EXAMPLES = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
-RUNNERS = """
-[runners.noop]
-type = "noop"
-
-[queues.main]
-runner = "noop"
-
-[queues.main.poll]
-accepted_interval_s = 0.05
-"""
+RUNNERS = noop_queue("main")
 
 #: Strings a database stores as given (valid Unicode).
 storable_text = st.sampled_from([s for s in NASTY if s not in ("\ud800", "\udcff")]) | st.text(

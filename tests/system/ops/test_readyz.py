@@ -3,24 +3,11 @@
 
 from __future__ import annotations
 
-import pytest
-import sqlalchemy as sa
-
-from tests.support.daemon import DaemonProcess, write_config
+from tests.support.daemon import DaemonProcess, noop_queue, write_config
 from tests.support.scrape import get, ops_port, scrape
-from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_until
 
-NOOP = """
-[runners.noop]
-type = "noop"
-
-[queues.fast]
-runner = "noop"
-
-[queues.fast.poll]
-accepted_interval_s = 0.05
-"""
+NOOP = noop_queue("fast")
 
 #: The probe runs every 2 s; a failing one flips /readyz at once.
 DOWN_WITHIN_S = 10
@@ -33,19 +20,10 @@ def status(port: int, path: str) -> int:
 
 
 def test_readyz_goes_red_while_the_database_is_unreachable_and_green_after(
-    backend_url, world, tmp_path
+    proxied_database, world, tmp_path
 ):
-    url = sa.make_url(backend_url)
-    if url.get_backend_name() == "sqlite":
-        # Checked by hand: after the directory is moved or chmod-ed (and the tests run as
-        # root, whom chmod does not stop), the daemon's pooled connections keep using the
-        # open file, so reads and writes go on and there is no outage to report; only new
-        # connections would fail. SQLite has no server to stop.
-        pytest.skip("SQLite has no server to lose: open connections keep working on the file")
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 3306))
-    proxy.listen()
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    config = write_config(tmp_path / "config", proxied, NOOP)
+    proxy = proxied_database.proxy
+    config = write_config(tmp_path / "config", proxied_database.url, NOOP)
     d = DaemonProcess(config, tmp_path, {"BUILDQ_HTTP__METRICS_REFRESH_S": "0.5"})
     try:
         d.start()
@@ -68,4 +46,3 @@ def test_readyz_goes_red_while_the_database_is_unreachable_and_green_after(
         assert d.stop() == 0
     finally:
         d.cleanup()
-        proxy.cut()

@@ -7,12 +7,9 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
-import sqlalchemy as sa
-
 from tests.support.daemon import DaemonProcess, World, write_config
-from tests.support.tcp_proxy import TcpProxy
 from tests.support.waiting import wait_until
+from tests.system.ops.conftest import ProxiedDatabase
 
 GRACE_S = 2
 #: The daemon's own margin (5 s) plus process exit on a loaded machine.
@@ -38,15 +35,10 @@ runner = "sim"
 
 
 def test_sigterm_while_the_database_is_down_exits_within_the_grace(
-    backend_url: str, world: World, tmp_path
+    proxied_database: ProxiedDatabase, world: World, tmp_path
 ) -> None:
-    url = sa.make_url(backend_url)
-    if url.get_backend_name() == "sqlite":
-        pytest.skip("SQLite has no server to lose: open connections keep working on the file")
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 3306))
-    proxy.listen()
-    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    config = write_config(tmp_path / "config", proxied, SIM)
+    proxy = proxied_database.proxy
+    config = write_config(tmp_path / "config", proxied_database.url, SIM)
     grace = {"BUILDQ_DAEMON__SHUTDOWN_GRACE_S": str(GRACE_S)}
     first = DaemonProcess(config, tmp_path, grace)
     try:
@@ -74,4 +66,3 @@ def test_sigterm_while_the_database_is_down_exits_within_the_grace(
         assert second.stop() == 0
     finally:
         first.cleanup()
-        proxy.cut()

@@ -15,44 +15,26 @@ import pytest
 from buildq.migrations import upgrade
 from tests.support import REPO
 from tests.support.cli import run_cli
-from tests.system.test_systemd import BUILDQ, SHIPPED_BUILDQ, _receive, _settings, _systemd_analyze
+from tests.support.daemon import BUILDQ
+from tests.support.systemd import local_copy, receive, security, unit_settings, verify
 
 UNIT = REPO / "buildq" / "host" / "buildq-web.service"
 
 
 @pytest.fixture
 def local_unit(tmp_path: Path) -> Path:
-    text = UNIT.read_text()
-    assert SHIPPED_BUILDQ in text
-    unit = tmp_path / UNIT.name
-    unit.write_text(text.replace(SHIPPED_BUILDQ, str(BUILDQ)))
-    return unit
+    return local_copy(UNIT, tmp_path)
 
 
 def test_web_unit_verifies_without_errors_or_warnings(local_unit: Path) -> None:
-    result = subprocess.run(
-        [_systemd_analyze(), "verify", str(local_unit)], capture_output=True, text=True, timeout=60
-    )
+    result = verify(local_unit)
     assert result.returncode == 0 and result.stdout + result.stderr == "", result.stderr
 
 
 def test_web_unit_is_hardened(local_unit: Path) -> None:
-    analyze = _systemd_analyze()
-    if (
-        "--offline"
-        not in subprocess.run(
-            [analyze, "security", "--help"], capture_output=True, text=True
-        ).stdout
-    ):
-        pytest.skip("systemd-analyze security --offline needs systemd 250 or newer")
-    result = subprocess.run(
-        [analyze, "security", "--offline=true", "--threshold=20", "--no-pager", str(local_unit)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = security(local_unit)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    settings = _settings(UNIT.read_text())
+    settings = unit_settings(UNIT.read_text())
     assert settings["Type"] == ["notify"] and settings["RestartPreventExitStatus"] == ["2"]
 
 
@@ -74,9 +56,9 @@ def test_web_notifies_ready_and_stopping(tmp_path: Path) -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            _receive(notify, "READY=1", time.monotonic() + 30)
+            receive(notify, "READY=1", time.monotonic() + 30)
             process.send_signal(signal.SIGTERM)
-            _receive(notify, "STOPPING=1", time.monotonic() + 30)
+            receive(notify, "STOPPING=1", time.monotonic() + 30)
             # uvicorn re-raises the SIGTERM it drained on: a clean stop for systemd.
             assert process.wait(timeout=30) in (0, -signal.SIGTERM)
         finally:
