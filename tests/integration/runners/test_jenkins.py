@@ -168,8 +168,7 @@ def test_a_job_the_user_may_not_read_is_refused_and_a_deleted_build_is_lost(
 ) -> None:
     runner = make_jk_runner()
     build_id = runner.trigger("main", [], HEAD, {CORRELATION_KEY: "req-hidden"})
-    queue_id = parse_build_id(build_id)[1]
-    number = jk.start_build(queue_id)
+    number = jk.start_build(queue_id(build_id))
     assert runner.status(build_id)[0] is BuildStatus.RUNNING
     # Without Job/Read, Jenkins answers 404 for the job and its builds: refused, not lost.
     jk.job_readable = False
