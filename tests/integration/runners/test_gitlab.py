@@ -186,7 +186,7 @@ def test_5xx_and_timeouts_are_transient_and_a_refused_token_is_unauthorized(
     gl.inject(Fault(delay_s=1.0, method="GET", count=3))
     with pytest.raises(TransientRunnerError, match="Timeout"):
         runner.status(build_id)
-    monkeypatch.setenv("BUILDQ_TEST_GITLAB_TOKEN", "glpat-wrong-SECRET")
+    monkeypatch.setenv(GL_TOKEN_ENV, "glpat-wrong-SECRET")
     wrong = make_gl_runner()
     with pytest.raises(RunnerError) as refused:
         wrong.status(build_id)
